@@ -1,0 +1,43 @@
+# enclavekit developer entry points. Only `python3` (>= 3.11) is needed on the machine:
+# the first target bootstraps uv into .tools/ and installs the locked environment into .venv/.
+PYTHON ?= python3
+UV := .tools/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(shell command -v $(PYTHON))
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: all venv demo test lint typecheck check bench clean
+
+all: check test
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet 'uv>=0.5,<1'
+
+$(BIN)/enclavekit: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --all-extras
+	@touch $@
+
+venv: $(BIN)/enclavekit
+
+demo: venv
+	$(BIN)/enclavekit demo
+
+test: venv
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: venv
+	$(BIN)/mypy
+
+check: lint typecheck
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf .venv .tools .mypy_cache .ruff_cache build dist

@@ -1,0 +1,34 @@
+"""Rendering shared by every command: JSON to stdout, human text and progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Human output and diagnostics go to stderr; stdout is reserved for machine output (JSON, raw data).
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def json_option(func: F) -> F:
+    """The ``--json`` flag every reporting command has."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one stable JSON object on stdout."
+    )(func)
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON object to stdout (indented like nitro-cli), newline-terminated."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    """A loud warning on stderr (unsafe switches, emulator roots)."""
+    stderr.print(f"[bold yellow]WARNING:[/] {message}")
