@@ -34,11 +34,13 @@ def rfc3339_now(now: datetime | None = None) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def _sorted(value: Any) -> Any:
+def sorted_json(value: Any) -> Any:
+    """A JSON value with every object's keys sorted (serde_json's ``Value`` without
+    preserve_order)."""
     if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
+        return {k: sorted_json(value[k]) for k in sorted(value)}
     if isinstance(value, list):
-        return [_sorted(v) for v in value]
+        return [sorted_json(v) for v in value]
     return value
 
 
@@ -86,8 +88,8 @@ class IdentityInfo:
             "ImageName": self.image_name,
             "ImageVersion": self.image_version,
             "BuildMetadata": self.build_info.to_json(),
-            "DockerInfo": _sorted(self.docker_info),
-            "CustomMetadata": _sorted(self.custom_metadata),
+            "DockerInfo": sorted_json(self.docker_info),
+            "CustomMetadata": sorted_json(self.custom_metadata),
         }
 
     def to_bytes(self) -> bytes:

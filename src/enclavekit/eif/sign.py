@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from enclavekit import _cbor
 from enclavekit.eif.format import SIGNATURE_MAX_SIZE
 from enclavekit.eif.measure import PCR_SIZE, load_certificate, pcr8_of_certificate
-from enclavekit.errors import EifError, EifIntegrityError, MalformedInput, UsageError
+from enclavekit.errors import EifIntegrityError, MalformedInput, UsageError
 
 #: COSE algorithm ids by curve: (alg, hash, coordinate size in bytes).
 _CURVES: dict[str, tuple[int, hashes.HashAlgorithm, int]] = {
@@ -311,25 +311,18 @@ def check_signature_section(data: bytes | Sequence[PcrSignature], pcr0: bytes) -
     """describe-eif's check: verify the first element's COSE signature (an invalid signature raises
     :class:`EifIntegrityError`), then compare its payload with ``PcrInfo(0, pcr0)``.
 
-    PCR8 follows nitro-cli's reader: the hash of the concatenated DERs of every element's first
-    certificate (one element in every EIF nitro-cli writes).
+    PCR8 is computed from the first element's certificate, as nitro-cli's reader does; further
+    elements (nitro-cli never writes any) are decoded but not checked.
     """
     signatures = decode_signature_section(data) if isinstance(data, bytes) else tuple(data)
     if not signatures:
         raise MalformedInput("EIF signature section holds no signature")
     try:
-        certs = [load_certificate(s.signing_certificate) for s in signatures]
+        first = load_certificate(signatures[0].signing_certificate)
     except MalformedInput as exc:
-        raise EifError(f"EIF signature section: {exc}") from exc
-    first = certs[0]
+        raise EifIntegrityError(f"EIF signature section: {exc}") from exc
     public = first.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise EifIntegrityError("the EIF signing certificate does not hold an EC public key")
     payload = cose_verify(signatures[0].signature, public)
-    if len(certs) == 1:
-        pcr8 = pcr8_of_certificate(first)
-    else:
-        from enclavekit.eif.measure import pcr_of_bytes
-
-        pcr8 = pcr_of_bytes(b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs))
-    return SignatureInfo(first, pcr8, payload == encode_pcr_info(0, pcr0))
+    return SignatureInfo(first, pcr8_of_certificate(first), payload == encode_pcr_info(0, pcr0))

@@ -91,8 +91,12 @@ class EifWriter:
         version: int = CURRENT_VERSION,
         flags: int = 0,
         progress: ProgressCallback | None = None,
+        default_mem: int = DEFAULT_MEM,
+        default_cpus: int = DEFAULT_CPUS,
     ) -> None:
         self._stream = stream
+        self._default_mem = default_mem
+        self._default_cpus = default_cpus
         self._version = version
         self._flags = flags
         self._progress = progress
@@ -145,8 +149,8 @@ class EifWriter:
             num_sections=len(self._offsets),
             section_offsets=tuple(self._offsets),
             section_sizes=tuple(self._sizes),
-            default_mem=DEFAULT_MEM,
-            default_cpus=DEFAULT_CPUS,
+            default_mem=self._default_mem,
+            default_cpus=self._default_cpus,
         )
         crc = crc32_combine(header_crc(header.pack()), self._crc, self._crc_len)
         header = header.with_crc(crc)
