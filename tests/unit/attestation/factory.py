@@ -72,11 +72,13 @@ def _cert(
             )
     elif key_usage == "auto":
         builder = builder.add_extension(
-            x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=False
+            x509.KeyUsage(True, True, False, False, False, False, False, False, False),
+            critical=False,
         )
     elif key_usage == "no-digital-signature":
         builder = builder.add_extension(
-            x509.KeyUsage(False, True, False, False, False, False, False, False, False), critical=False
+            x509.KeyUsage(False, True, False, False, False, False, False, False, False),
+            critical=False,
         )
     return builder.sign(issuer_key, hash_alg or hashes.SHA384())
 
@@ -97,20 +99,40 @@ class TestPki:
         p384 = ec.SECP384R1()
         self.root_key = ec.generate_private_key(p384)
         start = NOW - timedelta(days=365)
-        self.root = _cert("test.nitro-enclaves", self.root_key, None, self.root_key, start,
-                          NOW + timedelta(days=3650), ca=True)
+        self.root = _cert(
+            "test.nitro-enclaves",
+            self.root_key,
+            None,
+            self.root_key,
+            start,
+            NOW + timedelta(days=3650),
+            ca=True,
+        )
         self.cas: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
         parent, parent_key = self.root, self.root_key
         for cn, plen in (("regional.test", 2), ("zonal.test", 1), ("instance.test", 0)):
             k = ec.generate_private_key(p384)
-            c = _cert(cn, k, parent, parent_key, NOW - timedelta(days=2), NOW + timedelta(days=2),
-                      ca=True, path_len=plen)
+            c = _cert(
+                cn,
+                k,
+                parent,
+                parent_key,
+                NOW - timedelta(days=2),
+                NOW + timedelta(days=2),
+                ca=True,
+                path_len=plen,
+            )
             self.cas.append((c, k))
             parent, parent_key = c, k
         self.leaf_key = ec.generate_private_key(self.leaf_curve)
         self.leaf = _cert(
-            f"{self.module_id}.test.aws", self.leaf_key, parent, parent_key, self.leaf_not_before,
-            self.leaf_not_before + LEAF_LIFETIME, ca=self.leaf_is_ca,
+            f"{self.module_id}.test.aws",
+            self.leaf_key,
+            parent,
+            parent_key,
+            self.leaf_not_before,
+            self.leaf_not_before + LEAF_LIFETIME,
+            ca=self.leaf_is_ca,
             key_usage=self.leaf_key_usage,
         )
 
@@ -170,7 +192,9 @@ def sign(
             return r.to_bytes(48, "big") + s.to_bytes(48, "big")
 
 
-def envelope(protected: bytes, payload: bytes, signature: bytes, *, tag: int | None = None) -> bytes:
+def envelope(
+    protected: bytes, payload: bytes, signature: bytes, *, tag: int | None = None
+) -> bytes:
     body = [protected, {}, payload, signature]
     return cbor2.dumps(cbor2.CBORTag(tag, body) if tag is not None else body)
 
@@ -186,8 +210,10 @@ def make_document(
     **overrides: Any,
 ) -> bytes:
     """A signed document (indefinite-length payload map by default, as AWS emits since 2025)."""
-    payload = raw_payload if raw_payload is not None else encode_payload(
-        payload_fields(pki, **overrides), indefinite=indefinite
+    payload = (
+        raw_payload
+        if raw_payload is not None
+        else encode_payload(payload_fields(pki, **overrides), indefinite=indefinite)
     )
     signature = sign(payload, signing_key or pki.leaf_key, protected=protected)
     return envelope(protected, payload, signature, tag=tag)

@@ -143,7 +143,9 @@ def test_new_leaf_under_cached_ca_path_is_still_checked(pki: TestPki) -> None:
     verifier = verifier_for(pki)
     verifier.verify(make_document(pki), UnsafeNoOp(), at=NOW)
     foreign = TestPki()
-    raw = make_document(pki, certificate=foreign.leaf.public_bytes(Encoding.DER), signing_key=foreign.leaf_key)
+    raw = make_document(
+        pki, certificate=foreign.leaf.public_bytes(Encoding.DER), signing_key=foreign.leaf_key
+    )
     with pytest.raises(VerificationError, match="not signed by"):
         verifier.verify(raw, UnsafeNoOp(), at=NOW)
 
@@ -231,7 +233,9 @@ def test_der_encoded_signature_is_refused(pki: TestPki) -> None:
     parts = _parts(make_document(pki))
     from enclavekit.attestation.document import _encode_sig_structure
 
-    parts[3] = pki.leaf_key.sign(_encode_sig_structure(parts[0], parts[2]), ec.ECDSA(hashes.SHA384()))
+    parts[3] = pki.leaf_key.sign(
+        _encode_sig_structure(parts[0], parts[2]), ec.ECDSA(hashes.SHA384())
+    )
     with pytest.raises((MalformedInput, VerificationError)):
         verifier_for(pki).verify(cbor2.dumps(parts), UnsafeNoOp(), at=NOW)
 
@@ -400,7 +404,9 @@ def test_p521_leaf_does_not_crash_the_verifier() -> None:
 
 def test_garbage_certificate_is_refused(pki: TestPki) -> None:
     with pytest.raises(MalformedInput, match="not a DER X.509"):
-        verifier_for(pki).verify(make_document(pki, certificate=b"\x30\x03\x02\x01\x01"), UnsafeNoOp(), at=NOW)
+        verifier_for(pki).verify(
+            make_document(pki, certificate=b"\x30\x03\x02\x01\x01"), UnsafeNoOp(), at=NOW
+        )
 
 
 # -- policy attacks ----------------------------------------------------------------------------------
@@ -448,9 +454,19 @@ def test_verified_attestation_cannot_be_forged() -> None:
 
     with pytest.raises(TypeError, match="only by"):
         VerifiedAttestation(  # type: ignore[call-arg]
-            module_id="x", timestamp=NOW, pcrs={}, public_key=None, user_data=None, nonce=None,
-            certificate=None, is_debug=False, is_nitrotpm=False, verified_at=NOW, chain=(),
-            document=None, raw=b"",
+            module_id="x",
+            timestamp=NOW,
+            pcrs={},
+            public_key=None,
+            user_data=None,
+            nonce=None,
+            certificate=None,
+            is_debug=False,
+            is_nitrotpm=False,
+            verified_at=NOW,
+            chain=(),
+            document=None,
+            raw=b"",
         )
 
 
@@ -460,7 +476,10 @@ def test_batch_verification_reports_each_document(pki: TestPki) -> None:
     debug = make_document(pki, pcrs=default_pcrs(debug=True))
     results = verifier_for(pki).verify_many([good, bad, debug, good], NotDebug(), at=NOW, workers=2)
     assert [type(r).__name__ for r in results] == [
-        "VerifiedAttestation", "MalformedInput", "PolicyViolation", "VerifiedAttestation",
+        "VerifiedAttestation",
+        "MalformedInput",
+        "PolicyViolation",
+        "VerifiedAttestation",
     ]
 
 

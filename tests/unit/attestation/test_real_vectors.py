@@ -74,7 +74,9 @@ def test_two_documents_share_one_leaf_and_hit_the_cache() -> None:
 def test_bitkey_document_with_pcr8_verifies() -> None:
     from tests.conftest import ASSETS
 
-    raw = base64.b64decode((ASSETS / "attestation" / "bitkey-attestation-2024-07-17.b64").read_text())
+    raw = base64.b64decode(
+        (ASSETS / "attestation" / "bitkey-attestation-2024-07-17.b64").read_text()
+    )
     doc = AttestationDocument.from_cbor(raw)
     verified = Verifier.aws().verify(raw, NotDebug(), at=doc.timestamp)
     assert any(verified.pcrs[8])
@@ -84,10 +86,15 @@ def test_bitkey_document_with_pcr8_verifies() -> None:
 
 def test_high_s_signatures_are_accepted() -> None:
     """8 of the 13 genuine documents have s > n/2; AWS does not normalise s."""
-    n384 = int("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973", 16)
+    n384 = int(
+        "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+        16,
+    )
     high = [
         name
         for name, (r, _) in REAL_VECTORS.items()
-        if r == "valid" and int.from_bytes(AttestationDocument.from_cbor(real(name)).signature[48:], "big") > n384 // 2
+        if r == "valid"
+        and int.from_bytes(AttestationDocument.from_cbor(real(name)).signature[48:], "big")
+        > n384 // 2
     ]
     assert len(high) == 8
