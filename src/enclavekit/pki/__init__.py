@@ -1,5 +1,5 @@
-"""Public-key infrastructure: trust roots and the emulated AWS-shaped chain.
+"""Trust roots: the pinned AWS Nitro Enclaves root (package data) and helpers to load others.
 
-- :mod:`enclavekit.pki.emulated`: an AWS-shaped CA chain (root → regional → zonal → instance →
-  rotating leaf) for the NSM emulator. Its root is **never** trusted by default.
+``roots`` holds trust anchors; ``emulated`` builds the emulator's AWS-shaped test PKI (root → regional →
+zonal → instance → rotating leaf), which is never part of a default trust store.
 """
