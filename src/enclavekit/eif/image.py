@@ -25,7 +25,9 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,7 +263,9 @@ class _DirStore(_Store):
         try:
             info = path.stat()
         except OSError:
-            raise MalformedInput(f"{self.root}: missing {name!r}; the image layout is incomplete") from None
+            raise MalformedInput(
+                f"{self.root}: missing {name!r}; the image layout is incomplete"
+            ) from None
         if not stat.S_ISREG(info.st_mode):
             raise MalformedInput(f"{path} is not a regular file")
         return ContentRef(str(path), 0, info.st_size)
@@ -276,7 +280,9 @@ class _TarStore(_Store):
         self.path = path
         self.members: dict[str, tarfile.TarInfo] = {}
         try:
-            with tarfile.open(path, mode="r:", encoding="utf-8", errors="surrogateescape") as archive:
+            with tarfile.open(
+                path, mode="r:", encoding="utf-8", errors="surrogateescape"
+            ) as archive:
                 for member in archive:
                     self.members[posixpath.normpath(member.name).lstrip("/")] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
@@ -304,7 +310,9 @@ class _TarStore(_Store):
                 raise MalformedInput(
                     f"{self.path}: {name!r} links outside the archive (path traversal refused)"
                 )
-        raise MalformedInput(f"{self.path}: {name!r} is a chain of more than {self.MAX_LINK_HOPS} links")
+        raise MalformedInput(
+            f"{self.path}: {name!r} is a chain of more than {self.MAX_LINK_HOPS} links"
+        )
 
     def exists(self, name: str) -> bool:
         return posixpath.normpath(name) in self.members
@@ -327,13 +335,17 @@ def open_source(source: str, *, arch: str | None = None) -> Image | RootfsDir:
         head, _, ref = source.rpartition(":")
         path = Path(head)
     if not path.exists():
-        raise UsageError(f"image source {source!r} does not exist; give a docker-save tarball, an OCI "
-                         "layout (directory or tar) or a root file-system directory")
+        raise UsageError(
+            f"image source {source!r} does not exist; give a docker-save tarball, an OCI "
+            "layout (directory or tar) or a root file-system directory"
+        )
     if path.is_dir():
         if (path / "oci-layout").exists() or (path / "index.json").exists():
             return _open_oci(_DirStore(path), str(path), ref, arch)
         if ref is not None:
-            raise UsageError(f"{path} is not an OCI layout, so ':{ref}' cannot select an image in it")
+            raise UsageError(
+                f"{path} is not an OCI layout, so ':{ref}' cannot select an image in it"
+            )
         return RootfsDir(path)
     store = _TarStore(path)
     if store.exists("manifest.json") and ref is None:
@@ -350,7 +362,9 @@ def _open_docker_archive(store: _TarStore, source: str) -> Image:
     if not isinstance(manifest, list) or not manifest:
         raise MalformedInput(f"{source}: manifest.json must be a non-empty list of images")
     if len(manifest) > 1:
-        tags = [t for entry in manifest if isinstance(entry, dict) for t in entry.get("RepoTags") or []]
+        tags = [
+            t for entry in manifest if isinstance(entry, dict) for t in entry.get("RepoTags") or []
+        ]
         raise UsageError(
             f"{source} holds {len(manifest)} images ({', '.join(map(str, tags)) or 'untagged'}); "
             "save a single image per archive (docker save IMAGE)"
@@ -360,7 +374,9 @@ def _open_docker_archive(store: _TarStore, source: str) -> Image:
     config_bytes = store.read(config_name, f"{source}: config {config_name}")
     expected = _digest_from_name(config_name)
     if expected is not None and digest_of(config_bytes) != expected:
-        raise MalformedInput(f"{source}: config {config_name} does not match its digest; corrupt archive")
+        raise MalformedInput(
+            f"{source}: config {config_name} does not match its digest; corrupt archive"
+        )
     config = parse_config(config_bytes, f"{source}: image config")
     layer_names = _strings(entry.get("Layers"), f"{source}: manifest.json Layers") or ()
     if len(layer_names) != len(config.diff_ids):
@@ -385,13 +401,17 @@ def _digest_from_name(name: str) -> str | None:
 
 def _open_oci(store: _Store, source: str, ref: str | None, arch: str | None) -> Image:
     if store.exists("oci-layout"):
-        layout = _object(parse_json(store.read("oci-layout", "oci-layout"), f"{source}: oci-layout"),
-                         f"{source}: oci-layout")
+        layout = _object(
+            parse_json(store.read("oci-layout", "oci-layout"), f"{source}: oci-layout"),
+            f"{source}: oci-layout",
+        )
         if not str(layout.get("imageLayoutVersion", "")).startswith("1."):
             raise MalformedInput(f"{source}: unsupported imageLayoutVersion {layout!r}")
-    index = _object(parse_json(store.read("index.json", "index.json"), f"{source}: index.json"),
-                    f"{source}: index.json")
-    wanted = {"x86_64": "amd64", "aarch64": "arm64"}.get(arch or "", None)
+    index = _object(
+        parse_json(store.read("index.json", "index.json"), f"{source}: index.json"),
+        f"{source}: index.json",
+    )
+    wanted = {"x86_64": "amd64", "aarch64": "arm64"}.get(arch or "")
     candidates = list(_manifests(store, source, index, None, 0))
     if ref is not None:
         candidates = [c for c in candidates if c[1] == ref]
@@ -460,10 +480,16 @@ def _manifests(
                 parse_json(store.read_blob(desc, f"{source}: nested index"), f"{source}: index"),
                 f"{source}: index",
             )
-            for found, nested_ref, nested_arch in _manifests(store, source, nested, arch, depth + 1):
+            for found, nested_ref, nested_arch in _manifests(
+                store, source, nested, arch, depth + 1
+            ):
                 yield found, nested_ref or ref, nested_arch
         else:
-            yield desc, ref if isinstance(ref, str) else None, arch if isinstance(arch, str) else None
+            yield (
+                desc,
+                ref if isinstance(ref, str) else None,
+                arch if isinstance(arch, str) else None,
+            )
 
 
 # -- root file-system directories -----------------------------------------------------------------------
@@ -487,40 +513,51 @@ def rootfs_entries(root: Path) -> Iterator[TarEntry]:
             name = prefix + os.fsencode(child.name)
             info = child.stat(follow_symlinks=False)
             mode = info.st_mode
-            common = {
-                "permissions": stat.S_IMODE(mode),
-                "uid": info.st_uid,
-                "gid": info.st_gid,
-                "mtime": int(info.st_mtime // 1),
-            }
             if stat.S_ISDIR(mode):
-                yield TarEntry(name, EntryKind.DIRECTORY, **common)
+                yield _stat_entry(name, EntryKind.DIRECTORY, info)
                 todo.append((Path(child.path), name + b"/"))
                 continue
             if stat.S_ISSOCK(mode):
                 continue
             key = (info.st_dev, info.st_ino)
             if info.st_nlink > 1 and key in seen:
-                yield TarEntry(name, EntryKind.HARDLINK, linkname=seen[key], **common)
+                yield _stat_entry(name, EntryKind.HARDLINK, info, linkname=seen[key])
                 continue
             seen[key] = name
             if stat.S_ISREG(mode):
                 content = ContentRef(child.path, 0, info.st_size)
-                yield TarEntry(name, EntryKind.REGULAR, content=content, **common)
+                yield _stat_entry(name, EntryKind.REGULAR, info, content=content)
             elif stat.S_ISLNK(mode):
                 target = os.fsencode(os.readlink(child.path))
-                yield TarEntry(name, EntryKind.SYMLINK, linkname=target, **common)
+                yield _stat_entry(name, EntryKind.SYMLINK, info, linkname=target)
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
                 kind = EntryKind.CHAR if stat.S_ISCHR(mode) else EntryKind.BLOCK
-                yield TarEntry(
-                    name,
-                    kind,
-                    rdev_major=os.major(info.st_rdev),
-                    rdev_minor=os.minor(info.st_rdev),
-                    **common,
-                )
+                yield _stat_entry(name, kind, info, rdev=info.st_rdev)
             elif stat.S_ISFIFO(mode):
-                yield TarEntry(name, EntryKind.FIFO, **common)
+                yield _stat_entry(name, EntryKind.FIFO, info)
+
+
+def _stat_entry(
+    name: bytes,
+    kind: EntryKind,
+    info: os.stat_result,
+    *,
+    linkname: bytes = b"",
+    content: ContentRef | None = None,
+    rdev: int | None = None,
+) -> TarEntry:
+    return TarEntry(
+        name,
+        kind,
+        stat.S_IMODE(info.st_mode),
+        info.st_uid,
+        info.st_gid,
+        int(info.st_mtime // 1),
+        linkname,
+        os.major(rdev) if rdev is not None else 0,
+        os.minor(rdev) if rdev is not None else 0,
+        content,
+    )
 
 
 def parse_cmd(value: str | None) -> tuple[str, ...] | None:
@@ -542,3 +579,43 @@ def check_env(values: Sequence[str]) -> tuple[str, ...]:
         if "=" not in item or item.startswith("=") or "\n" in item:
             raise UsageError(f"--env {item!r}: expected KEY=VALUE on one line")
     return tuple(values)
+
+
+# -- a Docker daemon, when one is reachable --------------------------------------------------------------
+
+
+def export_from_docker(uri: str, destination: Path, *, docker: str = "docker") -> Path:
+    """``docker save`` of ``uri`` (pulled first if the daemon lacks it) into ``destination``.
+
+    Needs the ``docker`` client and a reachable daemon; otherwise a :class:`UsageError` says how to
+    build from an exported image instead.
+    """
+    executable = shutil.which(docker)
+    advice = (
+        "export the image where Docker runs (docker save IMAGE -o image.tar, or skopeo copy "
+        "docker://IMAGE oci-archive:image.tar) and pass --image image.tar"
+    )
+    if executable is None:
+        raise UsageError(f"--docker-uri needs the docker client, which is not installed; {advice}")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [executable, *args], capture_output=True, text=True, check=False, timeout=3600
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UsageError(f"running docker {args[0]} failed ({exc}); {advice}") from None
+
+    if run("image", "inspect", uri).returncode != 0:
+        pulled = run("pull", uri)
+        if pulled.returncode != 0:
+            raise UsageError(
+                f"Docker could not provide {uri!r}: {pulled.stderr.strip() or 'no output'}; {advice}"
+            )
+    target = destination / "docker-save.tar"
+    saved = run("save", "-o", str(target), uri)
+    if saved.returncode != 0 or not target.is_file():
+        raise UsageError(
+            f"docker save {uri} failed: {saved.stderr.strip() or 'no output'}; {advice}"
+        )
+    return target

@@ -142,7 +142,9 @@ def split_name(name: bytes, *, what: str = "entry") -> tuple[bytes, ...]:
     if any(b"\0" in p for p in parts):
         raise MalformedInput(f"{what} {_show(name)} contains a NUL byte")
     if len(parts) > MAX_DEPTH:
-        raise MalformedInput(f"{what} {_show(name[:200])}... is nested deeper than {MAX_DEPTH} levels")
+        raise MalformedInput(
+            f"{what} {_show(name[:200])}... is nested deeper than {MAX_DEPTH} levels"
+        )
     return parts
 
 
@@ -189,7 +191,10 @@ class MergedTree:
             if child is None:
                 child = _Node(
                     TarEntry(
-                        part, EntryKind.DIRECTORY, IMPLICIT_DIR_PERMISSIONS, mtime=IMPLICIT_DIR_MTIME
+                        part,
+                        EntryKind.DIRECTORY,
+                        IMPLICIT_DIR_PERMISSIONS,
+                        mtime=IMPLICIT_DIR_MTIME,
                     )
                 )
                 node.children[part] = child
@@ -239,7 +244,11 @@ class MergedTree:
         existing = parent.children.get(base)
         if entry.kind is EntryKind.HARDLINK:
             node = self._link_target(entry)
-        elif entry.kind is EntryKind.DIRECTORY and existing is not None and existing.children is not None:
+        elif (
+            entry.kind is EntryKind.DIRECTORY
+            and existing is not None
+            and existing.children is not None
+        ):
             existing.permissions = entry.permissions
             existing.uid, existing.gid, existing.mtime = entry.uid, entry.gid, entry.mtime
             self._touched.add((parent.serial, base))
@@ -341,7 +350,13 @@ class MergedTree:
                 first = first_name.get(node.serial)
                 if first is not None:
                     yield TarEntry(
-                        path, EntryKind.HARDLINK, node.permissions, node.uid, node.gid, node.mtime, first
+                        path,
+                        EntryKind.HARDLINK,
+                        node.permissions,
+                        node.uid,
+                        node.gid,
+                        node.mtime,
+                        first,
                     )
                     continue
                 first_name[node.serial] = path

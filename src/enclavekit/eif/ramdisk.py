@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -152,7 +152,9 @@ class CpioWriter:
     def write(self, data: bytes) -> None:
         """Data of the entry begun last; more than it declared is refused."""
         if len(data) > self._remaining:
-            raise ValueError(f"entry data exceeds its declared size by {len(data) - self._remaining}")
+            raise ValueError(
+                f"entry data exceeds its declared size by {len(data) - self._remaining}"
+            )
         self._remaining -= len(data)
         self._emit(data)
 
@@ -161,8 +163,14 @@ class CpioWriter:
         self.begin(entry)
         for chunk in (data,) if isinstance(data, bytes) else data:
             self.write(chunk)
+        self.end()
+
+    def end(self) -> None:
+        """Check that the entry begun last got all its data."""
         if self._remaining:
-            raise ValueError(f"{entry.name!r}: data is {self._remaining} bytes shorter than declared")
+            raise MalformedInput(
+                f"entry data is {self._remaining} bytes shorter than declared (file changed or truncated?)"
+            )
 
     def close(self) -> int:
         """Trailer and final padding. Returns the archive's length."""
@@ -201,7 +209,9 @@ HOSTS = (
     b"ff02::2 ip6-allrouters\n"
 )
 #: Exact names linuxkit drops from an image (directories carry a trailing ``/`` and so never match).
-EXCLUDED = frozenset({b".dockerenv", b"Dockerfile", b"dev/console", b"dev/pts", b"dev/shm", b"etc/hostname"})
+EXCLUDED = frozenset(
+    {b".dockerenv", b"Dockerfile", b"dev/console", b"dev/pts", b"dev/shm", b"etc/hostname"}
+)
 #: Names that must exist: kept with linuxkit's timestamp when present, synthesised otherwise (in this order).
 #: Value: (file type, permissions, symlink target or None).
 MUST_EXIST: dict[bytes, tuple[FileType, int, bytes | None]] = {
@@ -254,20 +264,54 @@ def argv_file(items: Iterable[str]) -> bytes:
     return bytes(out)
 
 
-def write_customer_ramdisk(
-    sink: Sink,
+class _ChunkBuffer:
+    """A sink that collects small writes into chunks of at least :data:`CHUNK_SIZE` bytes."""
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.ready: list[bytes] = []
+
+    def write(self, data: bytes, /) -> None:
+        if len(data) >= CHUNK_SIZE:
+            self.flush()
+            self.ready.append(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= CHUNK_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.ready.append(b"".join(self._pending))
+            self._pending.clear()
+            self._pending_size = 0
+
+    def take(self) -> list[bytes]:
+        out, self.ready = self.ready, []
+        return out
+
+
+#: Chunks handed on by :func:`customer_ramdisk_chunks` are at least this large (except the last).
+CHUNK_SIZE = 256 << 10
+
+
+def customer_ramdisk_chunks(
     entries: Iterable[TarEntry],
     *,
     cmd: bytes,
     env: bytes,
     read: Callable[[ContentRef], Iterable[bytes]],
-) -> int:
-    """Ramdisk 1 as nitro-cli's linuxkit run makes it from a ``docker export`` listing (spec §6.4).
+) -> Iterator[bytes]:
+    """Ramdisk 1 as nitro-cli's linuxkit run makes it from a ``docker export`` listing (spec §6.4),
+    as a stream of chunks (each byte produced once, nothing held whole).
 
-    ``entries`` is the export listing (see :meth:`MergedTree.export`); ``read`` yields a file's contents.
-    Returns the archive length.
+    ``entries`` is the export listing (see :meth:`MergedTree.export`); ``read`` yields a file's
+    contents.
     """
-    writer = CpioWriter(sink)
+    buffer = _ChunkBuffer()
+    writer = CpioWriter(buffer)
     # 1. The prefix directory.
     writer.add(CpioEntry(ROOTFS_PREFIX.rstrip(b"/"), FileType.DIRECTORY, 0o755))
     # 2. The image, filtered as linuxkit's ImageTar filters it.
@@ -296,24 +340,31 @@ def write_customer_ramdisk(
         elif entry.kind is EntryKind.SYMLINK:
             writer.add(_cpio(entry, file_type, len(entry.linkname), mtime), entry.linkname)
         elif entry.kind is EntryKind.REGULAR and entry.content is not None:
-            writer.add(_cpio(entry, file_type, entry.content.size, mtime), read(entry.content))
+            writer.begin(_cpio(entry, file_type, entry.content.size, mtime))
+            for chunk in read(entry.content):
+                writer.write(chunk)
+                yield from buffer.take()
+            writer.end()
         else:
             writer.add(_cpio(entry, file_type, 0, mtime))
+        yield from buffer.take()
     # 3. Must-exist entries the image lacked.
-    for name, (file_type, permissions, target) in MUST_EXIST.items():
+    for name, (file_type, permissions, link) in MUST_EXIST.items():
         if name in seen:
             continue
-        data = target if target is not None else HOSTS if name == b"etc/hosts" else b""
+        data = link if link is not None else HOSTS if name == b"etc/hosts" else b""
         cpio_name = ROOTFS_PREFIX + name.rstrip(b"/")
         writer.add(CpioEntry(cpio_name, file_type, permissions, size=len(data)), data)
-    # 4. The YAML ``files:`` section: the prefix directory again (an implicit parent), the mount points,
-    #    then cmd and env.
+    # 4. The YAML ``files:`` section: the prefix directory again (an implicit parent), the mount
+    #    points, then cmd and env.
     writer.add(CpioEntry(ROOTFS_PREFIX.rstrip(b"/"), FileType.DIRECTORY, 0o755))
     for directory in FILES_DIRECTORIES:
         writer.add(CpioEntry(ROOTFS_PREFIX + directory, FileType.DIRECTORY, 0o755))
     writer.add(CpioEntry(b"cmd", FileType.REGULAR, 0o644, size=len(cmd)), cmd)
     writer.add(CpioEntry(b"env", FileType.REGULAR, 0o644, size=len(env)), env)
-    return writer.close()
+    writer.close()
+    buffer.flush()
+    yield from buffer.take()
 
 
 def _cpio(entry: TarEntry, file_type: FileType, size: int, mtime: int) -> CpioEntry:
