@@ -565,10 +565,11 @@ def parse_cmd(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     if value.lstrip().startswith("["):
-        parsed = parse_json(value.encode(), "--cmd")
-        result = _strings(parsed, "--cmd")
-        if result is None:
-            raise UsageError("--cmd must be a JSON array of strings")
+        try:
+            result = _strings(parse_json(value.encode(), "--cmd"), "--cmd")
+        except MalformedInput as exc:
+            raise UsageError(f"{exc} (expected a JSON array of strings)") from None
+        assert result is not None
         return result
     return tuple(value.split())
 

@@ -236,6 +236,8 @@ class MergedTree:
         if not parts:
             return  # the root directory itself: docker export never lists it
         base = parts[-1]
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
+            raise self._fail(f"entry {_show(entry.name)} lies below a whiteout name")
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, entry.name)
             return
