@@ -67,8 +67,10 @@ class CpioEntry:
     rdev_minor: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name or b"\0" in self.name:
-            raise ValueError(f"cpio entry name must be non-empty without NUL bytes: {self.name!r}")
+        if not self.name or b"\0" in self.name or self.name == TRAILER_NAME:
+            raise ValueError(
+                f"cpio entry name must be non-empty, without NUL, not the trailer's: {self.name!r}"
+            )
         if self.permissions & ~0o7777:
             raise ValueError(f"permissions must fit in 0o7777, got {self.permissions:#o}")
 
@@ -109,7 +111,7 @@ class CpioWriter:
             self._sink.write(data)
             self._offset += len(data)
 
-    def _header(self, entry: CpioEntry, inode: int, *, trailer: bool = False) -> bytes:
+    def _header(self, entry: CpioEntry, name: bytes, inode: int, *, trailer: bool) -> bytes:
         fields = (
             inode,
             0 if trailer else entry.mode,
@@ -122,7 +124,7 @@ class CpioWriter:
             ARCHIVE_DEVICE[1],
             entry.rdev_major,
             entry.rdev_minor,
-            len(entry.name) + 1,
+            len(name) + 1,
             0,
         )
         for value in fields:
@@ -143,7 +145,8 @@ class CpioWriter:
         if self._remaining:
             raise ValueError(f"previous entry is missing {self._remaining} bytes of data")
         self._emit(b"\0" * _pad(self._offset))
-        head = self._header(entry, self._inode, trailer=trailer) + entry.name + b"\0"
+        name = TRAILER_NAME if trailer else entry.name
+        head = self._header(entry, name, self._inode, trailer=trailer) + name + b"\0"
         self._inode += 1
         self._emit(head)
         self._emit(b"\0" * _pad(self._offset))
@@ -176,7 +179,7 @@ class CpioWriter:
         """Trailer and final padding. Returns the archive's length."""
         if not self._closed:
             # gocpio's trailer: mode 0 (no file type), one link, mtime 0, no data.
-            self._begin(CpioEntry(TRAILER_NAME, FileType.REGULAR, 0, mtime=0), trailer=True)
+            self._begin(CpioEntry(b"-", FileType.REGULAR, 0, mtime=0), trailer=True)
             self._closed = True
             self._emit(b"\0" * (-self._offset % ARCHIVE_ALIGNMENT))
         return self._offset
