@@ -1,0 +1,196 @@
+"""Image sources: docker-save archives, OCI layouts (dir and tar), configs and the CMD/ENTRYPOINT rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from enclavekit.eif.image import (
+    Image,
+    RootfsDir,
+    check_env,
+    open_source,
+    parse_cmd,
+    parse_config,
+)
+from enclavekit.errors import MalformedInput, UsageError
+from tests.unit.build.factory import F, base_layer, config, docker_archive, layer, oci_layout, sha
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_docker_archive_is_opened(tmp_path: Path, legacy: bool) -> None:
+    layers = [base_layer(), layer(F("app", b"x"))]
+    image = open_source(str(docker_archive(tmp_path / "img.tar", layers, legacy=legacy)))
+    assert isinstance(image, Image)
+    assert image.repo_tags == ("hello:v1",)
+    assert [layer.diff_id for layer in image.layers] == [sha(x) for x in layers]
+    assert image.config.argv() == ("/bin/hello",)
+    assert image.config.arch == "x86_64"
+    assert (image.layers[0].digest is None) == legacy
+
+
+def test_oci_layout_directory_and_tar(tmp_path: Path) -> None:
+    layers = [base_layer()]
+    (tmp_path / "dir").mkdir()
+    as_dir = open_source(str(oci_layout(tmp_path / "dir", layers)))
+    as_tar = open_source(str(oci_layout(tmp_path / "oci.tar", layers, as_tar=True)))
+    assert isinstance(as_dir, Image) and isinstance(as_tar, Image)
+    assert as_dir.config == as_tar.config
+    assert as_dir.layers[0].digest == as_tar.layers[0].digest
+    assert as_dir.repo_tags == ("v1",)
+
+
+def test_oci_ref_selection(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    oci_layout(tmp_path / "dir", [base_layer()], ref="v1")
+    assert isinstance(open_source(f"{tmp_path / 'dir'}:v1"), Image)
+    with pytest.raises(UsageError, match="ref name 'v2'"):
+        open_source(f"{tmp_path / 'dir'}:v2")
+
+
+def test_rootfs_directory_is_recognised(tmp_path: Path) -> None:
+    assert isinstance(open_source(str(tmp_path)), RootfsDir)
+
+
+def test_missing_source_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        open_source(str(tmp_path / "nope.tar"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argv"),
+    [
+        ({"cmd": ["/a"], "entrypoint": ["/e"]}, ("/a",)),  # Cmd wins; Entrypoint ignored
+        ({"cmd": [], "entrypoint": ["/e"]}, ()),  # even an empty Cmd wins
+        ({"omit_cmd": True, "entrypoint": ["/e", "x"]}, ("/e", "x")),
+    ],
+)
+def test_cmd_entrypoint_rule_matches_nitro_cli(kwargs: dict, argv: tuple[str, ...]) -> None:
+    assert parse_config(config([], **kwargs)).argv() == argv
+
+
+def test_neither_cmd_nor_entrypoint_is_refused() -> None:
+    with pytest.raises(MalformedInput, match="neither Cmd nor Entrypoint"):
+        parse_config(config([], omit_cmd=True)).argv()
+
+
+def test_unsupported_architecture_is_refused() -> None:
+    with pytest.raises(MalformedInput, match="amd64"):
+        _ = parse_config(config([], arch="s390x")).arch
+
+
+def test_config_with_duplicate_keys_is_refused() -> None:
+    with pytest.raises(MalformedInput, match="duplicate"):
+        parse_config(b'{"architecture": "amd64", "architecture": "arm64"}')
+
+
+def test_config_with_wrong_types_is_refused() -> None:
+    with pytest.raises(MalformedInput, match="list of strings"):
+        parse_config(json.dumps({"config": {"Cmd": "/bin/sh"}}).encode())
+
+
+def test_missing_config_is_refused(tmp_path: Path) -> None:
+    path = docker_archive(tmp_path / "img.tar", [base_layer()])
+    import tarfile
+
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(path) as src, tarfile.open(broken, "w") as dst:
+        for member in src:
+            if member.name.endswith(".json") and member.name != "manifest.json":
+                continue
+            dst.addfile(member, src.extractfile(member))
+    with pytest.raises(MalformedInput, match="missing"):
+        open_source(str(broken))
+
+
+def test_oci_config_digest_mismatch_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    oci_layout(tmp_path / "dir", [base_layer()])
+    index = json.loads((tmp_path / "dir" / "index.json").read_text())
+    manifest_path = tmp_path / "dir" / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]
+    manifest = json.loads(manifest_path.read_text())
+    config_path = tmp_path / "dir" / "blobs" / "sha256" / manifest["config"]["digest"][7:]
+    config_path.write_bytes(config_path.read_bytes().replace(b"hello", b"hellO"))
+    with pytest.raises(MalformedInput, match="digest mismatch"):
+        open_source(str(tmp_path / "dir"))
+
+
+def test_digest_path_traversal_is_refused(tmp_path: Path) -> None:
+    """A descriptor digest like ``sha256:../../x`` must not name a file outside blobs/."""
+    (tmp_path / "dir").mkdir()
+    oci_layout(tmp_path / "dir", [base_layer()])
+    index = json.loads((tmp_path / "dir" / "index.json").read_text())
+    index["manifests"][0]["digest"] = "sha256:../../../../etc/passwd"
+    (tmp_path / "dir" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(MalformedInput, match="not a sha256"):
+        open_source(str(tmp_path / "dir"))
+
+
+def test_docker_archive_member_symlink_escape_is_refused(tmp_path: Path) -> None:
+    """A docker-save member that is a symlink out of the archive is refused."""
+    import io
+    import tarfile
+
+    path = tmp_path / "img.tar"
+    cfg = config([sha(base_layer())])
+    with tarfile.open(path, "w") as archive:
+        for name, data in {
+            "c.json": cfg,
+            "manifest.json": json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode(),
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("l/layer.tar")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "../../outside.tar"
+        archive.addfile(link)
+    with pytest.raises(MalformedInput, match="path traversal"):
+        open_source(str(path))
+
+
+def test_manifest_layer_count_must_match_diff_ids(tmp_path: Path) -> None:
+    bad = config([sha(b"one"), sha(b"two")])
+    with pytest.raises(MalformedInput, match="diff_ids"):
+        open_source(str(docker_archive(tmp_path / "img.tar", [base_layer()], config_bytes=bad)))
+
+
+def test_not_an_image_archive(tmp_path: Path) -> None:
+    path = tmp_path / "x.tar"
+    path.write_bytes(layer(F("a", b"x")))
+    with pytest.raises(MalformedInput, match="neither"):
+        open_source(str(path))
+    path.write_bytes(b"garbage" * 100)
+    with pytest.raises(MalformedInput, match="not a readable"):
+        open_source(str(path))
+
+
+def test_multi_image_archive_is_refused(tmp_path: Path) -> None:
+    path = docker_archive(tmp_path / "img.tar", [base_layer()])
+    import tarfile
+
+    with tarfile.open(path) as src:
+        manifest = json.loads(src.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert manifest  # sanity
+    with tarfile.open(path, "a") as archive:
+        import io
+
+        data = json.dumps(manifest * 2).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(UsageError, match="holds 2 images"):
+        open_source(str(path))
+
+
+def test_cmd_and_env_options() -> None:
+    assert parse_cmd('["/bin/app", "a b"]') == ("/bin/app", "a b")
+    assert parse_cmd("/bin/app -v") == ("/bin/app", "-v")
+    assert parse_cmd(None) is None
+    with pytest.raises(UsageError):
+        parse_cmd("[1, 2]")
+    assert check_env(["A=1"]) == ("A=1",)
+    with pytest.raises(UsageError):
+        check_env(["NOEQUALS"])
