@@ -57,7 +57,9 @@ class _Decoder:
     def take(self, n: int) -> bytes:
         end = self.pos + n
         if n < 0 or end > len(self.data):
-            raise self.fail(f"need {n} byte(s), only {len(self.data) - self.pos} left (truncated input)")
+            raise self.fail(
+                f"need {n} byte(s), only {len(self.data) - self.pos} left (truncated input)"
+            )
         chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
@@ -166,7 +168,9 @@ class _Decoder:
     def _plausible(self, count: int) -> None:
         # Each item needs at least one byte: refuse counts that cannot fit, before allocating.
         if count > len(self.data) - self.pos:
-            raise self.fail(f"container claims {count} items, input has {len(self.data) - self.pos} bytes")
+            raise self.fail(
+                f"container claims {count} items, input has {len(self.data) - self.pos} bytes"
+            )
 
     def _text(self, raw: bytes) -> str:
         try:

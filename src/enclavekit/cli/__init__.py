@@ -53,7 +53,9 @@ class _Group(click.Group):
 def cli(verbose: int) -> None:
     """Build, measure, attest, verify and trust AWS Nitro Enclaves."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 for _name in _COMMAND_MODULES:

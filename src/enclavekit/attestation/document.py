@@ -1,0 +1,303 @@
+"""Decoding of Nitro attestation documents (COSE_Sign1 + CBOR payload). Nothing here is verified.
+
+:meth:`AttestationDocument.from_cbor` enforces the structure of attestation spec §1.1–1.4 and §3.2 steps 1–4:
+
+- envelope: untagged or tag 18 only; an array of exactly 4; protected/payload/signature byte strings,
+  unprotected a map; protected header exactly ``{1: -35}`` (ES384); signature exactly 96 bytes (r ‖ s);
+- payload: a map, definite or indefinite length; no duplicate keys; no trailing bytes; unknown keys ignored;
+- the 9 fields typed and bounded: module_id non-empty text; digest ``"SHA384"``; timestamp > 0 (ms);
+  ``pcrs`` (or ``nitrotpm_pcrs`` for NitroTPM documents) 1..32 entries, index 0..31, values of 32/48/64 bytes;
+  certificate and every cabundle entry 1..1024 bytes; cabundle non-empty; public_key, user_data, nonce
+  ``null`` or 0..1024 bytes.
+
+Not checked here: signatures, the certificate chain, validity times, or whether the DER certificates parse.
+That is :mod:`enclavekit.attestation.verifier`'s job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from enclavekit import _cbor
+from enclavekit.errors import MalformedInput
+
+#: NSM responses are at most 12288 bytes (nsm spec); real documents are 4.4-5 KB. Cap before decoding.
+MAX_DOCUMENT_SIZE = 16 * 1024
+#: AWS CDDL: payload bstr 1..16384 bytes.
+MAX_PAYLOAD_SIZE = 16 * 1024
+#: AWS CDDL: certificates are 1..1024 bytes each.
+MAX_CERT_SIZE = 1024
+#: Chains longer than this are refused (real chains have 4 CA certificates; Sui caps at 10).
+MAX_CABUNDLE = 10
+#: AWS CDDL: user_data, nonce, public_key are 0..1024 bytes (the 512 of another AWS text is an erratum).
+MAX_OPTIONAL_FIELD = 1024
+#: module_id is 39 characters on real documents; a generous cap bounds what we store and print.
+MAX_MODULE_ID = 256
+PCR_COUNT = 32
+PCR_LENGTHS = frozenset({32, 48, 64})
+COSE_TAG = 18
+PROTECTED_ES384 = {1: -35}
+SIGNATURE_SIZE = 96
+
+_MANDATORY = ("module_id", "digest", "timestamp", "certificate", "cabundle")
+_HEX_RE = re.compile(rb"\A[0-9a-fA-F\s]+\Z")
+_B64_RE = re.compile(rb"\A[A-Za-z0-9+/=_\-\s]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationDocument:
+    """A structurally valid, **unverified** attestation document."""
+
+    module_id: str
+    digest: str
+    timestamp_ms: int
+    pcrs: Mapping[int, bytes]
+    certificate: bytes
+    cabundle: tuple[bytes, ...]
+    public_key: bytes | None
+    user_data: bytes | None
+    nonce: bytes | None
+    is_nitrotpm: bool
+    #: The wire bytes the COSE signature covers, kept exactly as received (never re-encoded).
+    protected: bytes
+    payload: bytes
+    signature: bytes
+    tagged: bool
+
+    @property
+    def timestamp(self) -> datetime:
+        """The document's own creation time (UTC)."""
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
+
+    @property
+    def is_debug(self) -> bool:
+        """True when PCR0, PCR1 and PCR2 are all zero: the enclave runs in debug mode (spec §1.7)."""
+        image = [self.pcrs.get(i) for i in (0, 1, 2)]
+        return all(v is not None and not any(v) for v in image)
+
+    @property
+    def instance_id(self) -> str | None:
+        """The parent EC2 instance id (the part of module_id before ``-enc``/``-tpm``), if recognisable."""
+        match = re.match(r"^(i-[0-9a-f]+)-(?:enc|tpm)[0-9a-f]+$", self.module_id)
+        return match.group(1) if match else None
+
+    def sig_structure(self) -> bytes:
+        """The exact bytes the ES384 signature covers (attestation spec §1.2)."""
+        return _encode_sig_structure(self.protected, self.payload)
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> AttestationDocument:
+        """Decode a COSE_Sign1 attestation document; raise :class:`MalformedInput` on any deviation."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if not data:
+            raise MalformedInput("attestation document is empty; expected a COSE_Sign1 CBOR array")
+        if len(data) > MAX_DOCUMENT_SIZE:
+            raise MalformedInput(
+                f"attestation document is {len(data)} bytes; expected at most {MAX_DOCUMENT_SIZE} "
+                "(NSM documents are under 12288 bytes)"
+            )
+        # 1. Envelope.
+        outer = _cbor.loads(data, what="COSE_Sign1 envelope")
+        tagged = False
+        if isinstance(outer, _cbor.Tagged):
+            if outer.tag != COSE_TAG:
+                raise MalformedInput(
+                    f"COSE envelope has CBOR tag {outer.tag}; expected no tag or tag 18 (COSE_Sign1)"
+                )
+            outer, tagged = outer.value, True
+        if not isinstance(outer, list) or len(outer) != 4:
+            found = f"an array of {len(outer)}" if isinstance(outer, list) else _kind(outer)
+            raise MalformedInput(f"COSE_Sign1 must be an array of 4 items; found {found}")
+        protected, unprotected, payload, signature = outer
+        _require(isinstance(protected, bytes), "COSE protected header", "a byte string", protected)
+        _require(isinstance(unprotected, dict), "COSE unprotected header", "a map", unprotected)
+        _require(isinstance(payload, bytes), "COSE payload", "a byte string", payload)
+        _require(isinstance(signature, bytes), "COSE signature", "a byte string", signature)
+        # 2. Protected header: exactly ES384.
+        header = _cbor.loads(protected, what="COSE protected header")
+        if header != PROTECTED_ES384 or not isinstance(header.get(1), int):
+            raise MalformedInput(
+                f"COSE protected header must be exactly {{1: -35}} (alg ES384); found {header!r}"
+            )
+        if len(signature) != SIGNATURE_SIZE:
+            raise MalformedInput(
+                f"COSE signature is {len(signature)} bytes; expected 96 (ES384 r ‖ s, 48 bytes each)"
+            )
+        if not 1 <= len(payload) <= MAX_PAYLOAD_SIZE:
+            raise MalformedInput(f"payload is {len(payload)} bytes; expected 1..{MAX_PAYLOAD_SIZE}")
+        # 3. Payload map.
+        body = _cbor.loads(payload, what="attestation payload")
+        if not isinstance(body, dict):
+            raise MalformedInput(f"attestation payload must be a map; found {_kind(body)}")
+        return cls._from_payload(body, protected, payload, signature, tagged)
+
+    @classmethod
+    def _from_payload(
+        cls, body: dict[Any, Any], protected: bytes, payload: bytes, signature: bytes, tagged: bool
+    ) -> AttestationDocument:
+        for key in _MANDATORY:
+            if body.get(key) is None:
+                raise MalformedInput(f"attestation payload lacks the mandatory field {key!r}")
+        has_pcrs, has_tpm = body.get("pcrs") is not None, body.get("nitrotpm_pcrs") is not None
+        if has_pcrs == has_tpm:
+            raise MalformedInput(
+                "attestation payload must carry exactly one of 'pcrs' (Nitro Enclaves) and "
+                f"'nitrotpm_pcrs' (NitroTPM); found {'both' if has_pcrs else 'neither'}"
+            )
+        module_id = body["module_id"]
+        _require(isinstance(module_id, str), "module_id", "a text string", module_id)
+        if not 1 <= len(module_id) <= MAX_MODULE_ID:
+            raise MalformedInput(
+                f"module_id has {len(module_id)} characters; expected 1..{MAX_MODULE_ID}"
+            )
+        digest = body["digest"]
+        if digest != "SHA384":
+            raise MalformedInput(f"digest must be 'SHA384'; found {digest!r}")
+        timestamp = body["timestamp"]
+        if (
+            not isinstance(timestamp, int)
+            or isinstance(timestamp, bool)
+            or not 0 < timestamp < 2**64
+        ):
+            raise MalformedInput(f"timestamp must be a positive integer (ms); found {timestamp!r}")
+        pcr_key = "pcrs" if has_pcrs else "nitrotpm_pcrs"
+        pcrs = _pcrs(body[pcr_key], pcr_key)
+        certificate = _bytes_field(body["certificate"], "certificate", 1, MAX_CERT_SIZE)
+        cabundle_raw = body["cabundle"]
+        _require(isinstance(cabundle_raw, list), "cabundle", "an array", cabundle_raw)
+        if not 1 <= len(cabundle_raw) <= MAX_CABUNDLE:
+            raise MalformedInput(
+                f"cabundle has {len(cabundle_raw)} certificates; expected 1..{MAX_CABUNDLE}"
+            )
+        cabundle = tuple(
+            _bytes_field(c, f"cabundle[{i}]", 1, MAX_CERT_SIZE) for i, c in enumerate(cabundle_raw)
+        )
+        optional = {
+            key: _optional(body.get(key), key) for key in ("public_key", "user_data", "nonce")
+        }
+        return cls(
+            module_id=module_id,
+            digest=digest,
+            timestamp_ms=timestamp,
+            pcrs=pcrs,
+            certificate=certificate,
+            cabundle=cabundle,
+            public_key=optional["public_key"],
+            user_data=optional["user_data"],
+            nonce=optional["nonce"],
+            is_nitrotpm=has_tpm or "-tpm" in module_id,
+            protected=protected,
+            payload=payload,
+            signature=signature,
+            tagged=tagged,
+        )
+
+
+def read_document_bytes(data: bytes) -> bytes:
+    """Accept raw CBOR, hex text or base64 text (as documents are often passed around); return raw bytes.
+
+    Raw COSE starts with 0x84 (array of 4) or 0xd2 (tag 18), neither of which is printable ASCII, so the
+    detection is unambiguous.
+    """
+    stripped = data.strip()
+    if not stripped or stripped[0] in (0x84, 0xD2):
+        return data
+    if _HEX_RE.match(stripped):
+        try:
+            return binascii.unhexlify(b"".join(stripped.split()))
+        except (binascii.Error, ValueError):
+            pass
+    if _B64_RE.match(stripped):
+        compact = b"".join(stripped.split())
+        try:
+            if b"-" in compact or b"_" in compact:
+                return base64.urlsafe_b64decode(compact + b"=" * (-len(compact) % 4))
+            return base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise MalformedInput(
+        "input is neither raw CBOR (a COSE_Sign1 starting 0x84 or 0xd2), hex, nor base64 text"
+    )
+
+
+def _encode_sig_structure(protected: bytes, payload: bytes) -> bytes:
+    # ["Signature1", protected, h'', payload] as a definite-length array (RFC 8152 §4.4).
+    return (
+        b"".join(
+            (b"\x84\x6aSignature1", _bstr_head(len(protected)), protected, b"\x40"),
+        )
+        + _bstr_head(len(payload))
+        + payload
+    )
+
+
+def _bstr_head(length: int) -> bytes:
+    if length < 24:
+        return bytes([0x40 | length])
+    if length < 0x100:
+        return bytes([0x58, length])
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    return b"\x5a" + length.to_bytes(4, "big")
+
+
+def _kind(value: object) -> str:
+    names: dict[type, str] = {
+        bytes: "a byte string",
+        str: "a text string",
+        list: "an array",
+        dict: "a map",
+    }
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    return names.get(type(value), type(value).__name__)
+
+
+def _require(ok: bool, field: str, expected: str, value: object) -> None:
+    if not ok:
+        raise MalformedInput(f"{field} must be {expected}; found {_kind(value)}")
+
+
+def _bytes_field(value: object, field: str, low: int, high: int) -> bytes:
+    _require(isinstance(value, bytes), field, "a byte string", value)
+    assert isinstance(value, bytes)
+    if not low <= len(value) <= high:
+        raise MalformedInput(f"{field} is {len(value)} bytes; expected {low}..{high}")
+    return value
+
+
+def _optional(value: object, field: str) -> bytes | None:
+    if value is None:
+        return None
+    return _bytes_field(value, field, 0, MAX_OPTIONAL_FIELD)
+
+
+def _pcrs(value: object, field: str) -> Mapping[int, bytes]:
+    _require(isinstance(value, dict), field, "a map", value)
+    assert isinstance(value, dict)
+    if not 1 <= len(value) <= PCR_COUNT:
+        raise MalformedInput(f"{field} has {len(value)} entries; expected 1..{PCR_COUNT}")
+    out: dict[int, bytes] = {}
+    for index, digest in value.items():
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < PCR_COUNT:
+            raise MalformedInput(f"{field} index {index!r} is invalid; expected an integer 0..31")
+        _require(isinstance(digest, bytes), f"{field}[{index}]", "a byte string", digest)
+        if len(digest) not in PCR_LENGTHS:
+            raise MalformedInput(
+                f"{field}[{index}] is {len(digest)} bytes; expected 32, 48 or 64 bytes"
+            )
+        out[index] = digest
+    return MappingProxyType(dict(sorted(out.items())))

@@ -1,0 +1,389 @@
+"""Verification of attestation documents against pinned trust roots.
+
+:class:`Verifier` turns raw document bytes into a :class:`VerifiedAttestation`, or raises. Steps (numbered
+in :meth:`Verifier._verify_crypto`):
+
+1. Decode strictly (:meth:`AttestationDocument.from_cbor`).
+2. Parse the leaf and the cabundle; every certificate must be EC P-384 signed ecdsa-with-SHA384.
+3. The cabundle's own root (``cabundle[0]``) must be byte-identical to a pinned root. It is only *compared*,
+   never trusted; the intermediates ``cabundle[1:]`` are offered as untrusted path material, never as anchors.
+4. RFC 5280 path validation from the leaf to a pinned root at the injected time ``at`` (pyca/cryptography,
+   web-PKI CA profile; the leaf is checked explicitly: CA:FALSE, digitalSignature).
+5. The COSE ES384 signature over the exact Sig_structure, with the leaf key; r ‖ s as received, leading zero
+   bytes and high-S accepted.
+6. A frozen :class:`VerifiedAttestation` is built; then the caller's policy runs on it.
+
+Verified chains are cached per verifier by the fingerprint of (leaf, cabundle), together with the time window
+in which every certificate of the validated path is valid; a later document with the same chain, verified at a
+time inside that window, skips step 4 (so a stream from one enclave costs about one ECDSA verify each).
+
+Not checked: revocation (AWS prescribes none), freshness or nonce (policies do that), and the meaning of
+``public_key``/``user_data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import verification as pkix
+from cryptography.x509.oid import SignatureAlgorithmOID
+
+from enclavekit.attestation.document import AttestationDocument
+from enclavekit.errors import Error, MalformedInput, PolicyViolation, VerificationError
+from enclavekit.pki.roots import aws_root, fingerprint
+
+if TYPE_CHECKING:
+    from enclavekit.attestation.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+#: Bounded so a flood of distinct chains cannot grow memory without limit.
+CHAIN_CACHE_SIZE = 1024
+#: Real chains have 3 intermediates; Sui caps the chain at 10 certificates.
+MAX_CHAIN_DEPTH = 8
+
+_CONSTRUCT = object()  # only this module can build a VerifiedAttestation
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedAttestation:
+    """An attestation document whose signature and chain were verified. Only :class:`Verifier` makes one."""
+
+    module_id: str
+    timestamp: datetime
+    pcrs: Mapping[int, bytes]
+    public_key: bytes | None
+    user_data: bytes | None
+    nonce: bytes | None
+    certificate: x509.Certificate
+    is_debug: bool
+    is_nitrotpm: bool
+    #: The instant at which the chain was validated (the injected ``at``).
+    verified_at: datetime
+    #: The validated path, leaf first, pinned root last.
+    chain: tuple[x509.Certificate, ...]
+    document: AttestationDocument
+    raw: bytes = field(repr=False)
+    _token: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._token is not _CONSTRUCT:
+            raise TypeError("VerifiedAttestation is created only by enclavekit's Verifier")
+
+    @property
+    def root(self) -> x509.Certificate:
+        """The pinned root the chain ends at."""
+        return self.chain[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedChain:
+    leaf_key: ec.EllipticCurvePublicKey
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    not_before: datetime
+    not_after: datetime
+
+
+class Verifier:
+    """Verifies attestation documents against an explicit set of pinned root certificates."""
+
+    def __init__(self, trust_roots: Sequence[x509.Certificate]) -> None:
+        roots = tuple(trust_roots)
+        if not roots:
+            raise ValueError(
+                "a Verifier needs at least one trust root (use Verifier.aws() for AWS)"
+            )
+        for root in roots:
+            if not isinstance(root, x509.Certificate):
+                raise TypeError(f"trust roots must be x509.Certificate, got {type(root).__name__}")
+        self._roots = roots
+        self._root_der = {r.public_bytes(Encoding.DER) for r in roots}
+        self._store = pkix.Store(list(roots))
+        self._cache: OrderedDict[bytes, _CachedChain] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def aws(cls) -> Verifier:
+        """A verifier that trusts only the pinned AWS Nitro Enclaves root G1."""
+        return cls([aws_root()])
+
+    @property
+    def trust_roots(self) -> tuple[x509.Certificate, ...]:
+        return self._roots
+
+    @property
+    def trusts_only_aws(self) -> bool:
+        return [fingerprint(r) for r in self._roots] == [fingerprint(aws_root())]
+
+    def verify(
+        self, raw: bytes, policy: Policy, *, at: datetime | None = None
+    ) -> VerifiedAttestation:
+        """Verify ``raw`` at ``at`` (default: now) and apply ``policy``; raise on any failure.
+
+        Raises :class:`MalformedInput` (undecodable), :class:`VerificationError` (signature, chain, root,
+        time) or :class:`PolicyViolation` (every failed check).
+        """
+        verified = self.verify_signature_and_chain(raw, at=at)
+        failures = policy.failures(verified)
+        if failures:
+            raise PolicyViolation(failures)
+        return verified
+
+    def verify_signature_and_chain(
+        self, raw: bytes, *, at: datetime | None = None
+    ) -> VerifiedAttestation:
+        """Steps 1-6 without a policy. Callers must still apply a policy before trusting the result."""
+        when = _utc(at) if at is not None else datetime.now(UTC)
+        return self._verify_crypto(raw, when)
+
+    def verify_many(
+        self,
+        documents: Iterable[bytes],
+        policy: Policy,
+        *,
+        at: datetime | None = None,
+        workers: int | None = None,
+    ) -> list[VerifiedAttestation | Error]:
+        """Verify many documents across processes; one result or error per input, in order.
+
+        Signatures and chains are checked in worker processes (each with its own chain cache); the policy is
+        applied here. ``workers`` defaults to the number of CPUs.
+        """
+        docs = [bytes(d) for d in documents]
+        when = _utc(at) if at is not None else datetime.now(UTC)
+        n = workers or os.cpu_count() or 1
+        roots = [r.public_bytes(Encoding.DER) for r in self._roots]
+        if n <= 1 or len(docs) < 2:
+            outcomes = [_verify_in_worker(d, when, self) for d in docs]
+        else:
+            chunk = max(1, len(docs) // (n * 4))
+            with ProcessPoolExecutor(n, initializer=_init_worker, initargs=(roots,)) as pool:
+                outcomes = list(
+                    pool.map(_verify_in_worker, docs, [when] * len(docs), chunksize=chunk)
+                )
+        results: list[VerifiedAttestation | Error] = []
+        for raw, outcome in zip(docs, outcomes, strict=True):
+            if outcome[0] != "ok":
+                results.append(
+                    MalformedInput(str(outcome[1]))
+                    if outcome[0] == "MalformedInput"
+                    else VerificationError(str(outcome[1]))
+                )
+                continue
+            ders = [d for d in outcome[1:] if isinstance(d, bytes)]
+            chain = tuple(x509.load_der_x509_certificate(d) for d in ders)
+            verified = _result(AttestationDocument.from_cbor(raw), raw, chain, when)
+            failures = policy.failures(verified)
+            results.append(PolicyViolation(failures) if failures else verified)
+        return results
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _verify_crypto(self, raw: bytes, at: datetime) -> VerifiedAttestation:
+        # 1. Decode strictly.
+        doc = AttestationDocument.from_cbor(raw)
+
+        # 2-4. Chain, from the cache when this exact chain was validated for a window containing `at`.
+        key = hashlib.sha256(doc.certificate + b"".join(doc.cabundle)).digest() + len(
+            doc.cabundle
+        ).to_bytes(2, "big")
+        cached = self._cache_get(key, at)
+        if cached is None:
+            cached = self._validate_chain(doc, at)
+            self._cache_put(key, cached)
+
+        # 5. COSE signature over the exact Sig_structure.
+        r = int.from_bytes(doc.signature[:48], "big")
+        s = int.from_bytes(doc.signature[48:], "big")
+        try:
+            cached.leaf_key.verify(
+                encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384())
+            )
+        except InvalidSignature:
+            raise VerificationError(
+                "the COSE signature does not verify with the leaf certificate's key: the payload or "
+                "signature was altered, or the document was signed by another key; do not trust it"
+            ) from None
+
+        # 6. The verified result.
+        return _result(doc, raw, cached.chain, at)
+
+    def _validate_chain(self, doc: AttestationDocument, at: datetime) -> _CachedChain:
+        # 2. Parse; restrict algorithms.
+        leaf = _parse_cert(doc.certificate, "certificate")
+        bundle = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
+        for name, cert in [("certificate", leaf)] + [
+            (f"cabundle[{i}]", c) for i, c in enumerate(bundle)
+        ]:
+            _require_p384(cert, name)
+
+        # 3. The bundle's root is compared with the pinned roots, never trusted.
+        if doc.cabundle[0] not in self._root_der:
+            subject = bundle[0].subject.rfc4514_string()
+            raise VerificationError(
+                f"the document's root certificate ({subject}, SHA-256 {fingerprint(bundle[0])}) is not a "
+                f"pinned trust root (pinned: {', '.join(fingerprint(r)[:16] + '…' for r in self._roots)}); "
+                "the document was not issued by the PKI you trust. Pass --root only for a root you trust"
+            )
+
+        # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material.
+        verifier = (
+            pkix.PolicyBuilder()
+            .store(self._store)
+            .time(at.replace(tzinfo=None))
+            .max_chain_depth(MAX_CHAIN_DEPTH)
+            .extension_policies(
+                ca_policy=pkix.ExtensionPolicy.webpki_defaults_ca(),
+                ee_policy=pkix.ExtensionPolicy.permit_all(),
+            )
+            .build_client_verifier()
+        )
+        try:
+            path = verifier.verify(leaf, bundle[1:])
+        except pkix.VerificationError as exc:
+            raise VerificationError(
+                f"the certificate chain does not validate to a pinned root at {at.isoformat()}: {exc}. "
+                "If the document is archived, verify it at its own time (--at doc)"
+            ) from None
+        chain = tuple(path.chain)
+        _check_leaf(leaf)
+        not_before = max(c.not_valid_before_utc for c in chain)
+        not_after = min(c.not_valid_after_utc for c in chain)
+        key = leaf.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return _CachedChain(key, leaf, chain, not_before, not_after)
+
+    def _cache_get(self, key: bytes, at: datetime) -> _CachedChain | None:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                return None
+            if at > entry.not_after:
+                del self._cache[key]  # expired for good at this time; re-validate (and fail)
+                return None
+            if at < entry.not_before:
+                return None
+            self._cache.move_to_end(key)
+            return entry
+
+    def _cache_put(self, key: bytes, entry: _CachedChain) -> None:
+        with self._lock:
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            while len(self._cache) > CHAIN_CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"roots": [r.public_bytes(Encoding.DER) for r in self._roots]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__([x509.load_der_x509_certificate(d) for d in state["roots"]])  # type: ignore[misc]
+
+
+def _utc(at: datetime) -> datetime:
+    if at.tzinfo is None:
+        raise ValueError("`at` must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return at.astimezone(UTC)
+
+
+def _parse_cert(der: bytes, name: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise MalformedInput(f"{name} is not a DER X.509 certificate: {exc}") from None
+
+
+def _require_p384(cert: x509.Certificate, name: str) -> None:
+    try:
+        key = cert.public_key()
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(
+            f"{name}: unsupported public key ({exc}); expected EC P-384"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        found = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise VerificationError(f"{name} has a {found} key; expected EC P-384 (secp384r1)")
+    if cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
+        raise VerificationError(
+            f"{name} is signed with {cert.signature_algorithm_oid.dotted_string}; "
+            "expected ecdsa-with-SHA384"
+        )
+
+
+def _check_leaf(leaf: x509.Certificate) -> None:
+    try:
+        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if bc.ca:
+            raise VerificationError(
+                "the leaf certificate is a CA (CA:TRUE); expected an end entity"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise VerificationError(
+            "the leaf certificate has no keyUsage; expected digitalSignature"
+        ) from None
+    if not ku.digital_signature:
+        raise VerificationError("the leaf certificate's keyUsage lacks digitalSignature")
+
+
+# -- batch workers ---------------------------------------------------------------------------------
+
+_worker_verifier: Verifier | None = None
+
+
+def _init_worker(roots: list[bytes]) -> None:
+    global _worker_verifier
+    _worker_verifier = Verifier([x509.load_der_x509_certificate(d) for d in roots])
+
+
+def _verify_in_worker(
+    raw: bytes, at: datetime, verifier: Verifier | None = None
+) -> tuple[str | bytes, ...]:
+    """Run steps 1-5 in a worker: ("ok", chain DER...) or (error class name, message)."""
+    active = verifier or _worker_verifier
+    assert active is not None
+    try:
+        verified = active._verify_crypto(raw, at)
+    except Error as exc:
+        return (type(exc).__name__, str(exc))
+    return ("ok", *(c.public_bytes(Encoding.DER) for c in verified.chain))
+
+
+def _result(
+    doc: AttestationDocument, raw: bytes, chain: tuple[x509.Certificate, ...], at: datetime
+) -> VerifiedAttestation:
+    return VerifiedAttestation(
+        module_id=doc.module_id,
+        timestamp=doc.timestamp,
+        pcrs=doc.pcrs,
+        public_key=doc.public_key,
+        user_data=doc.user_data,
+        nonce=doc.nonce,
+        certificate=chain[0],
+        is_debug=doc.is_debug,
+        is_nitrotpm=doc.is_nitrotpm,
+        verified_at=at,
+        chain=chain,
+        document=doc,
+        raw=bytes(raw),
+        _token=_CONSTRUCT,
+    )
