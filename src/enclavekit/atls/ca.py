@@ -41,6 +41,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enclavekit.atls.extension import attestation_extension
 from enclavekit.atls.store import CertificateRecord, ConsumeResult, Event, Store
+from enclavekit.attestation.policy import MaxAge
+from enclavekit.attestation.verifier import Verifier
 from enclavekit.errors import (
     Failure,
     MalformedInput,
@@ -91,6 +93,30 @@ class EvidenceVerifier(Protocol):
     """Verifies signature, chain and validity of a raw document at ``at``; raises on failure."""
 
     def verify(self, document: bytes, *, at: datetime) -> Evidence: ...
+
+
+class NitroEvidenceVerifier:
+    """:class:`EvidenceVerifier` over :class:`enclavekit.attestation.Verifier` (signature, chain, age).
+
+    ``max_age`` bounds how old the document may be at issuance (it must also carry a live challenge
+    nonce, so this is a second, clock-based bound).
+    """
+
+    def __init__(self, verifier: Verifier, *, max_age: timedelta = timedelta(minutes=5)) -> None:
+        self.verifier = verifier
+        self._policy = MaxAge(max_age)
+
+    def verify(self, document: bytes, *, at: datetime) -> Evidence:
+        verified = self.verifier.verify(document, self._policy, at=at)
+        return Evidence(
+            module_id=verified.module_id,
+            timestamp=verified.timestamp,
+            pcrs=verified.pcrs,
+            public_key=verified.public_key,
+            nonce=verified.nonce,
+            user_data=verified.user_data,
+            is_debug=verified.is_debug,
+        )
 
 
 # ------------------------------------------------------------------------------------------ policy
@@ -615,6 +641,7 @@ __all__: Sequence[str] = (
     "EvidenceVerifier",
     "IssuedCertificate",
     "Issuer",
+    "NitroEvidenceVerifier",
     "ServicePolicy",
     "ca_policy_from_mapping",
     "create_ca_keys",
