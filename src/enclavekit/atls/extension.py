@@ -49,21 +49,36 @@ def attestation_extension(document: bytes) -> x509.UnrecognizedExtension:
 
 
 def decode_extension_value(value: bytes) -> bytes:
-    """The attestation document inside an ``extnValue``; raises :class:`MalformedInput`."""
-    if len(value) > MAX_DOCUMENT_SIZE + 8:
+    """The attestation document inside an ``extnValue``; raises :class:`MalformedInput`.
+
+    Strict DER: tag 0x04 (primitive OCTET STRING), minimal definite length, no trailing bytes.
+    """
+    what = "attestation extension"
+    if len(value) < 2 or value[0] != 0x04:
+        raise MalformedInput(f"{what}: expected a DER OCTET STRING (tag 0x04)")
+    first = value[1]
+    if first < 0x80:
+        length, offset = first, 2
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 3 or len(value) < 2 + count:
+            raise MalformedInput(f"{what}: unsupported or truncated length (0x{first:02x})")
+        length = int.from_bytes(value[2 : 2 + count], "big")
+        offset = 2 + count
+        if length < 0x80 or length.bit_length() > 8 * (count - 1) + 8 or value[2] == 0:
+            raise MalformedInput(f"{what}: non-minimal length encoding (BER, not DER)")
+    if length > MAX_DOCUMENT_SIZE:
         raise MalformedInput(
-            f"attestation extension is {len(value)} bytes; expected at most {MAX_DOCUMENT_SIZE}"
+            f"{what}: document is {length} bytes; expected at most {MAX_DOCUMENT_SIZE}"
         )
-    try:
-        parsed = core.OctetString.load(value, strict=True)
-        document = parsed.native
-    except (ValueError, TypeError) as exc:
+    if len(value) != offset + length:
         raise MalformedInput(
-            f"attestation extension: expected a DER OCTET STRING, found undecodable bytes ({exc})"
-        ) from exc
-    if not isinstance(document, bytes) or not document:
-        raise MalformedInput("attestation extension: expected a non-empty OCTET STRING")
-    return document
+            f"{what}: length says {length} bytes, found {len(value) - offset}"
+            " (truncated or trailing data)"
+        )
+    if length == 0:
+        raise MalformedInput(f"{what}: expected a non-empty document")
+    return bytes(value[offset:])
 
 
 def document_from_certificate(certificate: x509.Certificate) -> bytes:
