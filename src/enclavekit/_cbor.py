@@ -36,177 +36,188 @@ class Tagged:
     value: Any
 
 
-class _Break:
-    """Sentinel for the indefinite-length ``break`` stop code."""
+_BREAK = object()  # the indefinite-length break stop code
+_SIMPLE = {20: False, 21: True, 22: None}
 
 
-_BREAK = _Break()
+def _decode(data: bytes) -> tuple[Any, int]:
+    n = len(data)
+    budget = [MAX_ITEMS]  # items left; bounds the work an adversarial input can cause
 
+    def fail(pos: int, what: str) -> MalformedInput:
+        return MalformedInput(f"invalid CBOR at byte {pos}: {what}")
 
-class _Decoder:
-    __slots__ = ("data", "items", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-        self.items = 0
-
-    def fail(self, what: str) -> MalformedInput:
-        return MalformedInput(f"invalid CBOR at byte {self.pos}: {what}")
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.data):
-            raise self.fail(
-                f"need {n} byte(s), only {len(self.data) - self.pos} left (truncated input)"
-            )
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def head(self) -> tuple[int, int, int | None]:
-        """Return (major type, additional info, argument or None for indefinite)."""
-        (initial,) = self.take(1)
-        major, info = initial >> 5, initial & 0x1F
+    def item(pos: int, depth: int) -> tuple[Any, int]:
+        # Fast paths for the common scalars of attestation data: small uints, short byte/text strings.
+        if pos < n:
+            initial = data[pos]
+            if initial < 0x18:
+                budget[0] -= 1
+                return initial, pos + 1
+            if 0x40 <= initial < 0x58 or initial == 0x58 or initial == 0x59:
+                if initial < 0x58:
+                    start, length = pos + 1, initial - 0x40
+                elif initial == 0x58 and pos + 1 < n:
+                    start, length = pos + 2, data[pos + 1]
+                elif initial == 0x59 and pos + 2 < n:
+                    start, length = pos + 3, (data[pos + 1] << 8) | data[pos + 2]
+                else:
+                    start, length = -1, 0
+                end = start + length
+                if start >= 0 and end <= n:
+                    budget[0] -= 1
+                    return data[start:end], end
+        if pos >= n:
+            raise fail(pos, "need 1 byte(s), only 0 left (truncated input)")
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise fail(pos, f"more than {MAX_ITEMS} items")
+        initial = data[pos]
+        major = initial >> 5
+        info = initial & 0x1F
+        pos += 1
         if info < 24:
-            return major, info, info
-        if info == 24:
-            return major, info, self.take(1)[0]
-        if info == 25:
-            return major, info, struct.unpack(">H", self.take(2))[0]
-        if info == 26:
-            return major, info, struct.unpack(">I", self.take(4))[0]
-        if info == 27:
-            return major, info, struct.unpack(">Q", self.take(8))[0]
-        if info == 31:
-            return major, info, None
-        raise self.fail(f"reserved additional information {info}")
-
-    def item(self, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise self.fail(f"nesting deeper than {MAX_DEPTH}")
-        self.items += 1
-        if self.items > MAX_ITEMS:
-            raise self.fail(f"more than {MAX_ITEMS} items")
-        start = self.pos
-        major, info, arg = self.head()
+            arg: int | None = info
+        elif info < 28:
+            size = 1 << (info - 24)
+            end = pos + size
+            if end > n:
+                raise fail(pos, f"need {size} byte(s), only {n - pos} left (truncated input)")
+            arg = int.from_bytes(data[pos:end], "big")
+            pos = end
+        elif info == 31:
+            arg = None
+        else:
+            raise fail(pos - 1, f"reserved additional information {info}")
+        if major == 2 or major == 3:
+            if arg is None:
+                return chunked(pos, major)
+            end = pos + arg
+            if end > n:
+                raise fail(pos, f"need {arg} byte(s), only {n - pos} left (truncated input)")
+            raw = data[pos:end]
+            if major == 2:
+                return raw, end
+            try:
+                return raw.decode("utf-8"), end
+            except UnicodeDecodeError:
+                raise fail(pos, "text string is not valid UTF-8") from None
         if major == 0:
-            return self._definite(arg, major)
+            if arg is None:
+                raise fail(pos - 1, "indefinite length on an integer")
+            return arg, pos
         if major == 1:
-            return -1 - self._definite(arg, major)
-        if major in (2, 3):
             if arg is None:
-                return self._chunked(major, depth)
-            raw = self.take(arg)
-            return raw if major == 2 else self._text(raw)
-        if major == 4:
-            if arg is None:
-                out: list[Any] = []
-                while (value := self.item(depth + 1)) is not _BREAK:
-                    out.append(value)
-                return out
-            self._plausible(arg)
-            return [self._value(depth + 1) for _ in range(arg)]
+                raise fail(pos - 1, "indefinite length on an integer")
+            return -1 - arg, pos
+        if depth >= MAX_DEPTH and major in (4, 5, 6):
+            raise fail(pos - 1, f"nesting deeper than {MAX_DEPTH}")
         if major == 5:
             result: dict[Any, Any] = {}
-            count = None if arg is None else arg
-            if count is not None:
-                self._plausible(count * 2)
-            n = 0
-            while count is None or n < count:
-                key_pos = self.pos
-                key = self.item(depth + 1)
-                if key is _BREAK:
-                    if count is None:
-                        break
-                    raise self.fail("unexpected break in a definite-length map")
-                value = self._value(depth + 1)
-                try:
-                    duplicate = key in result
-                except TypeError:
-                    self.pos = key_pos
-                    raise self.fail("map key of an unhashable type (array or map)") from None
-                if duplicate:
-                    self.pos = key_pos
-                    raise self.fail(f"duplicate map key {key!r}")
-                result[key] = value
-                n += 1
-            return result
+            if arg is None:
+                while True:
+                    key_pos = pos
+                    key, pos = item(pos, depth + 1)
+                    if key is _BREAK:
+                        return result, pos
+                    value, pos = item(pos, depth + 1)
+                    if value is _BREAK:
+                        raise fail(pos - 1, "unexpected break code")
+                    add(result, key, value, key_pos)
+            if arg * 2 > n - pos:
+                raise fail(pos, f"container claims {arg} entries, input has {n - pos} bytes")
+            for _ in range(arg):
+                key_pos = pos
+                key, pos = item(pos, depth + 1)
+                value, pos = item(pos, depth + 1)
+                if key is _BREAK or value is _BREAK:
+                    raise fail(pos - 1, "unexpected break code")
+                add(result, key, value, key_pos)
+            return result, pos
+        if major == 4:
+            out: list[Any] = []
+            if arg is None:
+                while True:
+                    value, pos = item(pos, depth + 1)
+                    if value is _BREAK:
+                        return out, pos
+                    out.append(value)
+            if arg > n - pos:
+                raise fail(pos, f"container claims {arg} items, input has {n - pos} bytes")
+            for _ in range(arg):
+                value, pos = item(pos, depth + 1)
+                if value is _BREAK:
+                    raise fail(pos - 1, "unexpected break code")
+                out.append(value)
+            return out, pos
         if major == 6:
             if arg is None:
-                raise self.fail("indefinite-length tag")
-            return Tagged(arg, self._value(depth + 1))
-        # major 7: simple values and floats
+                raise fail(pos - 1, "indefinite-length tag")
+            value, pos = item(pos, depth + 1)
+            if value is _BREAK:
+                raise fail(pos - 1, "unexpected break code")
+            return Tagged(arg, value), pos
+        # major 7
         if info == 31:
-            return _BREAK
+            return _BREAK, pos
         if info < 24:
-            simple = {20: False, 21: True, 22: None}
-            if info in simple:
-                return simple[info]
-            self.pos = start
-            raise self.fail(f"unsupported simple value {info}")
+            if info in _SIMPLE:
+                return _SIMPLE[info], pos
+            raise fail(pos - 1, f"unsupported simple value {info}")
+        assert arg is not None
         if info == 25:
-            return struct.unpack(">e", struct.pack(">H", arg))[0]
+            return struct.unpack(">e", arg.to_bytes(2, "big"))[0], pos
         if info == 26:
-            return struct.unpack(">f", struct.pack(">I", arg))[0]
+            return struct.unpack(">f", arg.to_bytes(4, "big"))[0], pos
         if info == 27:
-            return struct.unpack(">d", struct.pack(">Q", arg))[0]
-        self.pos = start
-        raise self.fail("unsupported simple value")
+            return struct.unpack(">d", arg.to_bytes(8, "big"))[0], pos
+        raise fail(pos - 2, "unsupported simple value")
 
-    def _value(self, depth: int) -> Any:
-        value = self.item(depth)
-        if value is _BREAK:
-            raise self.fail("unexpected break code")
-        return value
-
-    def _definite(self, arg: int | None, major: int) -> int:
-        if arg is None:
-            raise self.fail(f"indefinite length on major type {major}")
-        return arg
-
-    def _plausible(self, count: int) -> None:
-        # Each item needs at least one byte: refuse counts that cannot fit, before allocating.
-        if count > len(self.data) - self.pos:
-            raise self.fail(
-                f"container claims {count} items, input has {len(self.data) - self.pos} bytes"
-            )
-
-    def _text(self, raw: bytes) -> str:
+    def add(result: dict[Any, Any], key: Any, value: Any, key_pos: int) -> None:
         try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail("text string is not valid UTF-8") from None
+            if key in result:
+                raise fail(key_pos, f"duplicate map key {key!r}")
+        except TypeError:
+            raise fail(key_pos, "map key of an unhashable type (array or map)") from None
+        result[key] = value
 
-    def _chunked(self, major: int, depth: int) -> bytes | str:
-        chunks: list[bytes] = []
+    def chunked(pos: int, major: int) -> tuple[Any, int]:
+        chunks: list[Any] = []
         while True:
-            sub_major, _info, arg = self.head()
-            if sub_major == 7 and arg is None:
+            if pos >= n:
+                raise fail(pos, "truncated indefinite-length string")
+            initial = data[pos]
+            if initial == 0xFF:
+                pos += 1
                 break
-            if sub_major != major or arg is None:
-                raise self.fail("bad chunk in an indefinite-length string")
-            chunks.append(self.take(arg))
-        raw = b"".join(chunks)
-        return raw if major == 2 else self._text(raw)
+            if initial >> 5 != major or (initial & 0x1F) == 31:
+                raise fail(pos, "bad chunk in an indefinite-length string")
+            chunk, pos = item(pos, MAX_DEPTH)
+            chunks.append(chunk)
+        if major == 2:
+            return b"".join(chunks), pos
+        return "".join(chunks), pos
+
+    value, pos = item(0, 0)
+    return value, pos
 
 
 def loads(data: bytes, *, what: str = "CBOR data") -> Any:
     """Decode exactly one CBOR item that spans all of ``data``; raise :class:`MalformedInput` otherwise."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected bytes, got {type(data).__name__}")
-    decoder = _Decoder(bytes(data))
+    raw = bytes(data)
     try:
-        value = decoder.item(0)
+        value, end = _decode(raw)
     except MalformedInput as exc:
         raise MalformedInput(f"{what}: {exc}") from None
     except RecursionError:
         raise MalformedInput(f"{what}: nested too deeply") from None
     if value is _BREAK:
         raise MalformedInput(f"{what}: starts with a break code")
-    if decoder.pos != len(decoder.data):
+    if end != len(raw):
         raise MalformedInput(
-            f"{what}: {len(decoder.data) - decoder.pos} trailing byte(s) after the CBOR item "
-            f"(expected the item to end the input at byte {decoder.pos})"
+            f"{what}: {len(raw) - end} trailing byte(s) after the CBOR item "
+            f"(expected the item to end the input at byte {end})"
         )
     return value

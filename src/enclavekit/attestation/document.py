@@ -44,6 +44,7 @@ PCR_COUNT = 32
 PCR_LENGTHS = frozenset({32, 48, 64})
 COSE_TAG = 18
 PROTECTED_ES384 = {1: -35}
+PROTECTED_ES384_BYTES = b"\xa1\x01\x38\x22"
 SIGNATURE_SIZE = 96
 
 _MANDATORY = ("module_id", "digest", "timestamp", "certificate", "cabundle")
@@ -123,7 +124,11 @@ class AttestationDocument:
         _require(isinstance(payload, bytes), "COSE payload", "a byte string", payload)
         _require(isinstance(signature, bytes), "COSE signature", "a byte string", signature)
         # 2. Protected header: exactly ES384.
-        header = _cbor.loads(protected, what="COSE protected header")
+        header = (
+            PROTECTED_ES384
+            if protected == PROTECTED_ES384_BYTES
+            else _cbor.loads(protected, what="COSE protected header")
+        )
         if header != PROTECTED_ES384 or not isinstance(header.get(1), int):
             raise MalformedInput(
                 f"COSE protected header must be exactly {{1: -35}} (alg ES384); found {header!r}"
@@ -290,14 +295,13 @@ def _pcrs(value: object, field: str) -> Mapping[int, bytes]:
     assert isinstance(value, dict)
     if not 1 <= len(value) <= PCR_COUNT:
         raise MalformedInput(f"{field} has {len(value)} entries; expected 1..{PCR_COUNT}")
-    out: dict[int, bytes] = {}
     for index, digest in value.items():
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < PCR_COUNT:
+        if type(index) is not int or not 0 <= index < PCR_COUNT:
             raise MalformedInput(f"{field} index {index!r} is invalid; expected an integer 0..31")
-        _require(isinstance(digest, bytes), f"{field}[{index}]", "a byte string", digest)
+        if type(digest) is not bytes:
+            raise MalformedInput(f"{field}[{index}] must be a byte string; found {_kind(digest)}")
         if len(digest) not in PCR_LENGTHS:
             raise MalformedInput(
                 f"{field}[{index}] is {len(digest)} bytes; expected 32, 48 or 64 bytes"
             )
-        out[index] = digest
-    return MappingProxyType(dict(sorted(out.items())))
+    return MappingProxyType(dict(sorted(value.items())))

@@ -93,11 +93,56 @@ class VerifiedAttestation:
 
 @dataclass(frozen=True, slots=True)
 class _CachedChain:
-    leaf_key: ec.EllipticCurvePublicKey
-    leaf: x509.Certificate
+    """A validated path and the window in which every certificate of it is valid."""
+
     chain: tuple[x509.Certificate, ...]
     not_before: datetime
     not_after: datetime
+    leaf_key: ec.EllipticCurvePublicKey | None = None
+
+    @classmethod
+    def of(
+        cls, chain: tuple[x509.Certificate, ...], leaf_key: ec.EllipticCurvePublicKey | None = None
+    ) -> _CachedChain:
+        return cls(
+            chain,
+            max(c.not_valid_before_utc for c in chain),
+            min(c.not_valid_after_utc for c in chain),
+            leaf_key,
+        )
+
+
+class _WindowCache:
+    """A bounded LRU of validated paths, each usable only inside its validity window."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, _CachedChain] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes, at: datetime) -> _CachedChain | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if at > entry.not_after:
+                del self._entries[key]  # expired: re-validate (and fail) from scratch
+                return None
+            if at < entry.not_before:
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: bytes, entry: _CachedChain) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 class Verifier:
@@ -115,8 +160,9 @@ class Verifier:
         self._roots = roots
         self._root_der = {r.public_bytes(Encoding.DER) for r in roots}
         self._store = pkix.Store(list(roots))
-        self._cache: OrderedDict[bytes, _CachedChain] = OrderedDict()
-        self._lock = threading.Lock()
+        # Full paths keyed by (leaf, cabundle); CA paths keyed by the cabundle alone.
+        self._paths = _WindowCache(CHAIN_CACHE_SIZE)
+        self._ca_paths = _WindowCache(CHAIN_CACHE_SIZE)
 
     @classmethod
     def aws(cls) -> Verifier:
@@ -130,6 +176,11 @@ class Verifier:
     @property
     def trusts_only_aws(self) -> bool:
         return [fingerprint(r) for r in self._roots] == [fingerprint(aws_root())]
+
+    def clear_cache(self) -> None:
+        """Forget every cached validated path (the next document pays for full path validation)."""
+        self._paths.clear()
+        self._ca_paths.clear()
 
     def verify(
         self, raw: bytes, policy: Policy, *, at: datetime | None = None
@@ -199,20 +250,22 @@ class Verifier:
         # 1. Decode strictly.
         doc = AttestationDocument.from_cbor(raw)
 
-        # 2-4. Chain, from the cache when this exact chain was validated for a window containing `at`.
-        key = hashlib.sha256(doc.certificate + b"".join(doc.cabundle)).digest() + len(
-            doc.cabundle
-        ).to_bytes(2, "big")
-        cached = self._cache_get(key, at)
+        # 2-4. Chain: from the cache when this exact chain was validated for a window containing `at`.
+        bundle_key = hashlib.sha256(b"".join(len(c).to_bytes(2, "big") + c for c in doc.cabundle))
+        path_key = bundle_key.copy()
+        path_key.update(doc.certificate)
+        cached = self._paths.get(path_key.digest(), at)
         if cached is None:
-            cached = self._validate_chain(doc, at)
-            self._cache_put(key, cached)
+            cached = self._validate_chain(doc, at, bundle_key.digest())
+            self._paths.put(path_key.digest(), cached)
+        leaf_key = cached.leaf_key
+        assert leaf_key is not None
 
         # 5. COSE signature over the exact Sig_structure.
         r = int.from_bytes(doc.signature[:48], "big")
         s = int.from_bytes(doc.signature[48:], "big")
         try:
-            cached.leaf_key.verify(
+            leaf_key.verify(
                 encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384())
             )
         except InvalidSignature:
@@ -224,25 +277,43 @@ class Verifier:
         # 6. The verified result.
         return _result(doc, raw, cached.chain, at)
 
-    def _validate_chain(self, doc: AttestationDocument, at: datetime) -> _CachedChain:
-        # 2. Parse; restrict algorithms.
+    def _validate_chain(
+        self, doc: AttestationDocument, at: datetime, bundle_key: bytes
+    ) -> _CachedChain:
+        # 2. Parse; restrict algorithms (the CA certificates only when their path is not cached).
         leaf = _parse_cert(doc.certificate, "certificate")
-        bundle = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
-        for name, cert in [("certificate", leaf)] + [
-            (f"cabundle[{i}]", c) for i, c in enumerate(bundle)
-        ]:
-            _require_p384(cert, name)
+        leaf_key = _require_p384(leaf, "certificate")
 
         # 3. The bundle's root is compared with the pinned roots, never trusted.
         if doc.cabundle[0] not in self._root_der:
-            subject = bundle[0].subject.rfc4514_string()
+            root = _parse_cert(doc.cabundle[0], "cabundle[0]")
             raise VerificationError(
-                f"the document's root certificate ({subject}, SHA-256 {fingerprint(bundle[0])}) is not a "
-                f"pinned trust root (pinned: {', '.join(fingerprint(r)[:16] + '…' for r in self._roots)}); "
-                "the document was not issued by the PKI you trust. Pass --root only for a root you trust"
+                f"the document's root certificate ({root.subject.rfc4514_string()}, SHA-256 "
+                f"{fingerprint(root)}) is not a pinned trust root (pinned: "
+                f"{', '.join(fingerprint(r)[:16] + '…' for r in self._roots)}); the document was not "
+                "issued by the PKI you trust. Pass --root only for a root you trust"
             )
 
-        # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material.
+        # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material. When this cabundle's
+        #    CA path was already validated (by pyca, for another leaf) for a window containing `at`, only the
+        #    leaf's own link is checked here: its signature by the cached issuer, its validity, its profile.
+        ca_path = self._ca_paths.get(bundle_key, at)
+        if ca_path is not None:
+            chain = (leaf, *ca_path.chain)
+            _check_leaf_link(leaf, ca_path.chain[0], at)
+        else:
+            bundle = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
+            for i, cert in enumerate(bundle):
+                _require_p384(cert, f"cabundle[{i}]")
+            chain = self._validate_path(leaf, bundle[1:], at)
+            if not any(_has_constraints(c) for c in chain[1:]):
+                self._ca_paths.put(bundle_key, _CachedChain.of(chain[1:]))
+        _check_leaf(leaf)
+        return _CachedChain.of(chain, leaf_key)
+
+    def _validate_path(
+        self, leaf: x509.Certificate, intermediates: list[x509.Certificate], at: datetime
+    ) -> tuple[x509.Certificate, ...]:
         verifier = (
             pkix.PolicyBuilder()
             .store(self._store)
@@ -255,39 +326,12 @@ class Verifier:
             .build_client_verifier()
         )
         try:
-            path = verifier.verify(leaf, bundle[1:])
+            return tuple(verifier.verify(leaf, intermediates).chain)
         except pkix.VerificationError as exc:
             raise VerificationError(
                 f"the certificate chain does not validate to a pinned root at {at.isoformat()}: {exc}. "
                 "If the document is archived, verify it at its own time (--at doc)"
             ) from None
-        chain = tuple(path.chain)
-        _check_leaf(leaf)
-        not_before = max(c.not_valid_before_utc for c in chain)
-        not_after = min(c.not_valid_after_utc for c in chain)
-        key = leaf.public_key()
-        assert isinstance(key, ec.EllipticCurvePublicKey)
-        return _CachedChain(key, leaf, chain, not_before, not_after)
-
-    def _cache_get(self, key: bytes, at: datetime) -> _CachedChain | None:
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is None:
-                return None
-            if at > entry.not_after:
-                del self._cache[key]  # expired for good at this time; re-validate (and fail)
-                return None
-            if at < entry.not_before:
-                return None
-            self._cache.move_to_end(key)
-            return entry
-
-    def _cache_put(self, key: bytes, entry: _CachedChain) -> None:
-        with self._lock:
-            self._cache[key] = entry
-            self._cache.move_to_end(key)
-            while len(self._cache) > CHAIN_CACHE_SIZE:
-                self._cache.popitem(last=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"roots": [r.public_bytes(Encoding.DER) for r in self._roots]}
@@ -309,7 +353,7 @@ def _parse_cert(der: bytes, name: str) -> x509.Certificate:
         raise MalformedInput(f"{name} is not a DER X.509 certificate: {exc}") from None
 
 
-def _require_p384(cert: x509.Certificate, name: str) -> None:
+def _require_p384(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
     try:
         key = cert.public_key()
     except (ValueError, TypeError) as exc:
@@ -324,6 +368,7 @@ def _require_p384(cert: x509.Certificate, name: str) -> None:
             f"{name} is signed with {cert.signature_algorithm_oid.dotted_string}; "
             "expected ecdsa-with-SHA384"
         )
+    return key
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:
@@ -343,6 +388,34 @@ def _check_leaf(leaf: x509.Certificate) -> None:
         ) from None
     if not ku.digital_signature:
         raise VerificationError("the leaf certificate's keyUsage lacks digitalSignature")
+
+
+def _has_constraints(cert: x509.Certificate) -> bool:
+    """Constraints a CA imposes on what it issues; paths with them are never short-cut by the CA cache."""
+    for ext_type in (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy):
+        try:
+            cert.extensions.get_extension_for_class(ext_type)
+        except x509.ExtensionNotFound:
+            continue
+        return True
+    return False
+
+
+def _check_leaf_link(leaf: x509.Certificate, issuer: x509.Certificate, at: datetime) -> None:
+    """The leaf's own link, for a leaf under an already validated CA path: signature, names, validity."""
+    try:
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        raise VerificationError(
+            "the leaf certificate is not signed by the cabundle's last CA "
+            f"({issuer.subject.rfc4514_string()}); the chain is broken"
+        ) from None
+    if not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
+        raise VerificationError(
+            f"the leaf certificate is valid {leaf.not_valid_before_utc.isoformat()} .. "
+            f"{leaf.not_valid_after_utc.isoformat()}, not at {at.isoformat()}. "
+            "If the document is archived, verify it at its own time (--at doc)"
+        )
 
 
 # -- batch workers ---------------------------------------------------------------------------------

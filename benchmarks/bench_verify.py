@@ -1,0 +1,86 @@
+"""Attestation verification throughput against raw P-384 ECDSA verification, measured in the same run.
+
+Prints documents/s for a warm verifier (chain cached: one ECDSA verify per document) and a cold one (chain
+validated every time: five ECDSA verifies plus path building), each as a ratio to the raw rate of
+``EllipticCurvePublicKey.verify`` on the same Sig_structure. Targets: warm ≥ 0.8 x raw; cold ≥ 0.8 x raw/5.
+Also reports batch verification across cores (``Verifier.verify_many``).
+
+Usage: python benchmarks/bench_verify.py [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from enclavekit.attestation import AttestationDocument, Verifier
+from enclavekit.attestation.policy import AllOf, PcrsEqual
+
+DOC = Path(__file__).resolve().parents[1] / "tests/assets/attestation/real/marlin-2024-08-prod.cbor"
+
+
+def rate(fn, seconds: float) -> float:
+    fn()  # warm-up
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(20):
+            fn()
+        n += 20
+    return n / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    args = parser.parse_args()
+    raw = DOC.read_bytes()
+    doc = AttestationDocument.from_cbor(raw)
+    at = doc.timestamp
+    policy = AllOf([PcrsEqual({0: doc.pcrs[0], 1: doc.pcrs[1], 2: doc.pcrs[2]})])
+
+    from cryptography import x509
+
+    key = x509.load_der_x509_certificate(doc.certificate).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    der_sig = encode_dss_signature(
+        int.from_bytes(doc.signature[:48], "big"), int.from_bytes(doc.signature[48:], "big")
+    )
+    tbs = doc.sig_structure()
+
+    raw_rate = rate(lambda: key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384())), args.seconds)
+
+    warm = Verifier.aws()
+    warm_rate = rate(lambda: warm.verify(raw, policy, at=at), args.seconds)
+
+    cold = Verifier.aws()
+
+    def cold_once() -> None:
+        cold.clear_cache()  # a long-lived verifier meeting a chain it has never seen
+        cold.verify(raw, policy, at=at)
+
+    cold_rate = rate(cold_once, args.seconds)
+
+    batch_docs = [raw] * 400
+    start = time.perf_counter()
+    results = Verifier.aws().verify_many(batch_docs, policy, at=at)
+    batch_rate = len(batch_docs) / (time.perf_counter() - start)
+    assert all(not isinstance(r, Exception) for r in results)
+
+    print(f"raw P-384 ECDSA verify:      {raw_rate:9.1f} /s  (baseline)")
+    print(f"warm verify (chain cached):  {warm_rate:9.1f} docs/s  ratio {warm_rate / raw_rate:.2f}  (target >= 0.80)")
+    cold_target = raw_rate / 5
+    print(f"cold verify (full chain):    {cold_rate:9.1f} docs/s  ratio to raw/5 {cold_rate / cold_target:.2f}  (target >= 0.80)")
+    print(f"batch verify_many (all CPUs):{batch_rate:9.1f} docs/s  ratio {batch_rate / raw_rate:.2f} (includes process start-up)")
+    ok = warm_rate >= 0.8 * raw_rate and cold_rate >= 0.8 * cold_target
+    print("targets met" if ok else "targets NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
