@@ -70,8 +70,31 @@ class RunOptions:
     host_python: bool = False
 
 
+_CHROOT_PROBE = (
+    "import ctypes, ctypes.util, sys; "
+    "libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True); "
+    "sys.exit(0 if libc.unshare(0x00020000) == 0 else 1)"
+)
+_chroot_ok: bool | None = None
+
+
+def chroot_supported() -> bool:
+    """True when this process is root and may create mount namespaces (probed once)."""
+    global _chroot_ok
+    if _chroot_ok is None:
+        if os.geteuid() != 0:
+            _chroot_ok = False
+        else:
+            probe = subprocess.run(
+                [sys.executable, "-c", _CHROOT_PROBE], capture_output=True, timeout=30
+            )
+            _chroot_ok = probe.returncode == 0
+    return _chroot_ok
+
+
 def default_isolation() -> str:
-    return "chroot" if os.geteuid() == 0 else "process"
+    """``chroot`` when root and mount namespaces work, else ``process``."""
+    return "chroot" if chroot_supported() else "process"
 
 
 def python_runtime_paths() -> tuple[str, ...]:
@@ -109,8 +132,11 @@ def _check_options(options: RunOptions, live: Sequence[st.EnclaveRecord]) -> tup
     isolation = options.isolation or default_isolation()
     if isolation not in ("chroot", "process"):
         raise UsageError(f"--isolation must be chroot or process, got {isolation!r}")
-    if isolation == "chroot" and os.geteuid() != 0:
-        raise UsageError("--isolation chroot needs root; use --isolation process")
+    if isolation == "chroot" and not chroot_supported():
+        raise UsageError(
+            "--isolation chroot needs root and permission to create mount namespaces; use"
+            " --isolation process"
+        )
     available = sorted(os.sched_getaffinity(0))
     if options.cpu_count > len(available):
         raise UsageError(

@@ -72,14 +72,20 @@ def socket_path(directory: Path, cid: int, port: int) -> Path:
     return directory / f"{cid}.{port}"
 
 
-def _emulated(address: Address | str, *, listening: bool) -> tuple[Address, Path | None]:
+def _emulated(
+    address: Address | str,
+    *,
+    listening: bool,
+    directory: Path | None = None,
+    own_cid: int | None = None,
+) -> tuple[Address, Path | None]:
     addr = as_address(address)
-    directory = emulation_dir()
+    directory = directory if directory is not None else emulation_dir()
     if directory is None or not isinstance(addr, VsockAddress):
         return addr, None
     cid = addr.cid
     if listening and cid == VMADDR_CID_ANY:
-        cid = local_cid()
+        cid = own_cid if own_cid is not None else local_cid()
     port = addr.port
     if listening and port == 0:
         port = _free_port(directory, cid)
@@ -94,9 +100,12 @@ def _free_port(directory: Path, cid: int) -> int:
     raise TransportError(f"no free emulated vsock port for CID {cid} in {directory}")
 
 
-def connect(address: Address | str, *, timeout: float | None = None) -> socket.socket:
-    """:func:`enclavekit.transport.connect`, with vsock emulated when the runner asks for it."""
-    addr, path = _emulated(address, listening=False)
+def connect(
+    address: Address | str, *, timeout: float | None = None, directory: Path | None = None
+) -> socket.socket:
+    """:func:`enclavekit.transport.connect`, with vsock emulated when the runner asks for it
+    (or in ``directory``, for parent-side callers)."""
+    addr, path = _emulated(address, listening=False, directory=directory)
     if path is None:
         return transport_sockets.connect(addr, timeout=timeout)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,9 +122,16 @@ def connect(address: Address | str, *, timeout: float | None = None) -> socket.s
     return sock
 
 
-def listen(address: Address | str, *, backlog: int = 128) -> socket.socket:
-    """:func:`enclavekit.transport.listen`, with vsock emulated when the runner asks for it."""
-    addr, path = _emulated(address, listening=True)
+def listen(
+    address: Address | str,
+    *,
+    backlog: int = 128,
+    directory: Path | None = None,
+    own_cid: int | None = None,
+) -> socket.socket:
+    """:func:`enclavekit.transport.listen`, with vsock emulated when the runner asks for it (or in
+    ``directory`` as CID ``own_cid``, default 3, for parent-side callers)."""
+    addr, path = _emulated(address, listening=True, directory=directory, own_cid=own_cid)
     if path is None:
         return transport_sockets.listen(addr, backlog=backlog)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
