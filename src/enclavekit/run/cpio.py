@@ -147,6 +147,11 @@ def _one_archive(data: bytes, pos: int) -> Generator[CpioEntry, None, int]:
         header = data[pos : pos + HEADER_SIZE]
         magic = header[:6]
         if magic not in (MAGIC_NEWC, MAGIC_CRC):
+            if not data[pos:].strip(b"\0"):
+                raise MalformedInput(
+                    f"cpio archive is truncated: zero padding at offset {pos} before any"
+                    " TRAILER!!! entry"
+                )
             raise MalformedInput(
                 f"cpio header at offset {pos}: magic {magic!r}, expected {MAGIC_NEWC!r} (newc);"
                 " other cpio formats are not supported"

@@ -181,8 +181,8 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
         st.remove_tree(directory)
         raise
     isolation = options.isolation or default_isolation()
-    vsock = st.vsock_dir(store.root)
-    vsock.mkdir(mode=0o700, parents=True, exist_ok=True)
+    vsock = st.ensure_private_dir(st.vsock_dir(store.root))
+    st.ensure_private_dir(st.runtime_dir(store.root, enclave_id))
     mounts = list(options.host_mounts)
     if options.host_python:
         mounts = list(python_runtime_paths()) + mounts
@@ -192,7 +192,8 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
         "env": list(prepared.env),
         "isolation": isolation,
         "host_mounts": mounts,
-        "vsock_dir": str(vsock.resolve()),
+        "vsock_dir": str(vsock),
+        "runtime_dir": str(st.runtime_dir(store.root, enclave_id)),
         "cpu_ids": list(cpu_ids),
         "extra_env": {
             "ENCLAVEKIT_VSOCK_CID": str(cid),
@@ -232,30 +233,32 @@ def _spawn_supervisor(
         )
     finally:
         log.close()
+    proc.wait(START_TIMEOUT)  # returns as soon as the supervisor has detached
     deadline = time.monotonic() + START_TIMEOUT
     last = record
     while time.monotonic() < deadline:
         current = store.load(record.enclave_id)
         if current is None:  # started and already ended: report what was started
-            proc.wait(5)
-            return last.replace(pid=proc.pid, state=st.STATE_RUNNING)
+            return last.replace(state=st.STATE_RUNNING)
         last = current
         if current.state == st.STATE_RUNNING:
             return current
         if current.state == st.STATE_FAILED:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(15)
+                os.kill(current.pid, signal.SIGTERM)
             raise EnclaveStartError(f"the enclave failed to start: {current.error}")
-        if proc.poll() is not None:
+        if (current.pid and not st.pid_alive(current.pid)) or (
+            proc.returncode and not current.pid
+        ):
             store.remove(record.enclave_id)
             raise EnclaveStartError(
-                f"the enclave process exited with status {proc.returncode} before the enclave"
-                f" ran; see {st.logs_dir(store.root)}"
+                "the enclave process ended before the enclave ran; see"
+                f" {st.logs_dir(store.root) / (record.enclave_id + '.supervisor.log')}"
             )
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
+    if last.pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(last.pid, signal.SIGKILL)
     store.remove(record.enclave_id)
     raise EnclaveStartError(f"the enclave did not start within {START_TIMEOUT:.0f} s")
 

@@ -17,16 +17,19 @@ stale and is removed when enclaves are listed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import shutil
+import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enclavekit.errors import MalformedInput
+from enclavekit.errors import MalformedInput, UsageError
 
 RECORD_FILE = "record.json"
 STATE_STARTING = "STARTING"
@@ -47,8 +50,43 @@ def state_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path.home() / ".local" / "state" / "enclavekit"
 
 
+#: Unix socket paths must fit in sun_path (108 bytes on Linux); keep a margin.
+MAX_SOCKET_PATH = 100
+
+
+def _short_dir(kind: str, key: str) -> Path:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"enclavekit-{kind}-{digest}"
+
+
 def vsock_dir(root: Path) -> Path:
-    return root / "vsock"
+    """The emulated vsock directory: ``root/vsock``, or a short directory under the temp dir when
+    ``root`` is too deep for unix socket names (the same for every caller with this root)."""
+    directory = root.absolute() / "vsock"
+    if len(str(directory)) + len("/4294967295.4294967295") <= MAX_SOCKET_PATH:
+        return directory
+    return _short_dir("vsock", str(root.absolute()))
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (0700) or accept it if it is a real directory owned by us; refuse a symlink or
+    someone else's directory (a shared temp dir could be prepared by another user)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise UsageError(
+            f"{path} is not a directory owned by this user; remove it or set"
+            " ENCLAVEKIT_STATE_DIR to a shorter private path"
+        )
+    return path
+
+
+def runtime_dir(root: Path, enclave_id: str) -> Path:
+    """Where an enclave's NSM socket lives (short enough for a unix socket name)."""
+    directory = root.absolute() / "enclaves" / enclave_id / "runtime"
+    if len(str(directory / "nsm.sock")) <= MAX_SOCKET_PATH:
+        return directory
+    return _short_dir("run", f"{root.absolute()}/{enclave_id}")
 
 
 def enclaves_dir(root: Path) -> Path:
@@ -206,12 +244,15 @@ class EnclaveStore:
 
     def remove(self, enclave_id: str, *, keep_console: bool = True) -> None:
         directory = self.enclave_dir(enclave_id)
-        console = directory / "console.log"
-        if keep_console and console.exists():
-            logs_dir(self.root).mkdir(parents=True, exist_ok=True)
+        kept = {"console.log": f"{enclave_id}.log", "supervisor.log": f"{enclave_id}.supervisor.log"}
+        for name, target in kept.items():
+            source = directory / name
             with contextlib.suppress(OSError):
-                shutil.move(str(console), logs_dir(self.root) / f"{enclave_id}.log")
+                if keep_console and source.stat().st_size:
+                    logs_dir(self.root).mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(source), logs_dir(self.root) / target)
         remove_tree(directory)
+        remove_tree(runtime_dir(self.root, enclave_id))
 
 
 def remove_tree(path: Path) -> None:

@@ -69,7 +69,7 @@ def _host_lookup(argv0: str, rootfs: Path) -> str:
 def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subprocess.Popen[bytes]:
     rootfs = Path(launch["rootfs"])
     env_items = list(launch["env"])
-    runtime = directory / "runtime"
+    runtime = Path(launch["runtime_dir"])
     if launch["isolation"] == "chroot":
         extra = {
             "ENCLAVEKIT_NSM": f"unix://{IN_ENCLAVE_RUNTIME}/nsm.sock",
@@ -142,6 +142,7 @@ def supervise(directory: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     record = record.replace(pid=os.getpid())
+    store.save(record)
     app: subprocess.Popen[bytes] | None = None
     try:
         launch = json.loads((directory / LAUNCH_FILE).read_text())
@@ -152,8 +153,8 @@ def supervise(directory: Path) -> int:
             pki=pki,
             module_id=record.enclave_id,
         )
-        runtime = directory / "runtime"
-        runtime.mkdir(mode=0o755, exist_ok=True)
+        runtime = Path(launch["runtime_dir"])
+        runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
         with (
             serve_in_background(emulator, f"unix://{runtime}/nsm.sock", workers=2),
             open(directory / "console.log", "ab", buffering=0) as console,
@@ -184,6 +185,10 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.stderr.write("usage: python -m enclavekit.run.supervisor ENCLAVE_DIR\n")
         raise SystemExit(2)
+    # Detach: the launcher waits for this first process only; the enclave process lives on,
+    # re-parented away from the caller (no zombie, no child to reap there).
+    if os.fork() > 0:
+        os._exit(0)
     raise SystemExit(supervise(Path(sys.argv[1])))
 
 

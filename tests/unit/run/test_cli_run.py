@@ -1,0 +1,87 @@
+"""The run-enclave / describe-enclaves / console / terminate-enclave commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from enclavekit.cli import cli
+from tests.unit.run.conftest import make_eif
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_lifecycle_through_the_cli(tmp_path: Path) -> None:
+    eif = make_eif(tmp_path / "cli.eif", cmd=["/bin/sh", "-c", "echo console-line; exec sleep 60"])
+    state = str(tmp_path / "state")
+    code, out, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), "--isolation", "process", "--cpu-count", "1",
+        "--memory", "64", "--enclave-cid", "42", "--state-dir", state,
+    )  # fmt: skip
+    assert code == 0, err
+    run_info = json.loads(out)
+    assert list(run_info) == [
+        "EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs",
+        "MemoryMiB",
+    ]  # fmt: skip
+    assert run_info["EnclaveCID"] == 42 and run_info["EnclaveName"] == "cli"
+    assert "WARNING" in err
+
+    code, out, _ = _invoke("describe-enclaves", "--state-dir", state, "--metadata")
+    [described] = json.loads(out)
+    assert described["EnclaveID"] == run_info["EnclaveID"] and described["State"] == "RUNNING"
+    assert described["ImageName"] == "test-app"
+
+    code, out, _ = _invoke(
+        "console", "--enclave-id", run_info["EnclaveID"], "--disconnect-timeout", "3",
+        "--state-dir", state,
+    )  # fmt: skip
+    assert code == 0 and "console-line" in out
+
+    code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", state, "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "EnclaveName": "cli",
+        "EnclaveID": run_info["EnclaveID"],
+        "Terminated": True,
+    }
+    code, out, _ = _invoke("describe-enclaves", "--state-dir", state)
+    assert json.loads(out) == []
+
+
+def test_unknown_enclave_and_bad_flags_exit_2(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    code, _, err = _invoke("terminate-enclave", "--enclave-id", "i-x-enc0", "--state-dir", state)
+    assert code == 2 and "no running enclave" in err
+    code, _, err = _invoke("terminate-enclave", "--state-dir", state)
+    assert code == 2 and "exactly one" in err
+    code, _, err = _invoke("console", "--state-dir", state)
+    assert code == 2
+    code, _, err = _invoke("run-enclave", "--eif-path", str(tmp_path / "none.eif"))
+    assert code == 2 and "no such file" in err
+
+
+def test_vm_flag_without_the_vm_module_says_how_to_get_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("enclavekit.vm") is not None:
+        return  # the QEMU runner is present in this build; its own tests cover --vm
+    code, _, err = _invoke("run-enclave", "--eif-path", str(tmp_path / "x.eif"), "--vm")
+    assert code == 2 and "enclavekit.vm" in err
+
+
+def test_damaged_eif_exits_1(tmp_path: Path) -> None:
+    eif = make_eif(tmp_path / "bad.eif", cmd=["/bin/true"])
+    raw = bytearray(eif.read_bytes())
+    raw[-600] ^= 0xFF
+    eif.write_bytes(bytes(raw))
+    code, out, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), "--isolation", "process",
+        "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert code == 1 and "CRC" in err and out == ""
