@@ -247,9 +247,7 @@ def _spawn_supervisor(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(current.pid, signal.SIGTERM)
             raise EnclaveStartError(f"the enclave failed to start: {current.error}")
-        if (current.pid and not st.pid_alive(current.pid)) or (
-            proc.returncode and not current.pid
-        ):
+        if (current.pid and not st.pid_alive(current.pid)) or (proc.returncode and not current.pid):
             store.remove(record.enclave_id)
             raise EnclaveStartError(
                 "the enclave process ended before the enclave ran; see"

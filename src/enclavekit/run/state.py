@@ -244,7 +244,10 @@ class EnclaveStore:
 
     def remove(self, enclave_id: str, *, keep_console: bool = True) -> None:
         directory = self.enclave_dir(enclave_id)
-        kept = {"console.log": f"{enclave_id}.log", "supervisor.log": f"{enclave_id}.supervisor.log"}
+        kept = {
+            "console.log": f"{enclave_id}.log",
+            "supervisor.log": f"{enclave_id}.supervisor.log",
+        }
         for name, target in kept.items():
             source = directory / name
             with contextlib.suppress(OSError):
