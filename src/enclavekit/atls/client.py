@@ -6,7 +6,7 @@
 2. take the peer's leaf certificate (DER), extract the embedded attestation document
    (:mod:`.extension`) and verify it with :class:`enclavekit.attestation.Verifier` against the
    configured NSM roots, at the time the CA issued the certificate (its notBefore + the CA's
-   backdating), under ``policy`` + ``NotDebug`` + ``public_key`` = the certificate's key;
+   backdating), under ``policy`` + ``public_key`` = the certificate's key;
 3. with ``fresh=True``: send ``GET /.well-known/attestation?nonce=<32 random bytes>`` (the only bytes
    ever sent to an unverified peer) and verify the new document at the current time under the
    same policy + the nonce + ``public_key`` = the certificate's key + ``user_data`` =
@@ -112,8 +112,10 @@ class AttestedClient:
     """Verifies enclaves that present certificates from one attestation CA.
 
     ``ca_root``: the CA's root (the TLS trust anchor). ``verifier``: pins the NSM roots (AWS by
-    default via :meth:`Verifier.aws`). ``policy``: what the enclave must be (PCRs, …); ``NotDebug``
-    and the key binding are always added. ``fresh``: also demand a new document for our own nonce.
+    default via :meth:`Verifier.aws`). ``policy``: what the enclave must be (PCRs, …; default
+    ``NotDebug()`` only — policy files from :func:`~enclavekit.attestation.policy.load_policy`
+    refuse debug enclaves unless they say ``allow_debug``); the key binding is always added.
+    ``fresh``: also demand a new document for our own nonce.
     """
 
     def __init__(
@@ -135,10 +137,7 @@ class AttestedClient:
         self._context = _ca_context(ca_root)
 
     def _policy(self, *extra: Policy) -> Policy:
-        parts: list[Policy] = [NotDebug(), *extra]
-        if self.policy is not None:
-            parts.append(self.policy)
-        return AllOf(parts)
+        return AllOf([*extra, self.policy if self.policy is not None else NotDebug()])
 
     def attest(self, host: str, port: int, *, server_hostname: str | None = None) -> AttestedPeer:
         """Steps 1-3 of the module docstring; raises before anything else is sent."""
