@@ -73,10 +73,16 @@ def main() -> int:
     assert all(not isinstance(r, Exception) for r in results)
 
     print(f"raw P-384 ECDSA verify:      {raw_rate:9.1f} /s  (baseline)")
-    print(f"warm verify (chain cached):  {warm_rate:9.1f} docs/s  ratio {warm_rate / raw_rate:.2f}  (target >= 0.80)")
+    print(
+        f"warm verify (chain cached):  {warm_rate:9.1f} docs/s  ratio {warm_rate / raw_rate:.2f}  (target >= 0.80)"
+    )
     cold_target = raw_rate / 5
-    print(f"cold verify (full chain):    {cold_rate:9.1f} docs/s  ratio to raw/5 {cold_rate / cold_target:.2f}  (target >= 0.80)")
-    print(f"batch verify_many (all CPUs):{batch_rate:9.1f} docs/s  ratio {batch_rate / raw_rate:.2f} (includes process start-up)")
+    print(
+        f"cold verify (full chain):    {cold_rate:9.1f} docs/s  ratio to raw/5 {cold_rate / cold_target:.2f}  (target >= 0.80)"
+    )
+    print(
+        f"batch verify_many (all CPUs):{batch_rate:9.1f} docs/s  ratio {batch_rate / raw_rate:.2f} (includes process start-up)"
+    )
     ok = warm_rate >= 0.8 * raw_rate and cold_rate >= 0.8 * cold_target
     print("targets met" if ok else "targets NOT met")
     return 0
