@@ -578,15 +578,7 @@ class Issuer:
 
     def revoke(self, serial: int, reason: str = "unspecified") -> bool:
         """Revoke ``serial``; False if unknown or already revoked."""
-        if reason not in _REASONS:
-            raise UsageError(
-                f"revocation reason must be one of {sorted(_REASONS)}, found {reason!r}"
-            )
-        now = self.clock()
-        done = self.store.revoke(serial, now, reason)
-        if done:
-            self.store.record_event(Event(now, "revoked", None, serial, reason))
-        return done
+        return revoke_certificate(self.store, serial, reason, at=self.clock())
 
     def crl(self, *, next_update: timedelta = timedelta(hours=1)) -> x509.CertificateRevocationList:
         """A CRL of every revoked certificate, signed by the CA key, valid for ``next_update``."""
@@ -624,6 +616,16 @@ _REASONS: dict[str, x509.ReasonFlags] = {
 }
 
 
+def revoke_certificate(store: Store, serial: int, reason: str, *, at: datetime) -> bool:
+    """Mark ``serial`` revoked in ``store`` and log it; False if unknown or already revoked."""
+    if reason not in _REASONS:
+        raise UsageError(f"revocation reason must be one of {sorted(_REASONS)}, found {reason!r}")
+    done = store.revoke(serial, at, reason)
+    if done:
+        store.record_event(Event(at, "revoked", None, serial, reason))
+    return done
+
+
 def spki_der(key: Any) -> bytes:
     """DER SubjectPublicKeyInfo of a public key object."""
     return bytes(
@@ -649,4 +651,5 @@ __all__: Sequence[str] = (
     "load_ca_keys",
     "load_ca_policy",
     "parse_csr",
+    "revoke_certificate",
 )

@@ -322,3 +322,50 @@ def test_bad_policy_is_refused(obj: object) -> None:
     """Empty allowlists and malformed entries are refused: a policy that accepts anything is a bug."""
     with pytest.raises(UsageError):
         ca_policy_from_mapping(obj)
+
+
+@pytest.mark.postgres
+def test_two_ca_replicas_on_postgres_issue_at_most_one_per_challenge(
+    ca_keys: CaKeys, factory: DocumentFactory, clock: Clock
+) -> None:
+    """Two CA replicas sharing PostgreSQL race on one challenge: one certificate in total."""
+    import uuid
+
+    from test_store import PG_URL, _pg_available
+
+    from enclavekit.atls.store import PostgresStore
+
+    if not _pg_available():
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    schema = f"ekt_{uuid.uuid4().hex[:12]}"
+    stores = [PostgresStore(PG_URL, schema=schema) for _ in range(2)]
+    try:
+        replicas = [
+            Issuer(ca_keys, ca_policy(), s, NitroEvidenceVerifier(factory.verifier()), clock=clock)
+            for s in stores
+        ]
+        csr, doc = _attest(replicas[0], factory)
+        results: list[str] = []
+        barrier = threading.Barrier(6)
+
+        def attempt(replica: Issuer) -> None:
+            barrier.wait()
+            try:
+                replica.issue("web", csr, doc)
+                results.append("ok")
+            except VerificationError:
+                results.append("refused")
+
+        threads = [threading.Thread(target=attempt, args=(replicas[i % 2],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count("ok") == 1
+        kinds = [e.kind for e in stores[1].events()]
+        assert kinds.count("issued") == 1
+        assert kinds.count("refused") == 5
+    finally:
+        stores[1].close()
+        stores[0].drop()
+        stores[0].close()

@@ -1,0 +1,5 @@
+"""Fixtures for the attested-TLS integration tests (defined in atls_loop.py)."""
+
+from atls_loop import loop
+
+__all__ = ["loop"]

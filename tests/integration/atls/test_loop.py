@@ -1,0 +1,137 @@
+"""End to end on loopback: emulated NSM → CA → enclave proxy → upstream; curl and the attested client."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+
+import httpx
+import pytest
+from atls_loop import PCRS, UPSTREAM_BODY, Loop
+from cryptography import x509
+
+from enclavekit.atls.ca import CLOCK_SKEW
+from enclavekit.atls.client import AttestedClient, load_ca_root
+from enclavekit.atls.extension import document_from_certificate
+from enclavekit.attestation.policy import PcrsEqual
+from enclavekit.errors import PolicyViolation, VerificationError
+
+
+def _client(loop: Loop, **kw: object) -> AttestedClient:
+    return AttestedClient(
+        load_ca_root(loop.ca_root_path.read_bytes()),
+        verifier=loop.verifier(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_with_cacert_gets_the_upstream_answer(loop: Loop) -> None:
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "--cacert", str(loop.ca_root_path), loop.url],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout == UPSTREAM_BODY
+    assert loop.upstream_requests == ["/"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_without_the_ca_root_refuses(loop: Loop) -> None:
+    """A client that does not trust the attestation CA gets no connection."""
+    out = subprocess.run(["curl", "-sS", loop.url], capture_output=True, timeout=30)
+    assert out.returncode != 0
+    assert loop.upstream_requests == []
+
+
+def test_httpx_with_ca_root_works(loop: Loop) -> None:
+    ctx = ssl.create_default_context(cafile=str(loop.ca_root_path))
+    r = httpx.get(loop.url, verify=ctx)
+    assert r.content == UPSTREAM_BODY
+
+
+def test_attested_client_verifies_policy_and_fresh_document(loop: Loop) -> None:
+    client = _client(loop, policy=PcrsEqual(PCRS), fresh=True)
+    peer, response = client.request("GET", loop.url + "x")
+    assert response.content == UPSTREAM_BODY
+    assert peer.fresh is not None
+    assert peer.embedded.pcrs[0] == PCRS[0]
+    assert loop.upstream_requests == ["/x"]
+
+
+def test_wrong_pcr_policy_refuses_before_sending(loop: Loop) -> None:
+    """A client whose policy does not match the enclave sends no request byte upstream."""
+    client = _client(loop, policy=PcrsEqual({0: b"\x99" * 48}))
+    with pytest.raises(PolicyViolation, match="PCR0"):
+        client.request("GET", loop.url)
+    assert loop.upstream_requests == []
+
+
+def test_foreign_nsm_root_refuses_before_sending(loop: Loop) -> None:
+    """Documents from an NSM PKI the client does not pin are refused (AWS root only by default)."""
+    client = AttestedClient(load_ca_root(loop.ca_root_path.read_bytes()))
+    with pytest.raises(VerificationError, match="not a pinned trust root"):
+        client.request("GET", loop.url)
+    assert loop.upstream_requests == []
+
+
+def test_embedded_document_binds_the_serving_key(loop: Loop) -> None:
+    cert = loop.identity.current.certificate
+    doc = document_from_certificate(cert)
+    at = cert.not_valid_before_utc + CLOCK_SKEW
+    verified = loop.verifier().verify(doc, PcrsEqual(PCRS), at=at)
+    assert verified.public_key == loop.identity.current.public_key_der
+
+
+def test_well_known_attestation_endpoint(loop: Loop) -> None:
+    nonce = secrets.token_bytes(32)
+    ctx = ssl.create_default_context(cafile=str(loop.ca_root_path))
+    r = httpx.get(
+        loop.url.rstrip("/") + f"/.well-known/attestation?nonce={nonce.hex()}", verify=ctx
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["nonce"] == nonce.hex()
+    assert loop.upstream_requests == []
+    bad = httpx.get(loop.url.rstrip("/") + "/.well-known/attestation?nonce=zz", verify=ctx)
+    assert bad.status_code == 400
+
+
+def test_renewal_installs_a_new_certificate(loop: Loop) -> None:
+    old = loop.identity.current.certificate
+    loop.identity.obtain()
+    new = loop.identity.current.certificate
+    assert new.serial_number != old.serial_number
+    assert new.public_key() != old.public_key()
+    client = _client(loop, policy=PcrsEqual(PCRS))
+    peer, response = client.request("GET", loop.url)
+    assert peer.certificate == new
+    assert response.status_code == 200
+
+
+def test_non_http_bytes_are_relayed(loop: Loop) -> None:
+    ctx = ssl.create_default_context(cafile=str(loop.ca_root_path))
+    with (
+        socket.create_connection(("127.0.0.1", loop.proxy.port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /raw HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(4096):
+            data += chunk
+    assert data.endswith(UPSTREAM_BODY)
+    assert loop.upstream_requests == ["/raw"]
+
+
+def test_issuance_is_recorded(loop: Loop) -> None:
+    serial = loop.identity.current.certificate.serial_number
+    rec = httpx.get(f"{loop.ca.url}/v1/certificates/{serial:x}").json()
+    assert rec["service"] == "web"
+    cert = x509.load_pem_x509_certificate(rec["certificate"].encode())
+    assert cert == loop.identity.current.certificate
+    assert json.dumps(rec)
