@@ -261,6 +261,11 @@ class Eif:
         return EifReport(self.header, self.sections, measurements, crc, signature, metadata)
 
 
+#: Share of each PCR2 chunk whose CRC this thread computes while the worker hashes PCR2, so that both
+#: threads carry about the same load (SHA-384 + read here, SHA-384 + most of the CRC there).
+_MAIN_CRC_SHARE = 0.3
+
+
 def _hash_section(
     stream: BinaryIO,
     section: Section,
@@ -270,50 +275,53 @@ def _hash_section(
     pool: ThreadPoolExecutor | None,
     progress: Callable[[int], None] | None,
 ) -> int:
-    """Stream one measured section: PCR0/1 on this thread; PCR2 and the CRC on the worker thread.
+    """Stream one measured section and return the running CRC.
 
-    The worker computes each chunk's CRC from zero; chunk CRCs are joined with :func:`crc32_apply`.
-    While the worker hashes chunk *n* this thread hashes it for PCR0 and then reads chunk *n+1* into
-    the other buffer.
+    Parallel mode: this thread hashes PCR0 (and PCR1 while it is due) and reads the next chunk into
+    the other buffer; the worker hashes PCR2 (ramdisks after the first) and the CRC of the chunk's
+    tail. This thread adds the CRC of the chunk's head for PCR2 chunks. Partial CRCs are joined with
+    :func:`crc32_apply` (CRC-32 combination), so the result equals one sequential ``zlib.crc32``.
     """
     remaining = section.size
-    if remaining == 0:
-        return crc
     pcr2 = measurer.pcr2_hasher() if measurer.feeds_pcr2() else None
     measured = measurer.measured()
     which = 0
-    view = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
-    while True:
+    view = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section) if remaining else None
+    while view is not None:
         remaining -= len(view)
-        if progress is not None:
-            progress(section.end - remaining)
         if pool is None:
             if measured:
                 measurer.update(view)
             crc = zlib.crc32(view, crc)
+            nxt = None
+            if remaining:
+                nxt = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
         else:
-            future = pool.submit(_worker, view, pcr2)
+            split = int(len(view) * _MAIN_CRC_SHARE) if pcr2 is not None else 0
+            future = pool.submit(_worker, view, split, pcr2)
             if measured:
                 measurer.update_pcr0_only(view)
+            head_crc = zlib.crc32(view[:split]) if split else 0
             nxt = None
             if remaining:
                 which ^= 1
                 nxt = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
-            chunk_crc = future.result()
-            crc = crc32_apply(_shift(len(view)), crc) ^ chunk_crc
-            if nxt is None:
-                return crc
-            view = nxt
-            continue
-        if not remaining:
-            return crc
-        view = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
+            tail_crc = future.result()
+            crc = (
+                crc32_apply(_shift(len(view)), crc)
+                ^ crc32_apply(_shift(len(view) - split), head_crc)
+                ^ tail_crc
+            )
+        if progress is not None:
+            progress(section.end - remaining)
+        view = nxt
+    return crc
 
 
-def _worker(view: memoryview, pcr2: PcrHasher | None) -> int:
+def _worker(view: memoryview, split: int, pcr2: PcrHasher | None) -> int:
     if pcr2 is not None:
         pcr2.update(view)
-    return zlib.crc32(view)
+    return zlib.crc32(view[split:])
 
 
 _SHIFTS: dict[int, int] = {}
