@@ -233,6 +233,8 @@ class Eif:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+        if progress is not None:
+            progress(self.file_size)
         unsigned = measurer.result(hash_algorithm=hash_algorithm)
         signature = None
         signatures = self.sections_of(SectionType.SIGNATURE)

@@ -475,3 +475,12 @@ def test_random_bytes_never_raise_anything_but_enclavekit_errors(
                 eif.verify()
         except Error:
             pass
+
+
+def test_progress_reports_increasing_offsets_up_to_the_file_size(make_eif: MakeEif) -> None:
+    eif = make_eif(ramdisk_sizes=(100, (5 << 20) + 1))
+    seen: list[int] = []
+    with Eif.open(eif.path) as opened:
+        opened.verify(progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == eif.path.stat().st_size
