@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclavekit.eif.layers import EntryKind, MergedTree, Spool, TarEntry, read_layer_tar
+from enclavekit.eif.layers import (
+    ContentRef,
+    EntryKind,
+    MergedTree,
+    Spool,
+    TarEntry,
+    read_layer_file,
+    read_layer_tar,
+)
 from enclavekit.errors import MalformedInput
 from tests.unit.build.factory import F, layer
 
@@ -146,13 +154,8 @@ def test_direct_references_point_into_the_layer_even_with_pax_long_names(
     )
     blob = tmp_path / "layer.tar"
     blob.write_bytes(b"PREFIX" + data)
-    from enclavekit.eif.layers import ContentRef
 
-    entries = list(
-        read_layer_tar(
-            io.BytesIO(data), label="l", spool=spool, direct=ContentRef(str(blob), 6, len(data))
-        )
-    )
+    entries = list(read_layer_file(ContentRef(str(blob), 6, len(data)), label="l", spool=spool))
     raw = blob.read_bytes()
     found = {
         e.name: raw[e.content.offset : e.content.offset + e.content.size]
