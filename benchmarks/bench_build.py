@@ -11,6 +11,7 @@ for 1 GiB). The build runs in a child process so its RSS is measured alone.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
@@ -23,48 +24,144 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.unit.build.factory import docker_archive, kernel_bytes, oci_layout  # noqa: E402
+from tests.unit.build.factory import config, kernel_bytes, sha  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets" / "build"
 
 
-def _layer(size: int, seed: int) -> bytes:
-    """A layer of mixed files: many small ones and some large ones, ``size`` bytes of contents."""
-    block = hashlib.shake_256(f"block{seed}".encode()).digest(1 << 20)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        info = tarfile.TarInfo(f"d{seed}")
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o755
-        archive.addfile(info)
-        written, i = 0, 0
-        while written < size:
-            n = 4096 if i % 4 else min(4 << 20, size - written)
-            data = (block * (n // len(block) + 1))[:n]
-            info = tarfile.TarInfo(f"d{seed}/f{i:06d}")
-            info.size = len(data)
-            info.mode = 0o644
-            archive.addfile(info, io.BytesIO(data))
-            written += n
-            i += 1
-    return out.getvalue()
+class _Pattern(io.RawIOBase):
+    """``size`` bytes of pseudo-random (incompressible) content, generated as they are read."""
+
+    def __init__(self, size: int, seed: bytes) -> None:
+        self._left = size
+        self._block = hashlib.shake_256(seed).digest(1 << 20)
+        self._turn = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._left, len(self._block) - self._turn)
+        buffer[:n] = self._block[self._turn : self._turn + n]
+        self._turn = (self._turn + n) % len(self._block)
+        self._left -= n
+        return n
+
+
+class _HashingFile:
+    """A write-only file that also hashes what goes through it."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return int(self.handle.write(data))
+
+
+def _write_layer(path: Path, size: int, seed: int, compress: bool) -> tuple[str, str]:
+    """A layer tar of mixed files (many 4 KiB ones, some 4 MiB ones) streamed to ``path``;
+    returns (stored digest, diff_id)."""
+    with open(path, "wb") as raw_handle:
+        stored = _HashingFile(raw_handle)
+        zipped = (
+            gzip.GzipFile(fileobj=stored, mode="wb", compresslevel=1, mtime=0) if compress else None
+        )  # type: ignore[arg-type]
+        plain = _HashingFile(zipped if zipped is not None else stored)
+        with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
+            info = tarfile.TarInfo(f"d{seed}")
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            archive.addfile(info)
+            written, i = 0, 0
+            while written < size:
+                n = 4096 if i % 4 else min(4 << 20, size - written)
+                info = tarfile.TarInfo(f"d{seed}/f{i:06d}")
+                info.size, info.mode = n, 0o644
+                archive.addfile(info, io.BufferedReader(_Pattern(n, f"{seed}/{i}".encode())))
+                written += n
+                i += 1
+        if zipped is not None:
+            zipped.close()
+    diff_id = "sha256:" + plain.sha.hexdigest()
+    return "sha256:" + stored.sha.hexdigest(), diff_id
 
 
 def _make_image(directory: Path, size_mb: int, gzip_layers: bool) -> tuple[Path, list[Path]]:
+    """A 4-layer image written straight to disk (docker-save tar, or OCI layout with gzip layers)."""
     per_layer = max(1, size_mb // 4) << 20
-    layers = [_layer(per_layer, seed) for seed in range(4)]
+    blobs = directory / "oci" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    layers, digests, diff_ids = [], [], []
+    for seed in range(4):
+        tmp = directory / f"layer{seed}"
+        digest, diff_id = _write_layer(tmp, per_layer, seed, gzip_layers)
+        final = blobs / digest.partition(":")[2]
+        tmp.rename(final)
+        layers.append(final)
+        digests.append(digest)
+        diff_ids.append(diff_id)
+    cfg = config(diff_ids)
     if gzip_layers:
-        (directory / "oci").mkdir()
-        image = oci_layout(directory / "oci", layers, compress=True)
-        files = sorted((image / "blobs" / "sha256").iterdir())
-    else:
-        image = docker_archive(directory / "image.tar", layers, legacy=False)
-        files = [image]
-    return image, files
+        image = directory / "oci"
+        (blobs / sha(cfg).partition(":")[2]).write_bytes(cfg)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": sha(cfg),
+                    "size": len(cfg),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": d,
+                        "size": p.stat().st_size,
+                    }
+                    for d, p in zip(digests, layers, strict=True)
+                ],
+            }
+        ).encode()
+        (blobs / sha(manifest).partition(":")[2]).write_bytes(manifest)
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha(manifest),
+                    "size": len(manifest),
+                }
+            ],
+        }
+        (image / "index.json").write_text(json.dumps(index))
+        (image / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        return image, layers
+    image = directory / "image.tar"
+    with tarfile.open(image, "w") as archive:
+        names = []
+        for path in layers:
+            name = f"blobs/sha256/{path.name}"
+            archive.add(path, arcname=name)
+            names.append(name)
+        cfg_name = f"blobs/sha256/{sha(cfg).partition(':')[2]}"
+        for name, data in {
+            cfg_name: cfg,
+            "manifest.json": json.dumps(
+                [{"Config": cfg_name, "RepoTags": ["bench:1"], "Layers": names}]
+            ).encode(),
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    for path in layers:
+        path.unlink()
+    return image, [image]
 
 
 def _baseline(files: list[Path]) -> tuple[int, float]:
