@@ -41,7 +41,6 @@ from enclavekit.eif.layers import (
     Spool,
     TarEntry,
     read_layer_file,
-    read_layer_tar,
 )
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
 from enclavekit.eif.metadata import BuildInfo, IdentityInfo
@@ -212,26 +211,6 @@ class _HashingReader:
         return data
 
 
-class _ChunkReader:
-    """A file-like ``read(n)`` over an iterator of chunks, feeding ``hashers``."""
-
-    def __init__(self, chunks: Iterator[bytes], hashers: Sequence[Any]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-        self._hashers = hashers
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._buffer:
-            self._buffer = next(self._chunks, b"")
-        if n is None or n < 0 or n >= len(self._buffer):
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:n], self._buffer[n:]
-        for hasher in self._hashers:
-            hasher.update(data)
-        return data
-
-
 def _gunzip(raw: _HashingReader, label: str) -> Iterator[bytes]:
     """Decompressed chunks of a (possibly multi-member) gzip stream, never more than 1 MiB at once."""
     decompressor = zlib.decompressobj(31)
@@ -304,16 +283,24 @@ def layer_entries(layer: LayerBlob, spool: Spool) -> Iterator[TarEntry]:
         _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
         yield from read_layer_file(location, label=layer.label, spool=spool)
         return
+    # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
+    # parsed in place like an uncompressed one.
     diff_hasher = _hasher(layer.diff_id)
     with open(location.path, "rb") as handle:
         handle.seek(location.offset)
         raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
-        stream = _ChunkReader(_gunzip(raw, layer.label), [h for h in (diff_hasher,) if h])
-        yield from read_layer_tar(stream, label=layer.label, spool=spool)  # type: ignore[arg-type]
-        while stream.read(_CHUNK):
-            pass
+        unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
     _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+    spool.flush()
+    yield from read_layer_file(unpacked, label=layer.label, spool=spool)
+
+
+def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        if hasher is not None:
+            hasher.update(chunk)
+        yield chunk
 
 
 def _hash_region(location: ContentRef, hashers: Sequence[Any]) -> None:

@@ -28,9 +28,8 @@ import enum
 import itertools
 import math
 import tarfile
-import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
@@ -419,7 +418,7 @@ class ContentReader:
 
 # -- reading layer tars ----------------------------------------------------------------------------------
 
-#: tarfile's read size in stream mode (its default of 10 KiB makes large layers slow).
+#: Read size when copying or checking layer data.
 TAR_BUFSIZE = 1 << 20
 
 _TAR_KINDS = {
@@ -444,7 +443,7 @@ class Spool:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._size = 0
 
-    def append(self, chunks: Iterator[bytes] | list[bytes]) -> ContentRef:
+    def append(self, chunks: Iterable[bytes]) -> ContentRef:
         start = self._size
         for chunk in chunks:
             self._file.write(chunk)
@@ -456,34 +455,6 @@ class Spool:
 
     def close(self) -> None:
         self._file.close()
-
-
-def read_layer_tar(stream: BinaryIO, *, label: str, spool: Spool) -> Iterator[TarEntry]:
-    """The entries of one uncompressed layer tar read sequentially from ``stream`` (file contents
-    are copied into ``spool``).
-
-    Every byte of ``stream`` is read, so a hashing ``stream`` sees the whole layer. Corrupt or
-    truncated tars, and non-zero bytes after the end of the archive (where a damaged header would
-    otherwise silently end the listing), raise ``MalformedInput``.
-    """
-    try:
-        with tarfile.open(
-            fileobj=stream,
-            mode="r|",
-            bufsize=TAR_BUFSIZE,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
-            for member in archive:
-                yield _to_entry(member, archive, label=label, spool=spool, direct=None)
-            end = archive.offset
-        while chunk := stream.read(TAR_BUFSIZE):
-            if chunk.strip(b"\0"):
-                raise _damaged(label, end)
-    except (tarfile.TarError, EOFError, zlib.error, UnicodeError) as exc:
-        raise MalformedInput(
-            f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
-        ) from exc
 
 
 def read_layer_file(location: ContentRef, *, label: str, spool: Spool) -> Iterator[TarEntry]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import tarfile
 from pathlib import Path
 
@@ -18,14 +17,19 @@ from enclavekit.eif.layers import (
     Spool,
     TarEntry,
     read_layer_file,
-    read_layer_tar,
 )
 from enclavekit.errors import MalformedInput
 from tests.unit.build.factory import F, layer
 
 
 def _entries(data: bytes, spool: Spool) -> list[TarEntry]:
-    return list(read_layer_tar(io.BytesIO(data), label="test layer", spool=spool))
+    path = Path(spool.path + ".layers")
+    with open(path, "ab") as handle:
+        offset = handle.tell()
+        handle.write(data)
+    return list(
+        read_layer_file(ContentRef(str(path), offset, len(data)), label="test layer", spool=spool)
+    )
 
 
 @pytest.fixture
@@ -270,7 +274,7 @@ def test_random_bytes_raise_only_malformed_input(
     try:
         tree = MergedTree()
         tree.begin_layer("random")
-        for entry in read_layer_tar(io.BytesIO(data), label="random", spool=spool):
+        for entry in _entries(data, spool):
             tree.apply(entry)
     except MalformedInput:
         pass
