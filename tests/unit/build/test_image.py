@@ -256,3 +256,66 @@ def test_random_json_members_raise_only_enclavekit_errors(
         assert isinstance(image, Image)
         with contextlib.suppress(Error):
             image.config.argv()
+
+
+def _multi_arch_layout(root: Path) -> None:
+    """An OCI layout whose index.json points to an image index with amd64 and arm64 images."""
+    root.mkdir()
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict:
+        (blobs / sha(data)[7:]).write_bytes(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    manifests = []
+    for arch in ("arm64", "amd64"):
+        data = layer(F(f"only-{arch}", b"x"))
+        cfg = config([sha(data)], arch=arch)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(cfg)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(data)}],
+            }
+        ).encode()
+        manifests.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "platform": {"architecture": arch, "os": "linux"},
+                **put(manifest),
+            }
+        )
+    attestation = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "platform": {"architecture": "unknown", "os": "unknown"},
+        "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+        "digest": "sha256:" + "0" * 64,
+        "size": 1,
+    }
+    nested = json.dumps({"schemaVersion": 2, "manifests": [*manifests, attestation]}).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "annotations": {"org.opencontainers.image.ref.name": "multi"},
+                **put(nested),
+            }
+        ],
+    }
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"), [(None, "x86_64"), ("x86_64", "x86_64"), ("aarch64", "aarch64")]
+)
+def test_multi_arch_index_picks_the_platform(
+    tmp_path: Path, arch: str | None, expected: str
+) -> None:
+    _multi_arch_layout(tmp_path / "oci")
+    image = open_source(str(tmp_path / "oci"), arch=arch)
+    assert isinstance(image, Image)
+    assert image.config.arch == expected
+    assert image.repo_tags == ("multi",)
