@@ -28,11 +28,10 @@ import enum
 import itertools
 import math
 import tarfile
-import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from enclavekit.errors import MalformedInput
 
@@ -419,7 +418,7 @@ class ContentReader:
 
 # -- reading layer tars ----------------------------------------------------------------------------------
 
-#: tarfile's read size in stream mode (its default of 10 KiB makes large layers slow).
+#: Read size when copying or checking layer data.
 TAR_BUFSIZE = 1 << 20
 
 _TAR_KINDS = {
@@ -444,7 +443,7 @@ class Spool:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._size = 0
 
-    def append(self, chunks: Iterator[bytes] | list[bytes]) -> ContentRef:
+    def append(self, chunks: Iterable[bytes]) -> ContentRef:
         start = self._size
         for chunk in chunks:
             self._file.write(chunk)
@@ -458,35 +457,68 @@ class Spool:
         self._file.close()
 
 
-def read_layer_tar(
-    stream: BinaryIO,
-    *,
-    label: str,
-    spool: Spool,
-    direct: ContentRef | None = None,
-) -> Iterator[TarEntry]:
-    """The entries of one uncompressed layer tar read sequentially from ``stream``.
+def read_layer_file(location: ContentRef, *, label: str, spool: Spool) -> Iterator[TarEntry]:
+    """The entries of an uncompressed layer tar stored at ``location``; file contents are referenced
+    in place (only headers are read). The caller checks the layer's digest first."""
+    with open(location.path, "rb") as handle:
+        window = _Window(handle, location.offset, location.size)
+        try:
+            with tarfile.open(
+                fileobj=cast(BinaryIO, window),
+                mode="r:",
+                encoding="utf-8",
+                errors="surrogateescape",
+            ) as archive:
+                for member in archive:
+                    yield _to_entry(member, archive, label=label, spool=spool, direct=location)
+                end = archive.offset
+        except (tarfile.TarError, EOFError, UnicodeError) as exc:
+            raise MalformedInput(
+                f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
+            ) from exc
+        window.seek(end)
+        while chunk := window.read(TAR_BUFSIZE):
+            if chunk.strip(b"\0"):
+                raise _damaged(label, end)
 
-    With ``direct`` (where the same uncompressed tar lies in a seekable file), file contents are referenced
-    there; otherwise they are copied into ``spool``. Every byte of ``stream`` is read, so a hashing
-    ``stream`` sees the whole layer. Corrupt or truncated tars raise ``MalformedInput``.
-    """
-    try:
-        with tarfile.open(
-            fileobj=stream,
-            mode="r|",
-            bufsize=TAR_BUFSIZE,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
-            for member in archive:
-                yield _to_entry(member, archive, label=label, spool=spool, direct=direct)
-        while stream.read(TAR_BUFSIZE):
-            pass
-    except (tarfile.TarError, EOFError, zlib.error, UnicodeError) as exc:
-        raise MalformedInput(
-            f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
-        ) from exc
+
+def _damaged(label: str, offset: int) -> MalformedInput:
+    return MalformedInput(
+        f"{label}: the tar listing stops at a damaged header (offset {offset}) but data follows; "
+        "the layer is corrupt"
+    )
+
+
+class _Window:
+    """A read-only, seekable view of ``size`` bytes at ``offset`` of an open file."""
+
+    def __init__(self, handle: BinaryIO, offset: int, size: int) -> None:
+        self._handle = handle
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._size - self._pos:
+            n = max(0, self._size - self._pos)
+        self._handle.seek(self._offset + self._pos)
+        data = self._handle.read(n)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _to_entry(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.eif.image import (
     Image,
@@ -15,7 +18,7 @@ from enclavekit.eif.image import (
     parse_cmd,
     parse_config,
 )
-from enclavekit.errors import MalformedInput, UsageError
+from enclavekit.errors import Error, MalformedInput, UsageError
 from tests.unit.build.factory import F, base_layer, config, docker_archive, layer, oci_layout, sha
 
 
@@ -194,3 +197,125 @@ def test_cmd_and_env_options() -> None:
     assert check_env(["A=1"]) == ("A=1",)
     with pytest.raises(UsageError):
         check_env(["NOEQUALS"])
+
+
+def test_deeply_nested_config_is_refused() -> None:
+    with pytest.raises(MalformedInput):
+        parse_config(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_config_with_nan_or_trailing_bytes_is_refused() -> None:
+    with pytest.raises(MalformedInput):
+        parse_config(b'{"architecture": NaN}')
+    with pytest.raises(MalformedInput):
+        parse_config(b'{"architecture": "amd64"} trailing')
+    with pytest.raises(MalformedInput):
+        parse_config(b"\xff\xfe")
+
+
+def test_oversized_manifest_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import enclavekit.eif.image as image_module
+
+    monkeypatch.setattr(image_module, "MAX_JSON_SIZE", 64)
+    with pytest.raises(MalformedInput, match="refusing more than 64"):
+        open_source(str(docker_archive(tmp_path / "img.tar", [base_layer()])))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=4000))
+def test_random_archives_raise_only_enclavekit_errors(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    path = tmp_path_factory.mktemp("r") / "x.tar"
+    path.write_bytes(data)
+    with contextlib.suppress(Error):
+        open_source(str(path))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=600), st.sampled_from(["manifest.json", "config.json"]))
+def test_random_json_members_raise_only_enclavekit_errors(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, which: str
+) -> None:
+    import io
+    import tarfile
+
+    path = tmp_path_factory.mktemp("r") / "x.tar"
+    members = {
+        "manifest.json": json.dumps([{"Config": "config.json", "Layers": []}]).encode(),
+        "config.json": config([]),
+    }
+    members[which] = data
+    with tarfile.open(path, "w") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    with contextlib.suppress(Error):
+        image = open_source(str(path))
+        assert isinstance(image, Image)
+        with contextlib.suppress(Error):
+            image.config.argv()
+
+
+def _multi_arch_layout(root: Path) -> None:
+    """An OCI layout whose index.json points to an image index with amd64 and arm64 images."""
+    root.mkdir()
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict:
+        (blobs / sha(data)[7:]).write_bytes(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    manifests = []
+    for arch in ("arm64", "amd64"):
+        data = layer(F(f"only-{arch}", b"x"))
+        cfg = config([sha(data)], arch=arch)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(cfg)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **put(data)}],
+            }
+        ).encode()
+        manifests.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "platform": {"architecture": arch, "os": "linux"},
+                **put(manifest),
+            }
+        )
+    attestation = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "platform": {"architecture": "unknown", "os": "unknown"},
+        "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+        "digest": "sha256:" + "0" * 64,
+        "size": 1,
+    }
+    nested = json.dumps({"schemaVersion": 2, "manifests": [*manifests, attestation]}).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "annotations": {"org.opencontainers.image.ref.name": "multi"},
+                **put(nested),
+            }
+        ],
+    }
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"), [(None, "x86_64"), ("x86_64", "x86_64"), ("aarch64", "aarch64")]
+)
+def test_multi_arch_index_picks_the_platform(
+    tmp_path: Path, arch: str | None, expected: str
+) -> None:
+    _multi_arch_layout(tmp_path / "oci")
+    image = open_source(str(tmp_path / "oci"), arch=arch)
+    assert isinstance(image, Image)
+    assert image.config.arch == expected
+    assert image.repo_tags == ("multi",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import tarfile
 from pathlib import Path
 
@@ -11,13 +10,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclavekit.eif.layers import EntryKind, MergedTree, Spool, TarEntry, read_layer_tar
+from enclavekit.eif.layers import (
+    ContentRef,
+    EntryKind,
+    MergedTree,
+    Spool,
+    TarEntry,
+    read_layer_file,
+)
 from enclavekit.errors import MalformedInput
 from tests.unit.build.factory import F, layer
 
 
 def _entries(data: bytes, spool: Spool) -> list[TarEntry]:
-    return list(read_layer_tar(io.BytesIO(data), label="test layer", spool=spool))
+    path = Path(spool.path + ".layers")
+    with open(path, "ab") as handle:
+        offset = handle.tell()
+        handle.write(data)
+    return list(
+        read_layer_file(ContentRef(str(path), offset, len(data)), label="test layer", spool=spool)
+    )
 
 
 @pytest.fixture
@@ -146,13 +158,8 @@ def test_direct_references_point_into_the_layer_even_with_pax_long_names(
     )
     blob = tmp_path / "layer.tar"
     blob.write_bytes(b"PREFIX" + data)
-    from enclavekit.eif.layers import ContentRef
 
-    entries = list(
-        read_layer_tar(
-            io.BytesIO(data), label="l", spool=spool, direct=ContentRef(str(blob), 6, len(data))
-        )
-    )
+    entries = list(read_layer_file(ContentRef(str(blob), 6, len(data)), label="l", spool=spool))
     raw = blob.read_bytes()
     found = {
         e.name: raw[e.content.offset : e.content.offset + e.content.size]
@@ -267,7 +274,7 @@ def test_random_bytes_raise_only_malformed_input(
     try:
         tree = MergedTree()
         tree.begin_layer("random")
-        for entry in read_layer_tar(io.BytesIO(data), label="random", spool=spool):
+        for entry in _entries(data, spool):
             tree.apply(entry)
     except MalformedInput:
         pass
