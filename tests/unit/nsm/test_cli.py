@@ -188,3 +188,31 @@ def test_serve_runs_until_sigterm_and_serves_clients(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_serve_takes_image_pcrs_from_an_eif(tmp_path: Path) -> None:
+    from enclavekit.cli.nsm import _eif_pcrs
+    from enclavekit.eif.metadata import BuildInfo, IdentityInfo
+    from enclavekit.eif.writer import write_eif_file
+
+    written = write_eif_file(
+        tmp_path / "app.eif",
+        kernel=b"kernel" * 10,
+        cmdline="console=ttyS0",
+        ramdisks=[b"bootstrap", b"app"],
+        metadata=IdentityInfo("app", "1.0", BuildInfo(build_time="2026-01-01T00:00:00Z")),
+    )
+    pcrs = _eif_pcrs(tmp_path / "app.eif")
+    assert pcrs == written.measurements.pcrs
+    emulator = NsmEmulator(pcrs=pcrs)
+    assert emulator.pcr(2) == (True, written.measurements.pcr2)
+
+
+def test_serve_refuses_a_corrupt_eif(tmp_path: Path) -> None:
+    (tmp_path / "bad.eif").write_bytes(b"not an eif at all")
+    code, _, err = run(
+        "nsm", "serve", "--state-dir", str(tmp_path), "--eif-path", str(tmp_path / "bad.eif")
+    )
+    assert code in (1, 2)
+    assert "Traceback" not in err
+    assert err.startswith("error:")
