@@ -19,8 +19,10 @@ Stable API (other packages build on these names):
 - :class:`EmulatedAwsPki` (``enclavekit.pki.emulated``): ``load_or_create(state_dir=None)`` (default
   ``$ENCLAVEKIT_STATE_DIR/nsm``, else ``$XDG_STATE_HOME/enclavekit/nsm``, else
   ``~/.local/state/enclavekit/nsm``), ``ephemeral()``, ``root_certificate()``, ``root_pem()``.
-- ``enclavekit.nsm.server``: ``serve(emulator, url)`` / ``EmulatorServer`` (asyncio, unix + tcp,
-  4-byte big-endian length-prefixed CBOR frames).
+- ``enclavekit.nsm.server``: ``EmulatorServer(emulator, url)`` (asyncio, unix + tcp, 4-byte
+  big-endian length-prefixed CBOR frames), ``serve(emulator, url)`` (blocking) and
+  ``serve_in_background(emulator, "tcp://127.0.0.1:0")`` (a context manager yielding the bound URL,
+  for tests: set ``ENCLAVEKIT_NSM`` to it).
 - ``enclavekit.nsm.messages``: the request/response model with exact CBOR encodings and
   :class:`ErrorCode`.
 - ``enclavekit.nsm.device``: the ``/dev/nsm`` ioctl (``0xC0200A00``) with an injectable ioctl

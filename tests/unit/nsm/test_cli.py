@@ -154,40 +154,38 @@ def test_serve_rejects_bad_pcr_values(value: str, message: str, tmp_path: Path) 
 
 
 def test_serve_runs_until_sigterm_and_serves_clients(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "enclavekit"),
-            "nsm",
-            "serve",
-            "--json",
-            "--state-dir",
-            str(tmp_path),
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--pcr",
-            f"0={PCR_HEX}",
-            "--debug-mode",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        lines = []
-        while True:
-            line = process.stdout.readline().decode()
-            assert line, process.stderr.read().decode() if process.stderr else ""
-            lines.append(line)
-            if line.startswith("}"):
-                break
-        info = json.loads("".join(lines))
-        assert info["debug_mode"] is True
-        assert info["pcrs"]["0"] == "00" * 48  # debug mode wins over --pcr 0
-        code, out, _ = run("nsm", "describe-nsm", "--json", env={"ENCLAVEKIT_NSM": info["listen"]})
-        assert json.loads(out)["module_id"] == info["module_id"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+    command = [
+        str(Path(sys.executable).parent / "enclavekit"),
+        "nsm",
+        "serve",
+        "--json",
+        "--state-dir",
+        str(tmp_path),
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--pcr",
+        f"0={PCR_HEX}",
+        "--debug-mode",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as process:
+        try:
+            assert process.stdout is not None
+            lines = []
+            while True:
+                line = process.stdout.readline().decode()
+                assert line, "the server exited before printing its JSON"
+                lines.append(line)
+                if line.startswith("}"):
+                    break
+            info = json.loads("".join(lines))
+            assert info["debug_mode"] is True
+            assert info["pcrs"]["0"] == "00" * 48  # debug mode wins over --pcr 0
+            env = {"ENCLAVEKIT_NSM": info["listen"]}
+            code, out, _ = run("nsm", "describe-nsm", "--json", env=env)
+            assert json.loads(out)["module_id"] == info["module_id"]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
 
 
 def test_serve_takes_image_pcrs_from_an_eif(tmp_path: Path) -> None:
