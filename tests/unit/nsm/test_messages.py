@@ -247,3 +247,40 @@ requests_strategy = st.one_of(
 @given(requests_strategy)
 def test_request_roundtrip(request_: object) -> None:
     assert decode_request(encode_request(request_)) == request_  # type: ignore[arg-type]
+
+
+cbor_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64) + 1, 2**64 - 1)
+    | st.binary(max_size=16)
+    | st.text(max_size=8)
+    | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | st.integers(0, 40), children, max_size=4)
+    ),
+    max_leaves=6,
+)
+names = st.sampled_from(
+    [
+        "DescribePCR",
+        "ExtendPCR",
+        "LockPCR",
+        "LockPCRs",
+        "DescribeNSM",
+        "Attestation",
+        "GetRandom",
+        "x",
+    ]
+)
+fields = st.sampled_from(["index", "data", "range", "user_data", "nonce", "public_key", "lock"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(names, st.dictionaries(fields, cbor_values, max_size=4))
+def test_request_shaped_garbage_is_answered_not_crashed(name: str, body: dict[str, object]) -> None:
+    """Well-formed CBOR with wrong field types must yield an NSM error answer, never an exception."""
+    raw = cbor2.dumps({name: body})
+    answer = decode_response(_shared_emulator().handle_bytes(raw))
+    assert answer is not None

@@ -123,3 +123,17 @@ def test_listen_on_a_regular_file_is_refused(emulator: NsmEmulator, tmp_path: Pa
 def test_bad_addresses_are_usage_errors(url: str) -> None:
     with pytest.raises(UsageError):
         Nsm.connect(url)
+
+
+def test_symlink_at_the_socket_path_is_not_followed_or_removed(
+    emulator: NsmEmulator, tmp_path: Path
+) -> None:
+    """A symlink planted at --listen must not make the server unlink or bind through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("data")
+    link = tmp_path / "nsm.sock"
+    link.symlink_to(victim)
+    with pytest.raises(UsageError), serve_in_background(emulator, f"unix://{link}"):
+        pass
+    assert link.is_symlink()
+    assert victim.read_text() == "data"
