@@ -390,8 +390,11 @@ def extend_pcr(index: int, data_hex: str, as_json: bool) -> None:
 
 @nsm.command("lock-pcr")
 @click.argument("index", type=click.IntRange(0, 65535))
-def lock_pcr(index: int) -> None:
+@json_option
+def lock_pcr(index: int, as_json: bool) -> None:
     """Lock PCR INDEX for the rest of the enclave's life."""
     with Nsm.open() as client:
         client.lock_pcr(index)
+    if as_json:
+        emit_json({"index": index, "lock": True})
     stderr.print(f"PCR{index} locked")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -33,6 +34,16 @@ def test_tcp_client_gets_the_same_state_as_in_process(tcp_url: str, emulator: Ns
 def client_value(url: str, index: int) -> bytes:
     with Nsm.connect(url) as client:
         return client.describe_pcr(index).data
+
+
+def test_relative_unix_path_is_accepted(emulator: NsmEmulator, tmp_path: Path) -> None:
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        with serve_in_background(emulator, "unix:rel.sock") as address, Nsm.connect(address) as c:
+            assert len(c.get_random()) == 256
+    finally:
+        os.chdir(cwd)
 
 
 def test_unix_socket_roundtrip(emulator: NsmEmulator, tmp_path: Path) -> None:
@@ -119,7 +130,10 @@ def test_listen_on_a_regular_file_is_refused(emulator: NsmEmulator, tmp_path: Pa
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("url", ["http://x", "tcp://host", "unix://", "tcp://:80"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://x", "tcp://host", "unix://", "tcp://:80", "unix://tmp/nsm.sock", "tcp://h:99999"],
+)
 def test_bad_addresses_are_usage_errors(url: str) -> None:
     with pytest.raises(UsageError):
         Nsm.connect(url)
