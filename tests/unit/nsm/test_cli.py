@@ -214,3 +214,32 @@ def test_serve_refuses_a_corrupt_eif(tmp_path: Path) -> None:
     assert code in (1, 2)
     assert "Traceback" not in err
     assert err.startswith("error:")
+
+
+def test_enclavekit_verify_accepts_with_the_emulator_root_and_refuses_by_default(
+    tmp_path: Path,
+) -> None:
+    """The acceptance criterion, through the CLI: `verify --root <emulator root>` 0, default root 1."""
+    state = tmp_path / "state"
+    pki = EmulatedAwsPki.load_or_create(state)
+    emulator = NsmEmulator(pcrs={i: bytes([i + 1]) * 48 for i in range(3)}, pki=pki)
+    with serve_in_background(emulator) as url:
+        code, _, err = run(
+            "nsm",
+            "attest",
+            "--nonce",
+            "beef",
+            "--output",
+            str(tmp_path / "doc.cbor"),
+            env={"ENCLAVEKIT_NSM": url},
+        )
+    assert code == 0, err
+    code, root_pem, _ = run("nsm", "root", "--state-dir", str(state))
+    (tmp_path / "root.pem").write_text(root_pem)
+    doc = str(tmp_path / "doc.cbor")
+    code, _, err = run("verify", "--root", str(tmp_path / "root.pem"), "--nonce", "beef", doc)
+    assert code == 0, err
+    assert "non-AWS root" in err
+    code, _, err = run("verify", doc)
+    assert code == 1
+    assert "not a pinned trust root" in err
