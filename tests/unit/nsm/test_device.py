@@ -166,3 +166,15 @@ def test_real_nsm_device() -> None:
         assert nsm.attestation(nonce=b"enclavekit")[:4] == bytes.fromhex("8444a101")
         with pytest.raises(NsmError):
             nsm.extend_pcr(0, b"x")
+
+
+def test_real_ioctl_path_on_a_non_nsm_device_is_internal_error() -> None:
+    """The genuine fcntl.ioctl call (argument types, request number) runs; /dev/null says ENOTTY."""
+    transport = DeviceTransport.open("/dev/null")
+    try:
+        with pytest.raises(NsmError) as excinfo:
+            Nsm(transport).describe_nsm()
+        assert excinfo.value.code == "InternalError"
+        assert f"errno {errno.ENOTTY}" in str(excinfo.value)
+    finally:
+        transport.close()
