@@ -13,9 +13,9 @@ Stable API (other packages build on these names):
   ...).
 - :class:`NsmEmulator` (``enclavekit.nsm.emulator``): ``NsmEmulator(pcrs={0: b"..."},
   debug_mode=False, pki=EmulatedAwsPki.load_or_create(state_dir), module_id=None, clock=utc_now,
-  definite_payload=False)``; ``emulator.attest(user_data, nonce, public_key, now=...)`` signs
-  directly; ``emulator.pki.root_certificate()`` is the root to pin in a verifier (never trusted by
-  default).
+  definite_payload=False)`` or ``NsmEmulator.from_eif(path, pcrs=..., **same)``;
+  ``emulator.attest(user_data, nonce, public_key, now=...)`` signs directly;
+  ``emulator.pki.root_certificate()`` is the root to pin in a verifier (never trusted by default).
 - :class:`EmulatedAwsPki` (``enclavekit.pki.emulated``): ``load_or_create(state_dir=None)`` (default
   ``$ENCLAVEKIT_STATE_DIR/nsm``, else ``$XDG_STATE_HOME/enclavekit/nsm``, else
   ``~/.local/state/enclavekit/nsm``), ``ephemeral()``, ``root_certificate()``, ``root_pem()``.

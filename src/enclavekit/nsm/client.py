@@ -198,7 +198,7 @@ class Nsm:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
-    # ------------------------------------------------------------------------------------------- ba
+    # -- backends ------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, environ: dict[str, str] | None = None) -> Nsm:
@@ -245,7 +245,7 @@ class Nsm:
     ) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------------ req
+    # -- requests ------------------------------------------------------------------------------
 
     def request(self, request: Request) -> Response:
         """Send one request, return the matching response; raise NsmError for an error answer."""

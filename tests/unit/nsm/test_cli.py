@@ -202,8 +202,9 @@ def test_serve_takes_image_pcrs_from_an_eif(tmp_path: Path) -> None:
     )
     pcrs = _eif_pcrs(tmp_path / "app.eif")
     assert pcrs == written.measurements.pcrs
-    emulator = NsmEmulator(pcrs=pcrs)
+    emulator = NsmEmulator.from_eif(tmp_path / "app.eif", pcrs={3: b"\x03" * 48}, debug_mode=False)
     assert emulator.pcr(2) == (True, written.measurements.pcr2)
+    assert emulator.pcr(3) == (True, b"\x03" * 48)
 
 
 def test_serve_refuses_a_corrupt_eif(tmp_path: Path) -> None:
