@@ -96,6 +96,7 @@ def test_other_errno_is_internal_error() -> None:
 
 
 def test_oversized_request_never_reaches_the_kernel(device_nsm: Nsm, driver: FakeNsmDriver) -> None:
+    """Like AWS's Rust driver: more than 4096 bytes is InputTooLarge before any ioctl."""
     with pytest.raises(NsmError, match="at most 4096"):
         device_nsm.attestation(user_data=bytes(5000))
     assert driver.calls == []
