@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -151,3 +152,18 @@ def test_symlink_at_the_socket_path_is_not_followed_or_removed(
         pass
     assert link.is_symlink()
     assert victim.read_text() == "data"
+
+
+def test_client_reconnects_after_a_server_restart_without_resending(
+    emulator: NsmEmulator, tmp_path: Path
+) -> None:
+    url = f"unix://{tmp_path}/nsm.sock"
+    client = Nsm.connect(url)
+    with serve_in_background(emulator, url):
+        client.extend_pcr(16, b"a")
+    with serve_in_background(emulator, url):
+        with pytest.raises(NsmError, match="may or may not"):
+            client.extend_pcr(16, b"b")  # the old connection is gone: reported, not resent
+        assert client.describe_pcr(16).data == emulator.pcr(16)[1]  # reconnected
+    client.close()
+    assert emulator.pcr(16)[1] == hashlib.sha384(bytes(48) + b"a").digest()
