@@ -165,6 +165,11 @@ def console_command(
         raise UsageError("give exactly one of --enclave-id and --enclave-name")
     store = _store(state_dir)
     record = runner.find_enclave(store, enclave_id=enclave_id, name=enclave_name)
+    if not record.debug_mode:
+        warn(
+            "on AWS, nitro-cli's console works only for enclaves started with --debug-mode; this"
+            " local runner shows every enclave's console"
+        )
     stderr.print(f"Connecting to the console for enclave {record.enclave_id}...")
     for chunk in runner.follow_console(store, record, disconnect_timeout=disconnect_timeout):
         sys.stdout.buffer.write(chunk)

@@ -174,7 +174,9 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
     cid = _pick_cid(options, live)
     enclave_id = new_module_id(datetime.now(UTC), st.instance_id(store.root))
     directory = store.enclave_dir(enclave_id)
-    directory.mkdir(parents=True, exist_ok=False)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # 0700: the unpacked image may hold set-uid files owned by root; keep other users out.
+    directory.mkdir(mode=0o700, exist_ok=False)
     try:
         prepared = prepare(eif_path, directory)
     except BaseException:

@@ -180,3 +180,12 @@ def test_chroot_mode_runs_inside_the_rootfs(tmp_path: Path, store: EnclaveStore)
 
 def _fields(options: runner.RunOptions) -> dict[str, object]:
     return {name: getattr(options, name) for name in options.__dataclass_fields__}
+
+
+def test_enclave_directory_is_private(probe_eif: Path, store: EnclaveStore) -> None:
+    """An unpacked image may hold set-uid files; other users must not reach them."""
+    record = runner.run_enclave(
+        runner.RunOptions(eif_path=probe_eif, isolation="process"), store=store
+    )
+    mode = store.enclave_dir(record.enclave_id).stat().st_mode & 0o777
+    assert mode == 0o700
