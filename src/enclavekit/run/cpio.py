@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import stat
 import zlib
 from collections.abc import Generator, Iterator
@@ -77,17 +78,22 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _field(header: bytes, index: int, offset: int) -> int:
-    raw = header[6 + 8 * index : 6 + 8 * index + 8]
-    try:
-        text = raw.decode("ascii")
-        if len(text) != 8 or not all(c in "0123456789abcdefABCDEF" for c in text):
-            raise ValueError
-        return int(text, 16)
-    except ValueError:
+_HEX_FIELDS = re.compile(rb"[0-9a-fA-F]{104}")
+
+
+def _fields(header: bytes, offset: int) -> list[int]:
+    """The 13 numeric fields of a newc header (8 hex digits each)."""
+    if _HEX_FIELDS.fullmatch(header, 6) is None:
+        bad = next(
+            i
+            for i in range(13)
+            if re.fullmatch(rb"[0-9a-fA-F]{8}", header[6 + 8 * i : 14 + 8 * i]) is None
+        )
         raise MalformedInput(
-            f"cpio header at offset {offset}: field {index} is {raw!r}, expected 8 hex digits"
-        ) from None
+            f"cpio header at offset {offset}: field {bad} is"
+            f" {header[6 + 8 * bad : 14 + 8 * bad]!r}, expected 8 hex digits"
+        )
+    return [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
 
 
 def inflate_if_gzip(data: bytes, *, limit: int = MAX_UNPACKED_SIZE) -> bytes:
@@ -156,7 +162,7 @@ def _one_archive(data: bytes, pos: int) -> Generator[CpioEntry, None, int]:
                 f"cpio header at offset {pos}: magic {magic!r}, expected {MAGIC_NEWC!r} (newc);"
                 " other cpio formats are not supported"
             )
-        fields = [_field(header, i, pos) for i in range(13)]
+        fields = _fields(header, pos)
         inode, mode, uid, gid, nlink, mtime, filesize = fields[:7]
         rdevmajor, rdevminor, namesize = fields[9], fields[10], fields[11]
         if not 1 <= namesize <= MAX_NAME + 1:
@@ -250,13 +256,14 @@ def extract(data: bytes, destination: Path, *, apply_ownership: bool | None = No
     root = destination.resolve()
     files = directories = symlinks = skipped = written = 0
     dir_modes: dict[tuple[str, ...], CpioEntry] = {}
+    verified: set[tuple[str, ...]] = set()
     for entry in iter_entries(data):
         parts = safe_relative_name(entry.name)
         if not parts:
             if entry.entry_type == EntryType.DIRECTORY:
                 continue
             raise MalformedInput(f"cpio entry {entry.name!r} names the root but is not a directory")
-        parent = _ensure_parent(root, parts[:-1], entry.name)
+        parent = _ensure_parent(root, parts[:-1], entry.name, verified)
         target = parent / parts[-1]
         if entry.entry_type == EntryType.DIRECTORY:
             _make_directory(target, entry.name)
@@ -278,9 +285,9 @@ def extract(data: bytes, destination: Path, *, apply_ownership: bool | None = No
                 if apply_ownership:
                     os.fchown(fd, entry.uid, entry.gid)
                 os.fchmod(fd, entry.permissions)
+                os.utime(fd, (entry.mtime, entry.mtime))
             finally:
                 os.close(fd)
-            os.utime(target, (entry.mtime, entry.mtime), follow_symlinks=False)
             files += 1
             written += len(entry.data)
         elif entry.entry_type == EntryType.SYMLINK:
@@ -303,11 +310,21 @@ def extract(data: bytes, destination: Path, *, apply_ownership: bool | None = No
     return ExtractStats(files, directories, symlinks, skipped, written)
 
 
-def _ensure_parent(root: Path, parts: tuple[str, ...], name: str) -> Path:
-    """``root/parts`` as a real directory chain (created 0755 as needed), never via a symlink."""
+def _ensure_parent(
+    root: Path, parts: tuple[str, ...], name: str, verified: set[tuple[str, ...]]
+) -> Path:
+    """``root/parts`` as a real directory chain (created 0755 as needed), never via a symlink.
+
+    ``verified`` remembers chains already checked: a checked directory cannot become a link later,
+    because replacing a directory is refused.
+    """
     current = root
-    for part in parts:
+    if parts in verified:
+        return root.joinpath(*parts)
+    for depth, part in enumerate(parts, 1):
         current = current / part
+        if parts[:depth] in verified:
+            continue
         try:
             st = os.lstat(current)
         except FileNotFoundError:
@@ -320,6 +337,8 @@ def _ensure_parent(root: Path, parts: tuple[str, ...], name: str) -> Path:
             )
         if not stat.S_ISDIR(st.st_mode):
             raise MalformedInput(f"cpio entry {name!r}: {part!r} is not a directory")
+        verified.add(parts[:depth])
+    verified.add(parts)
     return current
 
 
