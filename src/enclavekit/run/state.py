@@ -24,6 +24,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ STATE_STARTING = "STARTING"
 STATE_RUNNING = "RUNNING"
 STATE_TERMINATING = "TERMINATING"
 STATE_FAILED = "FAILED"
+#: A record still STARTING after this many seconds belongs to a launcher that died.
+STALE_STARTING_AGE = 120.0
 
 
 def state_root(environ: Mapping[str, str] | None = None) -> Path:
@@ -236,7 +239,9 @@ class EnclaveStore:
                 continue
             if record is None:
                 continue
-            if record.state != STATE_STARTING and not pid_alive(record.pid):
+            age = time.time() - entry.stat().st_mtime
+            starting = record.state == STATE_STARTING and age < STALE_STARTING_AGE
+            if not starting and not pid_alive(record.pid):
                 self.remove(record.enclave_id)
                 continue
             found.append((entry.stat().st_mtime, record))

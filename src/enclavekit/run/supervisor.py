@@ -100,7 +100,6 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
         argv = list(launch["argv"])
         argv[0] = _host_lookup(argv[0], rootfs)
         env = dict(item.split("=", 1) for item in env_items if "=" in item)
-        env.setdefault("PATH", ":".join(INIT_PATH))
         cwd = str(rootfs)
     app = subprocess.Popen(
         argv,

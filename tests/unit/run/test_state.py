@@ -101,3 +101,19 @@ def test_instance_id_is_stable(tmp_path: Path) -> None:
     first = st.instance_id(tmp_path)
     assert first.startswith("i-") and len(first) == 19
     assert st.instance_id(tmp_path) == first
+
+
+def test_record_of_a_dead_launcher_is_cleaned_after_a_while(tmp_path: Path) -> None:
+    store = st.EnclaveStore(tmp_path)
+    starting = _record(state=st.STATE_STARTING, pid=0)
+    store.save(starting)
+    assert store.all() == [starting]  # still starting: kept
+    old = time_ago(st.STALE_STARTING_AGE + 5)
+    os.utime(store.enclave_dir(starting.enclave_id), (old, old))
+    assert store.all() == []
+
+
+def time_ago(seconds: float) -> float:
+    import time
+
+    return time.time() - seconds
