@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,8 @@ from atls_support import DEBUG_PCRS, PCRS, Clock, DocumentFactory, ca_policy, ma
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.atls.ca import (
     CaKeys,
@@ -20,6 +23,7 @@ from enclavekit.atls.ca import (
     init_state_dir,
     load_ca_keys,
     load_ca_policy,
+    parse_csr,
 )
 from enclavekit.atls.extension import document_from_certificate
 from enclavekit.atls.store import SqliteStore
@@ -369,3 +373,11 @@ def test_two_ca_replicas_on_postgres_issue_at_most_one_per_challenge(
         stores[1].close()
         stores[0].drop()
         stores[0].close()
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=200, deadline=None)
+def test_csr_parser_raises_only_package_errors(data: bytes) -> None:
+    """Random bytes as a CSR never raise anything but MalformedInput/VerificationError."""
+    with contextlib.suppress(MalformedInput, VerificationError):
+        parse_csr(data)

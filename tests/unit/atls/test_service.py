@@ -84,9 +84,12 @@ def test_malformed_input_is_400(
     assert client.post("/v1/certificates", json=req).status_code == 400
 
 
-def test_oversized_fields_are_422(client: httpx.Client, factory: DocumentFactory) -> None:
-    req = _request(client, factory) | {"attestation_document": "A" * 200_000}
+def test_oversized_fields_are_refused(client: httpx.Client, factory: DocumentFactory) -> None:
+    """Oversized fields (422) and bodies (413) are refused before any parsing of their content."""
+    req = _request(client, factory) | {"attestation_document": "A" * 100_000}
     assert client.post("/v1/certificates", json=req).status_code == 422
+    req = _request(client, factory) | {"attestation_document": "A" * 200_000}
+    assert client.post("/v1/certificates", json=req).status_code == 413
 
 
 def test_revocation_needs_admin_token(client: httpx.Client, factory: DocumentFactory) -> None:
