@@ -334,6 +334,8 @@ def policy_from_mapping(obj: object, *, source: str = "policy") -> Policy:
         )
     parts: list[Policy] = []
     allow_debug = obj.get("allow_debug", False)
+    if isinstance(allow_debug, str) and allow_debug.lower() in ("true", "false"):
+        allow_debug = allow_debug.lower() == "true"  # from YAML, where scalars stay strings
     if not isinstance(allow_debug, bool):
         raise UsageError(f"{source}.allow_debug: expected true or false")
     if "pcrs" in obj:
@@ -353,6 +355,11 @@ def policy_from_mapping(obj: object, *, source: str = "policy") -> Policy:
         parts.append(UserDataEquals(_hex_bytes(obj["user_data"], f"{source}.user_data")))
     if "max_age" in obj:
         age = obj["max_age"]
+        if isinstance(age, str):
+            try:
+                age = float(age)
+            except ValueError:
+                raise UsageError(f"{source}.max_age: expected a number of seconds") from None
         if not isinstance(age, int | float) or isinstance(age, bool) or age <= 0:
             raise UsageError(f"{source}.max_age: expected a positive number of seconds")
         parts.append(MaxAge(timedelta(seconds=age)))
@@ -373,7 +380,8 @@ def load_policy(path: str | Path) -> Policy:
         obj = json.loads(text)
     except json.JSONDecodeError:
         try:
-            obj = yaml.safe_load(text)
+            # BaseLoader keeps every scalar a string: hex such as 7564 or 000…0 must not become a number.
+            obj = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds no objects
         except yaml.YAMLError as exc:
             raise UsageError(f"policy file {str(path)!r} is neither JSON nor YAML: {exc}") from None
     return policy_from_mapping(obj, source=str(path))
