@@ -11,7 +11,6 @@ import subprocess
 
 import httpx
 import pytest
-from atls_loop import PCRS, UPSTREAM_BODY, Loop
 from cryptography import x509
 
 from enclavekit.atls.ca import CLOCK_SKEW
@@ -19,6 +18,7 @@ from enclavekit.atls.client import AttestedClient, load_ca_root
 from enclavekit.atls.extension import document_from_certificate
 from enclavekit.attestation.policy import PcrsEqual
 from enclavekit.errors import PolicyViolation, VerificationError
+from tests.integration.atls.atls_loop import PCRS, UPSTREAM_BODY, Loop
 
 
 def _client(loop: Loop, **kw: object) -> AttestedClient:

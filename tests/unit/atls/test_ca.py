@@ -8,7 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from atls_support import DEBUG_PCRS, PCRS, Clock, DocumentFactory, ca_policy, make_csr, spki
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -28,6 +27,15 @@ from enclavekit.atls.ca import (
 from enclavekit.atls.extension import document_from_certificate
 from enclavekit.atls.store import SqliteStore
 from enclavekit.errors import MalformedInput, PolicyViolation, UsageError, VerificationError
+from tests.unit.atls.atls_support import (
+    DEBUG_PCRS,
+    PCRS,
+    Clock,
+    DocumentFactory,
+    ca_policy,
+    make_csr,
+    spki,
+)
 
 
 def _attest(issuer: Issuer, factory: DocumentFactory, **kw: object) -> tuple[bytes, bytes]:
@@ -335,9 +343,8 @@ def test_two_ca_replicas_on_postgres_issue_at_most_one_per_challenge(
     """Two CA replicas sharing PostgreSQL race on one challenge: one certificate in total."""
     import uuid
 
-    from test_store import PG_URL, _pg_available
-
     from enclavekit.atls.store import PostgresStore
+    from tests.unit.atls.test_store import PG_URL, _pg_available
 
     if not _pg_available():
         pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from atls_support import DEBUG_PCRS, DocumentFactory, make_csr, spki
 from cryptography import x509
 
 from enclavekit.atls.ca import Issuer
 from enclavekit.atls.service import create_app, start_in_thread
+from tests.unit.atls.atls_support import DEBUG_PCRS, DocumentFactory, make_csr, spki
 
 TOKEN = "t0ken"
 

@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from atls_support import T0
 
 from enclavekit.atls.store import (
     CertificateRecord,
@@ -22,6 +21,7 @@ from enclavekit.atls.store import (
     open_store,
 )
 from enclavekit.errors import UsageError
+from tests.unit.atls.atls_support import T0
 
 #: The CI database (trust auth); override with ENCLAVEKIT_TEST_DATABASE_URL.
 PG_URL = os.environ.get("ENCLAVEKIT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
