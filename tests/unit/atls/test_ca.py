@@ -328,10 +328,22 @@ def test_policy_file_yaml_and_measurements(tmp_path: Path) -> None:
             }
         },
         {"services": {"a": "x"}},
+        {"services": {"a": {"dns_names": ["a"], "pcr": [{"0": "00" * 48}]}}},
+        {"services": {"a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}]}}, "extra": 1},
+        {
+            "services": {
+                "a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}], "unsafe_allow_debug": "no"}
+            }
+        },
+        {
+            "services": {
+                "a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}], "ip_addresses": ["1.2.3"]}
+            }
+        },
     ],
 )
 def test_bad_policy_is_refused(obj: object) -> None:
-    """Empty allowlists and malformed entries are refused: a policy that accepts anything is a bug."""
+    """Empty allowlists, typos and malformed entries are refused: a weakened policy is a bug."""
     with pytest.raises(UsageError):
         ca_policy_from_mapping(obj)
 
@@ -388,3 +400,25 @@ def test_csr_parser_raises_only_package_errors(data: bytes) -> None:
     """Random bytes as a CSR never raise anything but MalformedInput/VerificationError."""
     with contextlib.suppress(MalformedInput, VerificationError):
         parse_csr(data)
+
+
+def test_ip_addresses_go_into_the_san(
+    ca_keys: CaKeys, store: SqliteStore, factory: DocumentFactory, clock: Clock
+) -> None:
+    policy = ca_policy_from_mapping(
+        {
+            "services": {
+                "web": {
+                    "dns_names": ["web.test"],
+                    "ip_addresses": ["127.0.0.1", "::1"],
+                    "pcrs": [{str(i): PCRS[i].hex() for i in range(3)}],
+                }
+            }
+        }
+    )
+    issuer = Issuer(ca_keys, policy, store, NitroEvidenceVerifier(factory.verifier()), clock=clock)
+    csr, doc = _attest(issuer, factory)
+    san = issuer.issue("web", csr, doc).certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(a) for a in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
