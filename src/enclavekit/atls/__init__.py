@@ -46,7 +46,9 @@ Library use without the CLI (what ``enclavekit demo`` / ``run`` build on)::
     client = AttestedClient(keys.root, verifier=nsm_roots, policy=PcrsEqual(pcrs), fresh=True)
     peer, response = client.request("GET", f"https://localhost:{proxy.port}/")
 
-    from enclavekit.atls.seal import generate_sealing_key, public_key_der, seal, unseal
+    from enclavekit.atls.seal import (
+        generate_sealing_key, load_recipient_key, public_key_der, seal, unseal,
+    )
     key = generate_sealing_key()                              # inside the enclave
     doc = emulator.attest(public_key=public_key_der(key))     # attest the sealing key
     verified = nsm_roots.verify(doc, PcrsEqual(pcrs))         # outside: verify first ...

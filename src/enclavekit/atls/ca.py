@@ -22,6 +22,7 @@ connection the request arrived on.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -131,10 +132,14 @@ class ServicePolicy:
     pcr_allowlist: tuple[Mapping[int, bytes], ...]
     validity: timedelta = timedelta(hours=1)
     unsafe_allow_debug: bool = False
+    #: IP addresses for the SAN as well (clients connecting by address); DNS names are required.
+    ip_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.dns_names:
             raise ValueError(f"service {self.name!r}: dns_names must not be empty")
+        for address in self.ip_addresses:
+            ipaddress.ip_address(address)  # ValueError for a bad address
         if not self.pcr_allowlist or any(not entry for entry in self.pcr_allowlist):
             raise ValueError(
                 f"service {self.name!r}: pcrs must list at least one non-empty set of PCR values"
@@ -200,6 +205,12 @@ def _pcr_value(value: Any) -> bytes:
     return raw
 
 
+_POLICY_KEYS = frozenset({"services", "challenge_ttl_seconds"})
+_SERVICE_KEYS = frozenset(
+    {"dns_names", "ip_addresses", "pcrs", "certificate_validity_seconds", "unsafe_allow_debug"}
+)
+
+
 def ca_policy_from_mapping(obj: Any) -> CaPolicy:
     """Build a :class:`CaPolicy` from parsed YAML/JSON (see the README for the schema)."""
     if (
@@ -209,10 +220,27 @@ def ca_policy_from_mapping(obj: Any) -> CaPolicy:
     ):
         raise UsageError("CA policy: expected a mapping with a non-empty 'services' mapping")
     services: dict[str, ServicePolicy] = {}
+    unknown = set(obj) - _POLICY_KEYS
+    if unknown:
+        raise UsageError(f"CA policy: unknown key(s) {sorted(map(str, unknown))}")
     try:
         for name, spec in obj["services"].items():
             if not isinstance(spec, dict):
                 raise UsageError(f"CA policy: service {name!r} must be a mapping")
+            unknown = set(spec) - _SERVICE_KEYS
+            if unknown:
+                raise UsageError(
+                    f"CA policy: service {name!r}: unknown key(s) {sorted(map(str, unknown))};"
+                    f" expected some of {sorted(_SERVICE_KEYS)}"
+                )
+            debug = spec.get("unsafe_allow_debug", False)
+            if not isinstance(debug, bool):
+                raise UsageError(
+                    f"CA policy: service {name!r}: unsafe_allow_debug must be true/false"
+                )
+            ips = spec.get("ip_addresses", [])
+            if not isinstance(ips, list) or not all(isinstance(i, str) for i in ips):
+                raise UsageError(f"CA policy: service {name!r}: ip_addresses must be a list")
             dns = spec.get("dns_names")
             pcrs = spec.get("pcrs")
             if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
@@ -234,7 +262,8 @@ def ca_policy_from_mapping(obj: Any) -> CaPolicy:
                 dns_names=tuple(dns),
                 pcr_allowlist=allow,
                 validity=timedelta(seconds=int(spec.get("certificate_validity_seconds", 3600))),
-                unsafe_allow_debug=bool(spec.get("unsafe_allow_debug", False)),
+                unsafe_allow_debug=debug,
+                ip_addresses=tuple(ips),
             )
         ttl = timedelta(seconds=int(obj.get("challenge_ttl_seconds", 60)))
         return CaPolicy(services=services, challenge_ttl=ttl)
@@ -560,7 +589,10 @@ class Issuer:
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(d) for d in svc.dns_names]),
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(d) for d in svc.dns_names]
+                    + [x509.IPAddress(ipaddress.ip_address(a)) for a in svc.ip_addresses]
+                ),
                 critical=False,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)

@@ -38,6 +38,8 @@ from enclavekit.atls.store import CertificateRecord
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
 
 API_TITLE = "enclavekit attestation CA"
+#: A request is a CSR plus a base64 document: well under 128 KiB.
+MAX_BODY = 128 * 1024
 
 
 class CertificateRequest(BaseModel):
@@ -98,6 +100,17 @@ def _parse_serial(serial: str) -> int:
 def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
     """The CA's ASGI application."""
     app = FastAPI(title=API_TITLE, version="1", description=__doc__)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Response:
+        # Refuse oversized bodies before they are read (fields have their own limits too).
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse(
+                {"error": "TooLarge", "detail": f"request body limit is {MAX_BODY} bytes"}, 413
+            )
+        response: Response = await call_next(request)
+        return response
 
     @app.exception_handler(Error)
     async def _on_error(request: Request, exc: Error) -> JSONResponse:

@@ -301,29 +301,41 @@ class PostgresStore(_SqlStore):
     def __init__(self, url: str, *, schema: str = "enclavekit_ca") -> None:
         super().__init__()
         try:
-            import psycopg
+            import psycopg  # noqa: F401 - fail early with a clear message
         except ImportError as exc:  # pragma: no cover - depends on the installed extra
             raise UsageError("PostgreSQL needs psycopg; install enclavekit[service]") from exc
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema name must be alphanumeric/underscore, got {schema!r}")
         self.schema = schema
-        try:
-            self._conn = psycopg.connect(url, autocommit=False)
-        except psycopg.Error as exc:
-            raise UsageError(
-                f"cannot connect to the CA database {_redact(url)}: {exc}; check --database"
-            ) from exc
+        self._url = url
+        self._conn = self._connect()
         with self._tx() as cur:
             cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             cur.execute(f'SET search_path TO "{schema}"')
             for stmt in _ddl("BYTEA", "BIGSERIAL PRIMARY KEY"):
                 cur.execute(stmt)
-        self._conn.commit()
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self._url, autocommit=True)
+            conn.execute(f'SET search_path TO "{self.schema}"')
+        except psycopg.Error as exc:
+            raise UsageError(
+                f"cannot connect to the CA database {_redact(self._url)}: {exc}; check --database"
+            ) from exc
+        return conn
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
-            yield cur
+        with self._lock:
+            if self._conn.closed or self._conn.broken:
+                # The server restarted or the network dropped: the failed request got an error,
+                # the next one reconnects.
+                self._conn = self._connect()
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                yield cur
 
     def drop(self) -> None:
         """Remove this store's schema and every row in it (tests, decommissioning)."""

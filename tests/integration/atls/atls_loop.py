@@ -1,7 +1,6 @@
 """The whole attested-TLS loop on loopback: emulated NSM, CA service, enclave proxy, an upstream.
 
-Imported by conftest.py (the fixture) and the tests (the constants); a unique module name keeps it
-apart from other areas' conftest modules.
+Imported by conftest.py (the fixture) and the tests (the constants).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Fixtures for the attested-TLS integration tests (defined in atls_loop.py)."""
 
-from atls_loop import loop
+from tests.integration.atls.atls_loop import loop
 
 __all__ = ["loop"]

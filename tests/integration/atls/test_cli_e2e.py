@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from atls_loop import PCRS, UPSTREAM_BODY, Loop
 from click.testing import CliRunner
 
 from enclavekit.cli import cli
 from enclavekit.nsm import EmulatedAwsPki, NsmEmulator
 from enclavekit.nsm.server import serve_in_background
+from tests.integration.atls.atls_loop import PCRS, UPSTREAM_BODY, Loop
 
 
 def _policy(tmp: Path, pcrs: dict[int, bytes]) -> Path:

@@ -11,7 +11,6 @@ import subprocess
 
 import httpx
 import pytest
-from atls_loop import PCRS, UPSTREAM_BODY, Loop
 from cryptography import x509
 
 from enclavekit.atls.ca import CLOCK_SKEW
@@ -19,6 +18,7 @@ from enclavekit.atls.client import AttestedClient, load_ca_root
 from enclavekit.atls.extension import document_from_certificate
 from enclavekit.attestation.policy import PcrsEqual
 from enclavekit.errors import PolicyViolation, VerificationError
+from tests.integration.atls.atls_loop import PCRS, UPSTREAM_BODY, Loop
 
 
 def _client(loop: Loop, **kw: object) -> AttestedClient:
@@ -135,3 +135,50 @@ def test_issuance_is_recorded(loop: Loop) -> None:
     cert = x509.load_pem_x509_certificate(rec["certificate"].encode())
     assert cert == loop.identity.current.certificate
     assert json.dumps(rec)
+
+
+def test_replayed_fresh_document_is_refused(loop: Loop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server answering the fresh challenge with a document for another nonce is refused."""
+    honest = loop.identity.attestation_for
+    monkeypatch.setattr(loop.identity, "attestation_for", lambda nonce: honest(b"\x00" * 32))
+    client = _client(loop, policy=PcrsEqual(PCRS), fresh=True)
+    with pytest.raises(PolicyViolation, match="nonce"):
+        client.request("GET", loop.url)
+    assert loop.upstream_requests == []
+
+
+def test_certificate_from_another_ca_is_refused(loop: Loop) -> None:
+    """A client pinned to a different attestation CA refuses the server before sending."""
+    from enclavekit.atls.ca import create_ca_keys
+
+    other = create_ca_keys(now=loop.identity.current.certificate.not_valid_before_utc)
+    client = AttestedClient(other.root, verifier=loop.verifier())
+    with pytest.raises(VerificationError, match="does not chain to the attestation CA root"):
+        client.request("GET", loop.url)
+    assert loop.upstream_requests == []
+
+
+def test_httpx_client_helper(loop: Loop) -> None:
+    with _client(loop, policy=PcrsEqual(PCRS)).httpx_client(loop.url) as http:
+        assert http.get("/helper").content == UPSTREAM_BODY
+    assert loop.upstream_requests == ["/helper"]
+
+
+def test_renewal_is_due_after_two_thirds_of_the_lifetime(loop: Loop) -> None:
+    from datetime import timedelta
+
+    from enclavekit.atls.server import EnclaveIdentity
+    from enclavekit.nsm import Nsm
+
+    now = [loop.identity.current.certificate.not_valid_before_utc]
+    identity = EnclaveIdentity(
+        loop.identity.ca, "web", Nsm.in_process(loop.emulator), clock=lambda: now[0]
+    )
+    assert identity.renew_if_due()  # no certificate yet
+    first = identity.current.certificate
+    start, end = first.not_valid_before_utc, first.not_valid_after_utc
+    now[0] = start + (end - start) * 2 / 3 - timedelta(seconds=1)
+    assert not identity.renew_if_due()
+    now[0] += timedelta(seconds=1)
+    assert identity.renew_if_due()
+    assert identity.current.certificate.serial_number != first.serial_number

@@ -7,10 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from atls_support import T0, Clock, DocumentFactory, ca_policy
 
 from enclavekit.atls.ca import CaKeys, Issuer, NitroEvidenceVerifier, create_ca_keys
 from enclavekit.atls.store import SqliteStore
+from tests.unit.atls.atls_support import T0, Clock, DocumentFactory, ca_policy
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from atls_support import DEBUG_PCRS, PCRS, Clock, DocumentFactory, ca_policy, make_csr, spki
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.atls.ca import (
     CaKeys,
@@ -20,10 +22,20 @@ from enclavekit.atls.ca import (
     init_state_dir,
     load_ca_keys,
     load_ca_policy,
+    parse_csr,
 )
 from enclavekit.atls.extension import document_from_certificate
 from enclavekit.atls.store import SqliteStore
 from enclavekit.errors import MalformedInput, PolicyViolation, UsageError, VerificationError
+from tests.unit.atls.atls_support import (
+    DEBUG_PCRS,
+    PCRS,
+    Clock,
+    DocumentFactory,
+    ca_policy,
+    make_csr,
+    spki,
+)
 
 
 def _attest(issuer: Issuer, factory: DocumentFactory, **kw: object) -> tuple[bytes, bytes]:
@@ -316,10 +328,22 @@ def test_policy_file_yaml_and_measurements(tmp_path: Path) -> None:
             }
         },
         {"services": {"a": "x"}},
+        {"services": {"a": {"dns_names": ["a"], "pcr": [{"0": "00" * 48}]}}},
+        {"services": {"a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}]}}, "extra": 1},
+        {
+            "services": {
+                "a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}], "unsafe_allow_debug": "no"}
+            }
+        },
+        {
+            "services": {
+                "a": {"dns_names": ["a"], "pcrs": [{"0": "00" * 48}], "ip_addresses": ["1.2.3"]}
+            }
+        },
     ],
 )
 def test_bad_policy_is_refused(obj: object) -> None:
-    """Empty allowlists and malformed entries are refused: a policy that accepts anything is a bug."""
+    """Empty allowlists, typos and malformed entries are refused: a weakened policy is a bug."""
     with pytest.raises(UsageError):
         ca_policy_from_mapping(obj)
 
@@ -331,9 +355,8 @@ def test_two_ca_replicas_on_postgres_issue_at_most_one_per_challenge(
     """Two CA replicas sharing PostgreSQL race on one challenge: one certificate in total."""
     import uuid
 
-    from test_store import PG_URL, _pg_available
-
     from enclavekit.atls.store import PostgresStore
+    from tests.unit.atls.test_store import PG_URL, _pg_available
 
     if not _pg_available():
         pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
@@ -369,3 +392,33 @@ def test_two_ca_replicas_on_postgres_issue_at_most_one_per_challenge(
         stores[1].close()
         stores[0].drop()
         stores[0].close()
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=200, deadline=None)
+def test_csr_parser_raises_only_package_errors(data: bytes) -> None:
+    """Random bytes as a CSR never raise anything but MalformedInput/VerificationError."""
+    with contextlib.suppress(MalformedInput, VerificationError):
+        parse_csr(data)
+
+
+def test_ip_addresses_go_into_the_san(
+    ca_keys: CaKeys, store: SqliteStore, factory: DocumentFactory, clock: Clock
+) -> None:
+    policy = ca_policy_from_mapping(
+        {
+            "services": {
+                "web": {
+                    "dns_names": ["web.test"],
+                    "ip_addresses": ["127.0.0.1", "::1"],
+                    "pcrs": [{str(i): PCRS[i].hex() for i in range(3)}],
+                }
+            }
+        }
+    )
+    issuer = Issuer(ca_keys, policy, store, NitroEvidenceVerifier(factory.verifier()), clock=clock)
+    csr, doc = _attest(issuer, factory)
+    san = issuer.issue("web", csr, doc).certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(a) for a in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]

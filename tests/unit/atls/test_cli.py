@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from atls_support import T0
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -15,6 +14,7 @@ from enclavekit.atls.seal import generate_sealing_key, public_key_der
 from enclavekit.atls.store import CertificateRecord, SqliteStore
 from enclavekit.cli import cli
 from enclavekit.nsm import EmulatedAwsPki, NsmEmulator
+from tests.unit.atls.atls_support import T0
 
 PCRS = {0: b"\x21" * 48, 1: b"\x22" * 48, 2: b"\x23" * 48}
 

@@ -6,7 +6,6 @@ import contextlib
 
 import pytest
 from asn1crypto import core
-from atls_support import make_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from hypothesis import given, settings
@@ -21,6 +20,7 @@ from enclavekit.atls.extension import (
     encode_extension_value,
 )
 from enclavekit.errors import MalformedInput
+from tests.unit.atls.atls_support import make_csr
 
 
 def test_oid_is_under_the_uuid_arc() -> None:

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from atls_support import DEBUG_PCRS, DocumentFactory, make_csr, spki
 from cryptography import x509
 
 from enclavekit.atls.ca import Issuer
 from enclavekit.atls.service import create_app, start_in_thread
+from tests.unit.atls.atls_support import DEBUG_PCRS, DocumentFactory, make_csr, spki
 
 TOKEN = "t0ken"
 
@@ -84,9 +84,12 @@ def test_malformed_input_is_400(
     assert client.post("/v1/certificates", json=req).status_code == 400
 
 
-def test_oversized_fields_are_422(client: httpx.Client, factory: DocumentFactory) -> None:
-    req = _request(client, factory) | {"attestation_document": "A" * 200_000}
+def test_oversized_fields_are_refused(client: httpx.Client, factory: DocumentFactory) -> None:
+    """Oversized fields (422) and bodies (413) are refused before any parsing of their content."""
+    req = _request(client, factory) | {"attestation_document": "A" * 100_000}
     assert client.post("/v1/certificates", json=req).status_code == 422
+    req = _request(client, factory) | {"attestation_document": "A" * 200_000}
+    assert client.post("/v1/certificates", json=req).status_code == 413
 
 
 def test_revocation_needs_admin_token(client: httpx.Client, factory: DocumentFactory) -> None:

@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from atls_support import T0
 
 from enclavekit.atls.store import (
     CertificateRecord,
@@ -22,6 +21,7 @@ from enclavekit.atls.store import (
     open_store,
 )
 from enclavekit.errors import UsageError
+from tests.unit.atls.atls_support import T0
 
 #: The CI database (trust auth); override with ENCLAVEKIT_TEST_DATABASE_URL.
 PG_URL = os.environ.get("ENCLAVEKIT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -160,3 +160,24 @@ def test_bad_postgres_url_is_a_usage_error_without_password() -> None:
     with pytest.raises(UsageError) as err:
         PostgresStore("postgresql://u:hunter2@127.0.0.1:1/none?connect_timeout=1")
     assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.postgres
+def test_postgres_store_reconnects_after_a_dropped_connection() -> None:
+    """A broken database connection fails one call; the next call reconnects."""
+    if not _pg_available():
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    import psycopg
+
+    pg = PostgresStore(PG_URL, schema=f"ekt_{uuid.uuid4().hex[:12]}")
+    try:
+        pid = pg._conn.info.backend_pid
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            pg.add_challenge(b"c" * 32, T0, T0 + timedelta(seconds=60))
+        pg.add_challenge(b"c" * 32, T0, T0 + timedelta(seconds=60))
+        assert pg.consume_challenge(b"c" * 32, T0) is ConsumeResult.CONSUMED
+    finally:
+        pg.drop()
+        pg.close()
