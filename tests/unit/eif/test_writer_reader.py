@@ -113,7 +113,7 @@ def test_write_returns_the_measurements_the_reader_finds(tmp_path: Path) -> None
     assert written.pcr2 == independent_pcr(ramdisk)  # hashed on the writer's second thread
 
 
-def test_sequential_writer_writes_the_same_bytes(tmp_path: Path) -> None:
+def test_sequential_writer_writes_the_same_bytes() -> None:
     outputs = []
     for parallel in (True, False):
         stream = io.BytesIO()
