@@ -433,6 +433,11 @@ def build_enclave(
     else:
         if cmd is None:
             raise UsageError("a root file-system directory needs --cmd (what the enclave runs)")
+        if output.resolve().is_relative_to(source.path.resolve()):
+            raise UsageError(
+                f"the output {output} lies inside the root file system {source.path}; write it "
+                "elsewhere (it would be packed into itself)"
+            )
         arch = arch or "x86_64"
         argv, environment = tuple(cmd), tuple(env)
     if arch not in KERNEL_NAMES:

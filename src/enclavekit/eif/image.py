@@ -393,10 +393,14 @@ def _open_docker_archive(store: _TarStore, source: str) -> Image:
 
 
 def _digest_from_name(name: str) -> str | None:
-    match = re.fullmatch(r"blobs/(sha256|sha512)/([0-9a-f]+)", posixpath.normpath(name))
-    if match is None:
-        return None
-    return f"{match.group(1)}:{match.group(2)}"
+    """The digest a docker-save member name promises: ``blobs/<alg>/<hex>`` (Docker ≥ 25) or the
+    legacy ``<image id>.json`` config."""
+    normal = posixpath.normpath(name)
+    match = re.fullmatch(r"blobs/(sha256|sha512)/([0-9a-f]+)", normal)
+    if match is not None:
+        return f"{match.group(1)}:{match.group(2)}"
+    legacy = re.fullmatch(r"([0-9a-f]{64})\.json", normal)
+    return f"sha256:{legacy.group(1)}" if legacy is not None else None
 
 
 def _open_oci(store: _Store, source: str, ref: str | None, arch: str | None) -> Image:

@@ -37,6 +37,9 @@ from enclavekit.errors import MalformedInput
 
 #: Refuse images with more entries than this: the merged index is held in memory (~0.5 KiB per entry).
 MAX_ENTRIES = 2_000_000
+#: Compressed layers may unpack to at most this many bytes in total (an EIF holds the image in
+#: enclave memory; 64 GiB is far beyond any enclave image).
+MAX_SPOOL = 64 << 30
 #: Refuse deeper paths (Linux's PATH_MAX allows ~2000; real images stay far below; the walk recurses).
 MAX_DEPTH = 256
 #: Mode, owner and time given to a parent directory a layer creates without an entry of its own.
@@ -436,16 +439,23 @@ _TAR_KINDS = {
 
 
 class Spool:
-    """An append-only scratch file for the contents of compressed layers."""
+    """An append-only scratch file for unpacked compressed layers, refusing more than ``limit``
+    bytes in total (a decompression bomb fills no disk)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, limit: int = MAX_SPOOL) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._size = 0
+        self._limit = limit
 
     def append(self, chunks: Iterable[bytes]) -> ContentRef:
         start = self._size
         for chunk in chunks:
+            if self._size + len(chunk) > self._limit:
+                raise MalformedInput(
+                    f"the image's compressed layers unpack to more than {self._limit} bytes; "
+                    "refusing (decompression bomb?)"
+                )
             self._file.write(chunk)
             self._size += len(chunk)
         return ContentRef(self.path, start, self._size - start)

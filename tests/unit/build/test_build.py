@@ -326,6 +326,8 @@ def test_rootfs_directory_build(tmp_path: Path, blobs_dir: Path) -> None:
     (root / "lib").symlink_to("bin")
     with pytest.raises(UsageError, match="--cmd"):
         build_enclave(RootfsDir(root), tmp_path / "a.eif", blobs_dir=blobs_dir)
+    with pytest.raises(UsageError, match="inside the root file system"):
+        build_enclave(RootfsDir(root), root / "bin" / "a.eif", blobs_dir=blobs_dir, cmd=["/x"])
     result = build_enclave(
         RootfsDir(root), tmp_path / "a.eif", blobs_dir=blobs_dir, cmd=["/bin/app"], env=["A=1"]
     )

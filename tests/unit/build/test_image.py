@@ -319,3 +319,23 @@ def test_multi_arch_index_picks_the_platform(
     assert isinstance(image, Image)
     assert image.config.arch == expected
     assert image.repo_tags == ("multi",)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_docker_archive_config_digest_mismatch_is_refused(tmp_path: Path, legacy: bool) -> None:
+    """A config whose bytes do not match the digest in its name."""
+    import io
+    import tarfile
+
+    path = docker_archive(tmp_path / "img.tar", [base_layer()], legacy=legacy)
+    tampered = tmp_path / "t.tar"
+    with tarfile.open(path) as src, tarfile.open(tampered, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()  # type: ignore[union-attr]
+            if (member.name.endswith(".json") and member.name != "manifest.json") or (
+                not legacy and data.startswith(b'{"architecture"')
+            ):
+                data = data.replace(b"/bin/hello", b"/bin/evil!")
+            dst.addfile(member, io.BytesIO(data))
+    with pytest.raises(MalformedInput, match="does not match its digest"):
+        open_source(str(tampered))

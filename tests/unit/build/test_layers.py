@@ -323,3 +323,14 @@ def test_tarfile_formats_gnu_and_ustar_are_read(spool: Spool) -> None:
     for fmt in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         tree = _tree(spool, layer(F("d", kind="dir"), F("d/f", b"1"), fmt=fmt))
         assert _listing(tree) == [(b"d/", "directory"), (b"d/f", "regular")]
+
+
+def test_decompression_bomb_is_capped(tmp_path: Path) -> None:
+    """A spool refuses to grow past its limit."""
+    spool = Spool(str(tmp_path / "spool"), limit=1000)
+    try:
+        spool.append([b"x" * 600])
+        with pytest.raises(MalformedInput, match="decompression bomb"):
+            spool.append([b"x" * 600])
+    finally:
+        spool.close()
