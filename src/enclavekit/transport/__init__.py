@@ -33,7 +33,8 @@ opens the upstream connection, relays in a worker and closes both ends::
     proxy.close()                                  # stop accepting, end relays, join workers
 
 A backend that wants to relay by itself (asyncio, say) calls ``proxy.connect_upstream()`` for the checked
-target connection and :func:`relay` / :func:`relay_streams` on the pair. To stop one relay early,
+target connection and ``enclavekit.transport.relay.relay`` / ``relay_streams`` on the pair (the
+functions are not re-exported here so that the module name stays importable). To stop one relay early,
 ``shutdown(SHUT_RDWR)`` either socket.
 
 Not provided: TLS (callers wrap the socket), vsock loopback emulation (tests use TCP addresses).
@@ -53,7 +54,7 @@ from enclavekit.transport.address import (
     vsock_available,
 )
 from enclavekit.transport.errors import TargetNotAllowed, TransportError
-from enclavekit.transport.relay import RelayStats, relay, relay_streams
+from enclavekit.transport.relay import RelayStats
 from enclavekit.transport.server import RelayServer
 from enclavekit.transport.sockets import (
     connect,
@@ -80,8 +81,6 @@ __all__ = [
     "local_address",
     "open_connection",
     "parse_address",
-    "relay",
-    "relay_streams",
     "start_server",
     "vsock_available",
 ]

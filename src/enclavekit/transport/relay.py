@@ -25,6 +25,7 @@ import contextlib
 import logging
 import select
 import socket
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +45,7 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _POLLERR = select.POLLERR | select.POLLNVAL
 _POLLHUP = select.POLLHUP
+_now = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,7 @@ class RelayStats:
 class _Direction:
     """One direction of a relay: reads ``src`` into a fixed buffer and writes it to ``dst``."""
 
-    __slots__ = ("buf", "count", "dst", "end", "eof", "shut", "src", "start", "view")
+    __slots__ = ("buf", "count", "dst", "end", "eof", "shut", "since", "src", "start", "view")
 
     def __init__(self, src: socket.socket, dst: socket.socket, size: int) -> None:
         self.src = src
@@ -70,6 +72,8 @@ class _Direction:
         self.eof = False
         self.shut = False
         self.count = 0
+        #: When pending data last moved (or arrived); a stall is measured from here.
+        self.since = 0.0
 
     @property
     def pending(self) -> bool:
@@ -79,34 +83,42 @@ class _Direction:
     def done(self) -> bool:
         return self.shut
 
-    def pump(self) -> None:
-        """Move data until the next operation would block (or the burst limit is hit)."""
+    def abandon(self) -> None:
+        """The destination is gone: drop pending data and finish this direction."""
+        self.start = self.end = 0
+        self.eof = self.shut = True
+
+    def pump(self) -> bool:
+        """Move data until an operation would block (return True) or the burst ends (False)."""
         for _ in range(_BURST):
             if self.start < self.end:
                 try:
                     sent = self.dst.send(self.view[self.start : self.end])
                 except BlockingIOError:
-                    return
+                    return True
                 self.start += sent
                 self.count += sent
+                self.since = _now()
                 if self.start == self.end:
                     self.start = self.end = 0
             elif not self.eof:
                 try:
                     received = self.src.recv_into(self.buf)
                 except BlockingIOError:
-                    return
+                    return True
                 if received == 0:
                     self.eof = True
                 else:
                     self.end = received
+                    self.since = _now()
             elif not self.shut:
                 with contextlib.suppress(OSError):
                     self.dst.shutdown(socket.SHUT_WR)
                 self.shut = True
-                return
+                return True
             else:
-                return
+                return True
+        return False
 
 
 def relay(
@@ -132,12 +144,12 @@ def relay(
         hung_up: set[int] = set()
         poller = select.poll()
         registered: dict[int, int] = {}
-        timeout_ms = None if stall_timeout is None else max(1, int(stall_timeout * 1000))
         while not (forward.done and backward.done):
-            forward.pump()
-            backward.pump()
+            must_wait = forward.pump() & backward.pump()
             if forward.done and backward.done:
                 break
+            if not must_wait:
+                continue  # a burst ended with more to do: give the other direction its turn first
             wanted = dict.fromkeys(fds, 0)
             for direction in (forward, backward):
                 if direction.pending:
@@ -160,20 +172,30 @@ def relay(
                 forward.pump()
                 backward.pump()
                 break
-            waiting = forward.pending or backward.pending
-            events = poller.poll(timeout_ms if waiting else None)
-            if not events:
-                outcome = "stalled"
-                logger.info(
-                    "relay: peer stopped reading for %ss; dropping connection", stall_timeout
-                )
-                break
+            timeout_ms: int | None = None
+            if stall_timeout is not None:
+                pending = [d.since for d in (forward, backward) if d.pending]
+                if pending:
+                    left = min(pending) + stall_timeout - _now()
+                    if left <= 0:
+                        outcome = "stalled"
+                        logger.info(
+                            "relay: peer read nothing for %ss; dropping connection", stall_timeout
+                        )
+                        break
+                    timeout_ms = max(1, int(left * 1000) + 1)
+            events = poller.poll(timeout_ms)
             for fd, event in events:
                 if event & _POLLERR:
                     err = fds[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     raise ConnectionResetError(err, "socket error")
                 if event & _POLLHUP:
+                    # The peer can neither send nor receive any more: nothing more can be delivered
+                    # to it; data it sent before hanging up is still drained the other way.
                     hung_up.add(fd)
+                    for direction in (forward, backward):
+                        if direction.dst.fileno() == fd:
+                            direction.abandon()
     except OSError as exc:
         outcome = "reset"
         logger.debug("relay: connection ended by %s", exc)

@@ -1,0 +1,229 @@
+"""The relay loop: both directions, half-close, resets, stalled readers, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+
+from enclavekit.transport.relay import RelayStats, relay, relay_streams
+
+from .conftest import recv_all
+
+Quad = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
+
+
+@pytest.fixture
+def pairs() -> Iterator[Quad]:
+    """client <-> (a relay b) <-> server, all closed at teardown."""
+    client, proxy_a = socket.socketpair()
+    proxy_b, server = socket.socketpair()
+    yield client, proxy_a, proxy_b, server
+    for sock in (client, proxy_a, proxy_b, server):
+        sock.close()
+
+
+def _start(
+    a: socket.socket, b: socket.socket, **kwargs: object
+) -> tuple[threading.Thread, list[RelayStats]]:
+    out: list[RelayStats] = []
+    thread = threading.Thread(target=lambda: out.append(relay(a, b, **kwargs)), daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread, out
+
+
+def test_bulk_both_ways_with_half_close(pairs: Quad) -> None:
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb, buffer_size=4096)
+    up = os.urandom(3_000_000)
+    down = os.urandom(1_000_000)
+
+    def send_up() -> None:
+        client.sendall(up)
+        client.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        got = recv_all(server)  # reads until the client's EOF arrives
+        server.sendall(down)
+        server.shutdown(socket.SHUT_WR)
+        received.append(got)
+
+    received: list[bytes] = []
+    threads = [threading.Thread(target=send_up), threading.Thread(target=serve)]
+    for t in threads:
+        t.start()
+    assert recv_all(client) == down
+    for t in threads:
+        t.join(10)
+    thread.join(10)
+    assert received == [up]
+    assert out == [RelayStats(len(up), len(down), "closed")]
+
+
+def test_reply_after_half_close_still_flows(pairs: Quad) -> None:
+    """EOF one way must not cut the other way (HTTP/1.0-style request, then response)."""
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb)
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"request"
+    time.sleep(0.05)
+    server.sendall(b"response")
+    server.close()
+    assert recv_all(client) == b"response"
+    thread.join(5)
+    assert out[0].outcome == "closed"
+
+
+def test_client_disconnect_mid_stream_ends_relay(pairs: Quad) -> None:
+    """A client that resets mid-download ends the relay and closes the upstream side."""
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb, buffer_size=4096)
+    stop = threading.Event()
+
+    def flood() -> None:
+        try:
+            while not stop.is_set():
+                server.sendall(b"x" * 65536)
+        except OSError:
+            pass
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    client.recv(1000)
+    client.close()
+    thread.join(5)
+    stop.set()
+    assert not thread.is_alive()
+    assert out[0].outcome in ("reset", "closed")
+    flooder.join(5)
+    server.close()
+
+
+def test_reader_that_never_reads_is_dropped_after_stall_timeout(pairs: Quad) -> None:
+    """Slow-read DoS: a peer that stops reading cannot hold the relay forever."""
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb, buffer_size=4096, stall_timeout=0.3)
+
+    def flood() -> None:
+        try:
+            while True:
+                server.sendall(b"x" * 65536)
+        except OSError:
+            pass
+
+    threading.Thread(target=flood, daemon=True).start()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert out[0].outcome == "stalled"
+    client.close()
+    server.close()
+
+
+def test_idle_connection_is_not_a_stall(pairs: Quad) -> None:
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb, stall_timeout=0.1)
+    time.sleep(0.4)
+    assert thread.is_alive()
+    client.sendall(b"late")
+    assert server.recv(10) == b"late"
+    client.close()
+    server.close()
+    thread.join(5)
+    assert out[0].a_to_b == 4
+
+
+def test_shutdown_from_another_thread_stops_relay(pairs: Quad) -> None:
+    client, pa, pb, server = pairs
+    thread, _ = _start(pa, pb)
+    time.sleep(0.05)
+    pa.shutdown(socket.SHUT_RDWR)
+    thread.join(5)
+    assert not thread.is_alive()
+    client.close()
+    server.close()
+
+
+def test_memory_stays_bounded_while_relaying(pairs: Quad) -> None:
+    """Relaying 32 MiB allocates no more than a small multiple of the buffer size."""
+    client, pa, pb, server = pairs
+    size = 32 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        thread, out = _start(pa, pb, buffer_size=64 * 1024)
+
+        def sink() -> None:
+            buf = bytearray(65536)
+            while server.recv_into(buf):
+                pass
+
+        sink_thread = threading.Thread(target=sink)
+        sink_thread.start()
+        chunk = b"\0" * 65536
+        for _ in range(size // len(chunk)):
+            client.sendall(chunk)
+        client.shutdown(socket.SHUT_WR)
+        sink_thread.join(30)
+        server.close()
+        thread.join(10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    client.close()
+    assert out[0].a_to_b == size
+    assert peak < 2 * 1024 * 1024
+
+
+def test_invalid_buffer_size_is_a_value_error() -> None:
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError, match="buffer_size"):
+        relay(a, b, buffer_size=0)
+    a.close()
+    b.close()
+
+
+def test_relay_streams_asyncio() -> None:
+    async def main() -> RelayStats:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        echo_server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        echo_port = echo_server.sockets[0].getsockname()[1]
+        stats: list[RelayStats] = []
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream = await asyncio.open_connection("127.0.0.1", echo_port)
+            stats.append(await relay_streams((reader, writer), upstream))
+
+        proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = proxy_server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = os.urandom(500_000)
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        got = await reader.read()
+        assert got == payload
+        writer.close()
+        for _ in range(100):
+            if stats:
+                break
+            await asyncio.sleep(0.01)
+        proxy_server.close()
+        echo_server.close()
+        await proxy_server.wait_closed()
+        await echo_server.wait_closed()
+        return stats[0]
+
+    stats = asyncio.run(main())
+    assert stats.a_to_b == 500_000
+    assert stats.b_to_a == 500_000
