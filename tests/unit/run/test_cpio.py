@@ -168,3 +168,42 @@ def test_mutated_archives_raise_only_malformed_input(junk: bytes, where: int) ->
         list(iter_entries(bytes(archive)))
     except MalformedInput:
         pass
+
+
+_PARTS = st.sampled_from(["a", "b", "..", ".", "", "rootfs", "etc"])
+_NAMES = st.lists(_PARTS, min_size=1, max_size=4).map("/".join)
+
+
+@st.composite
+def _hostile_entries(draw: st.DrawFn) -> list[tuple[str, int, bytes]]:
+    entries = []
+    for _ in range(draw(st.integers(1, 8))):
+        name = draw(_NAMES) or "x"
+        kind = draw(st.sampled_from(["file", "dir", "link"]))
+        if kind == "file":
+            entries.append(f(name, b"payload"))
+        elif kind == "dir":
+            entries.append(d(name))
+        else:
+            target = draw(st.sampled_from(["..", "../..", "/", "/tmp", "a", "../outside"]))
+            entries.append(link(name, target))
+    return entries
+
+
+@settings(max_examples=200, deadline=None)
+@given(_hostile_entries())
+def test_no_archive_writes_outside_the_unpack_directory(
+    entries: list[tuple[str, int, bytes]],
+) -> None:
+    """Whatever names and links an archive combines, nothing lands outside the destination."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(scratch)
+        (base / "outside").mkdir()
+        try:
+            extract(newc(entries), base / "out")
+        except MalformedInput:
+            pass
+        assert sorted(p.name for p in base.iterdir()) == ["out", "outside"]
+        assert list((base / "outside").iterdir()) == []

@@ -189,3 +189,14 @@ def test_enclave_directory_is_private(probe_eif: Path, store: EnclaveStore) -> N
     )
     mode = store.enclave_dir(record.enclave_id).stat().st_mode & 0o777
     assert mode == 0o700
+
+
+@pytest.mark.skipif(not runner.chroot_supported(), reason="needs root and mount namespaces")
+def test_chroot_mode_reports_a_command_missing_from_the_image(
+    tmp_path: Path, store: EnclaveStore
+) -> None:
+    eif = make_eif(tmp_path / "missing.eif", cmd=["no-such-program", "arg"])
+    record = runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="chroot"), store=store)
+    text = _console(store, record, "exited with status")
+    assert "no-such-program: not found in /sbin:/usr/sbin:/bin:/usr/bin" in text
+    assert "status 127" in text
