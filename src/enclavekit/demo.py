@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from enclavekit.eif.measure import Measurements
 from enclavekit.eif.reader import measure_eif
@@ -102,7 +103,7 @@ class Narrator:
         self.console.print(f"    [green]✓[/] {text}")
 
     def info(self, text: str) -> None:
-        self.console.print(f"      {text}", highlight=False)
+        self.console.print(f"      {text}", highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:
         self.console.print(f"    [yellow]![/] {text}")
@@ -375,7 +376,7 @@ def _steps(
     eif = base / "hello-enclave.eif"
 
     # 1. The image and the EIF.
-    with n.step("Build the enclave image from examples/hello_enclave.py") as checks:
+    with n.step("Build the enclave image from enclavekit/examples/hello_enclave.py") as checks:
         rootfs = write_rootfs(base / "image", tampered=False)
         good = build_image(rootfs, eif, blobs, "1")
         n.check(checks, f"built {eif.name} ({eif.stat().st_size} bytes) without Docker")
@@ -416,12 +417,18 @@ def _steps(
         if record.measurements["PCR0"] != good.pcr0.hex():
             raise DemoFailure("the runner measured another PCR0 than the build")
         n.check(checks, "the runner re-measured the EIF; its emulated NSM reports the same PCRs")
+        n.info(escape(json.dumps(record.run_info())))
         wait_until_serving(store, record, READY_TIMEOUT)
+        console_lines = console_text(store, record).splitlines()
+        if not any("issued by the attestation CA" in line for line in console_lines):
+            raise DemoFailure("the application serves but never reported its certificate")
         n.check(
             checks,
             "the app got a CA certificate by attestation (challenge nonce + key bound in an NSM"
             " document) and serves attested TLS on vsock",
         )
+        for line in console_lines:
+            n.info(f"[dim]console:[/] {escape(line)}")
         port = parent.expose(record.cid)
 
     # 4. Verify before sending anything.
