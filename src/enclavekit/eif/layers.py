@@ -303,6 +303,12 @@ class MergedTree:
             raise self._fail(f"whiteout {_show(name)} names no entry")
         if (parent.serial, hidden) not in self._touched:
             parent.children.pop(hidden, None)
+            return
+        # The same layer also has an entry there: it stays, but what lower layers put below it
+        # is hidden all the same (OCI: whiteouts apply to lower layers only).
+        kept = parent.children.get(hidden)
+        if kept is not None and kept.children is not None:
+            self._hide_lower(kept)
 
     def _hide_lower(self, directory: _Node) -> None:
         """An opaque directory: drop everything earlier layers put below it."""
