@@ -412,9 +412,11 @@ def build_enclave(
     hash_algorithm: str = HASH_ALGORITHM_SHA384,
     image_name: str | None = None,
     progress: Progress | None = None,
+    written: Callable[[int], None] | None = None,
 ) -> BuildResult:
     """Build ``output`` from ``source``. ``cmd``/``env`` are for root-fs directories only (an image's
-    config supplies them). ``image_name`` is the name to record when ``name`` is not given."""
+    config supplies them). ``image_name`` is the name to record when ``name`` is not given.
+    ``progress`` gets one line per step; ``written`` the number of EIF bytes written so far."""
     output = Path(output)
     if isinstance(source, Image):
         if cmd is not None or env:
@@ -464,7 +466,7 @@ def build_enclave(
                 chunks = customer_ramdisk_chunks(
                     tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
                 )
-                written = write_eif_file(
+                result = write_eif_file(
                     output,
                     kernel=blobs.kernel,
                     cmdline=blobs.cmdline,
@@ -473,10 +475,11 @@ def build_enclave(
                     signer=signer,
                     arch="aarch64" if arch == "aarch64" else "x86_64",
                     hash_algorithm=hash_algorithm,
+                    progress=written,
                 )
         finally:
             spool.close()
-    return BuildResult(output, written.measurements, written.size, metadata)
+    return BuildResult(output, result.measurements, result.size, metadata)
 
 
 def _metadata(

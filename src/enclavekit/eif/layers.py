@@ -8,8 +8,9 @@ the size of files.
 Layer semantics (OCI image spec "Applying changesets", as Docker's overlay2 driver realises them):
 
 - ``.wh.NAME`` hides ``NAME`` of lower layers; ``.wh..wh..opq`` hides every lower-layer entry of its directory.
-  Neither hides entries of the same layer, whatever their order in the tar. Other ``.wh..wh.*`` names are
-  aufs bookkeeping and are ignored.
+  Neither hides entries of the same layer, whatever their order in the tar (a same-layer directory ``NAME``
+  stays, without what lower layers had below it). Other ``.wh..wh.*`` names are aufs bookkeeping and are
+  ignored.
 - A directory entry over an existing directory changes its attributes and keeps its contents; any other
   entry replaces what was there (a whole subtree, if it was a directory).
 - Hard links share one file (contents, mode, owner, time); the export lists the first name in walk order as
@@ -303,6 +304,12 @@ class MergedTree:
             raise self._fail(f"whiteout {_show(name)} names no entry")
         if (parent.serial, hidden) not in self._touched:
             parent.children.pop(hidden, None)
+            return
+        # The same layer also has an entry there: it stays, but what lower layers put below it
+        # is hidden all the same (OCI: whiteouts apply to lower layers only).
+        kept = parent.children.get(hidden)
+        if kept is not None and kept.children is not None:
+            self._hide_lower(kept)
 
     def _hide_lower(self, directory: _Node) -> None:
         """An opaque directory: drop everything earlier layers put below it."""

@@ -43,7 +43,9 @@ def test_build_enclave_prints_nitro_cli_json(
     assert printed["Measurements"]["HashAlgorithm"] == "Sha384 { ... }"
     assert all(len(printed["Measurements"][f"PCR{i}"]) == 96 for i in (0, 1, 2))
     assert "Start building the Enclave Image" in result.stderr
-    assert out.exists()
+    described = runner.invoke(cli, ["describe-eif", "--eif-path", str(out), "--json"])
+    assert described.exit_code == 0, described.output
+    assert json.loads(described.stdout)["Measurements"] == printed["Measurements"]
 
 
 def test_bad_image_exits_2_without_output(
