@@ -9,8 +9,8 @@ Flow of :meth:`EnclaveIdentity.obtain`:
    ``nonce`` = the challenge;
 4. ``POST /v1/certificates`` with a CSR for the key and the document; install the returned chain.
 
-:meth:`EnclaveIdentity.renew_if_due` replaces the certificate once ``renew_fraction`` (2/3) of its
-lifetime has passed; :meth:`EnclaveIdentity.start_renewal` runs that on a background thread and
+:meth:`EnclaveIdentity.renew_if_due` replaces the certificate once ``renew_fraction`` (2/3) of the
+time between obtaining it and its notAfter has passed; :meth:`EnclaveIdentity.start_renewal` runs that on a background thread and
 retries failures with backoff while the old certificate is still valid.
 
 The proxy answers ``GET /.well-known/attestation?nonce=HEX`` itself when it is the **first** request on
@@ -208,6 +208,7 @@ class EnclaveIdentity:
         self.clock = clock
         self.renew_fraction = renew_fraction
         self._current: ServingIdentity | None = None
+        self._obtained_at: datetime | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -246,6 +247,7 @@ class EnclaveIdentity:
         identity = ServingIdentity(key, chain, server_context(key, chain))
         with self._lock:
             self._current = identity
+            self._obtained_at = self.clock()
         for callback in list(self._listeners):
             callback(identity)
         log.info(
@@ -257,9 +259,11 @@ class EnclaveIdentity:
         return identity
 
     def renew_at(self) -> datetime:
-        cert = self.current.certificate
-        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-        return cert.not_valid_before_utc + lifetime * self.renew_fraction
+        """When the current certificate is due for renewal: ``renew_fraction`` of the way from the
+        moment it was obtained (by our clock; the CA backdates notBefore) to its notAfter."""
+        not_after = self.current.certificate.not_valid_after_utc
+        start = min(self._obtained_at or not_after, not_after)
+        return start + (not_after - start) * self.renew_fraction
 
     def renew_if_due(self) -> bool:
         """Obtain a new certificate if the renewal time has come; True if renewed."""

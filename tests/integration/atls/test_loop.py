@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -165,8 +166,6 @@ def test_httpx_client_helper(loop: Loop) -> None:
 
 
 def test_renewal_is_due_after_two_thirds_of_the_lifetime(loop: Loop) -> None:
-    from datetime import timedelta
-
     from enclavekit.atls.server import EnclaveIdentity
     from enclavekit.nsm import Nsm
 
@@ -176,9 +175,36 @@ def test_renewal_is_due_after_two_thirds_of_the_lifetime(loop: Loop) -> None:
     )
     assert identity.renew_if_due()  # no certificate yet
     first = identity.current.certificate
-    start, end = first.not_valid_before_utc, first.not_valid_after_utc
+    start, end = now[0], first.not_valid_after_utc
     now[0] = start + (end - start) * 2 / 3 - timedelta(seconds=1)
     assert not identity.renew_if_due()
     now[0] += timedelta(seconds=1)
     assert identity.renew_if_due()
     assert identity.current.certificate.serial_number != first.serial_number
+
+
+def test_background_renewal_of_short_lived_certificates(loop: Loop) -> None:
+    """With 3 s certificates the renewal thread replaces the certificate before it expires."""
+    import time
+
+    from enclavekit.atls.ca import CaPolicy, ServicePolicy
+    from enclavekit.atls.server import EnclaveIdentity
+    from enclavekit.nsm import Nsm
+
+    svc = ServicePolicy("short", ("localhost",), (dict(PCRS),), validity=timedelta(seconds=3))
+    loop.issuer.policy = CaPolicy({"short": svc})
+    identity = EnclaveIdentity(loop.identity.ca, "short", Nsm.in_process(loop.emulator))
+    identity.obtain()
+    first = identity.current.certificate
+    identity.start_renewal(poll=0.2)
+    try:
+        deadline = time.monotonic() + 10
+        while identity.current.certificate == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert identity.current.certificate != first
+        renewed = identity.current.certificate
+        assert renewed.not_valid_after_utc > first.not_valid_after_utc
+        time.sleep(0.5)
+        assert identity.current.certificate == renewed  # not renewing in a loop
+    finally:
+        identity.stop()
