@@ -7,8 +7,10 @@ stderr unless ``--json`` is given.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,23 +46,88 @@ def _run_in_vm(ctx: click.Context) -> None:
     entry(**ctx.params)
 
 
+#: nitro-cli's ``--config`` keys (RunEnclavesArgs) and the options they stand for.
+_CONFIG_KEYS = {
+    "eif_path": str,
+    "enclave_cid": int,
+    "memory_mib": int,
+    "cpu_ids": list,
+    "cpu_count": int,
+    "debug_mode": bool,
+    "attach_console": bool,
+    "enclave_name": str,
+}
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    """nitro-cli's ``run-enclave --config`` JSON file, checked key by key."""
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read --config {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise UsageError(f"--config {path} is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise UsageError(f"--config {path}: expected a JSON object")
+    unknown = sorted(set(obj) - set(_CONFIG_KEYS))
+    if unknown:
+        raise UsageError(
+            f"--config {path}: unknown key(s) {unknown}; known: {sorted(_CONFIG_KEYS)}"
+        )
+    for key, kind in _CONFIG_KEYS.items():
+        value = obj.get(key)
+        if value is not None and (
+            not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        ):
+            raise UsageError(f"--config {path}: {key} must be a {kind.__name__}")
+    if "eif_path" not in obj or ("memory_mib" not in obj):
+        raise UsageError(f"--config {path}: eif_path and memory_mib are required")
+    if "cpu_ids" in obj and not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in obj["cpu_ids"]
+    ):
+        raise UsageError(f"--config {path}: cpu_ids must be a list of integers")
+    return obj
+
+
+def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise UsageError(f"--cpu-ids {text!r}: expected CPU numbers, e.g. '1 3'") from None
+
+
 @click.command("run-enclave")
 @click.option(
     "--eif-path",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The EIF to run.",
+    help="The EIF to run (required unless --config).",
 )
 @click.option(
-    "--cpu-count", type=click.IntRange(1), default=runner.DEFAULT_CPU_COUNT, show_default=True
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="nitro-cli's run-enclave JSON (eif_path, memory_mib, cpu_count|cpu_ids, enclave_cid,"
+    " debug_mode, attach_console, enclave_name); excludes those flags.",
 )
+@click.option(
+    "--cpu-count", type=click.IntRange(1), default=None, help="CPUs (default 2; or --cpu-ids)."
+)
+@click.option("--cpu-ids", default=None, help="Explicit CPU numbers, e.g. '1 3'.")
 @click.option(
     "--memory",
     "memory_mib",
     type=click.IntRange(1),
-    default=runner.DEFAULT_MEMORY_MIB,
-    show_default=True,
-    help="Memory in MiB (reported, and checked to be >= 4 x the EIF size, as nitro-cli does).",
+    default=None,
+    help="Memory in MiB (default 512; checked to be >= 4 x the EIF size, as nitro-cli does).",
+)
+@click.option(
+    "--attach-console",
+    is_flag=True,
+    help="Follow the console right after starting (nitro-cli allows it with --debug-mode only).",
 )
 @click.option(
     "--enclave-cid", type=int, default=None, help="The enclave's CID (>= 4; default 16+)."
@@ -94,9 +161,12 @@ def _run_in_vm(ctx: click.Context) -> None:
 @click.pass_context
 def run_enclave_command(
     ctx: click.Context,
-    eif_path: Path,
-    cpu_count: int,
-    memory_mib: int,
+    eif_path: Path | None,
+    config_path: Path | None,
+    cpu_count: int | None,
+    cpu_ids: str | None,
+    memory_mib: int | None,
+    attach_console: bool,
     enclave_cid: int | None,
     enclave_name: str | None,
     debug_mode: bool,
@@ -111,18 +181,51 @@ def run_enclave_command(
     if vm:
         _run_in_vm(ctx)
         return
+    ids = _cpu_ids(cpu_ids)
+    if config_path is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--eif-path", eif_path),
+                ("--cpu-count", cpu_count),
+                ("--cpu-ids", ids),
+                ("--memory", memory_mib),
+                ("--enclave-cid", enclave_cid),
+                ("--enclave-name", enclave_name),
+            )
+            if value is not None
+        ] + [
+            f for f, v in (("--debug-mode", debug_mode), ("--attach-console", attach_console)) if v
+        ]
+        if given:
+            raise UsageError(f"--config cannot be combined with {', '.join(given)}")
+        config = _load_config(config_path)
+        eif_path = Path(config["eif_path"])
+        memory_mib = config["memory_mib"]
+        cpu_count = config.get("cpu_count")
+        ids = tuple(config["cpu_ids"]) if config.get("cpu_ids") is not None else None
+        enclave_cid = config.get("enclave_cid")
+        enclave_name = config.get("enclave_name")
+        debug_mode = bool(config.get("debug_mode", False))
+        attach_console = bool(config.get("attach_console", False))
+    if eif_path is None:
+        raise UsageError("give --eif-path (or --config)")
+    if cpu_count is not None and ids is not None:
+        raise UsageError("give --cpu-count or --cpu-ids, not both")
     options = runner.RunOptions(
         eif_path=eif_path,
-        cpu_count=cpu_count,
-        memory_mib=memory_mib,
+        cpu_count=cpu_count if cpu_count is not None else runner.DEFAULT_CPU_COUNT,
+        memory_mib=memory_mib if memory_mib is not None else runner.DEFAULT_MEMORY_MIB,
         enclave_cid=enclave_cid,
         debug_mode=debug_mode,
         enclave_name=enclave_name,
         isolation=isolation,
         host_mounts=host_mounts,
         host_python=host_python,
+        cpu_ids=ids,
     )
-    record = runner.run_enclave(options, store=_store(state_dir))
+    store = _store(state_dir)
+    record = runner.run_enclave(options, store=store)
     if not as_json:
         stderr.print(
             f"Started enclave {record.enclave_id} (CID {record.cid}, {record.isolation} mode)."
@@ -132,6 +235,12 @@ def run_enclave_command(
             " isolation, and its NSM is an emulator whose root nobody trusts by default"
         )
     emit_json(record.run_info())
+    if attach_console:
+        if not debug_mode:
+            warn("nitro-cli refuses --attach-console without --debug-mode; showing it anyway")
+        for chunk in runner.follow_console(store, record):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
 
 
 @click.command("describe-enclaves")

@@ -68,6 +68,8 @@ class RunOptions:
     isolation: str | None = None
     host_mounts: tuple[str, ...] = ()
     host_python: bool = False
+    #: Explicit CPUs (nitro-cli ``--cpu-ids``); overrides ``cpu_count``.
+    cpu_ids: tuple[int, ...] | None = None
 
 
 _CHROOT_PROBE = (
@@ -138,6 +140,14 @@ def _check_options(options: RunOptions, live: Sequence[st.EnclaveRecord]) -> tup
             " --isolation process"
         )
     available = sorted(os.sched_getaffinity(0))
+    if options.cpu_ids is not None:
+        missing = sorted(set(options.cpu_ids) - set(available))
+        if not options.cpu_ids or missing or len(set(options.cpu_ids)) != len(options.cpu_ids):
+            raise UsageError(
+                f"--cpu-ids {list(options.cpu_ids)}: give distinct CPUs this process may use"
+                f" ({available}); not available: {missing or 'none'}"
+            )
+        return tuple(sorted(options.cpu_ids))
     if options.cpu_count > len(available):
         raise UsageError(
             f"--cpu-count {options.cpu_count}: this machine offers {len(available)} CPU(s);"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from enclavekit.cli import cli
@@ -85,3 +86,73 @@ def test_damaged_eif_exits_1(tmp_path: Path) -> None:
         "--state-dir", str(tmp_path / "state"),
     )  # fmt: skip
     assert code == 1 and "CRC" in err and out == ""
+
+
+def test_config_file_like_nitro_cli(tmp_path: Path) -> None:
+    import os
+
+    eif = make_eif(tmp_path / "conf.eif", cmd=["/bin/sh", "-c", "echo configured; exec sleep 60"])
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps(
+            {
+                "eif_path": str(eif),
+                "memory_mib": 64,
+                "cpu_ids": [cpu],
+                "enclave_cid": 33,
+                "enclave_name": "from-config",
+                "debug_mode": True,
+            }
+        )
+    )
+    state = str(tmp_path / "state")
+    code, out, err = _invoke(
+        "run-enclave", "--config", str(config), "--isolation", "process", "--state-dir", state
+    )
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["EnclaveName"], info["EnclaveCID"], info["CPUIDs"]) == ("from-config", 33, [cpu])
+    [described] = json.loads(_invoke("describe-enclaves", "--state-dir", state)[1])
+    assert described["Flags"] == "DEBUG_MODE"
+    _invoke("terminate-enclave", "--all", "--state-dir", state)
+
+
+def test_attach_console_follows_until_the_enclave_ends(tmp_path: Path) -> None:
+    eif = make_eif(tmp_path / "att.eif", cmd=["/bin/sh", "-c", "echo attached-line"])
+    code, out, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), "--isolation", "process", "--debug-mode",
+        "--attach-console", "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "attached-line" in out and "exited with status 0" in out
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "message"),
+    [
+        ({"eif_path": "x.eif"}, [], "memory_mib are required"),
+        ({"eif_path": "x.eif", "memory_mib": "512"}, [], "memory_mib must be a int"),
+        ({"eif_path": "x.eif", "memory_mib": 512, "gpus": 1}, [], "unknown key"),
+        ({"eif_path": "x.eif", "memory_mib": 512}, ["--debug-mode"], "cannot be combined"),
+        ([1, 2], [], "JSON object"),
+    ],
+)
+def test_bad_config_files_exit_2(
+    tmp_path: Path, config: object, extra: list[str], message: str
+) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    code, _, err = _invoke("run-enclave", "--config", str(path), *extra)
+    assert code == 2 and message in err
+
+
+def test_cpu_ids_must_be_available(tmp_path: Path) -> None:
+    eif = make_eif(tmp_path / "c.eif", cmd=["/bin/true"])
+    code, _, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), "--cpu-ids", "9999",
+        "--state-dir", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 2 and "not available: [9999]" in err
+    code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--cpu-ids", "a b")
+    assert code == 2 and "expected CPU numbers" in err
