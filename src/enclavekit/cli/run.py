@@ -228,7 +228,8 @@ def run_enclave_command(
     record = runner.run_enclave(options, store=store)
     if not as_json:
         stderr.print(
-            f"Started enclave {record.enclave_id} (CID {record.cid}, {record.isolation} mode)."
+            f"Started enclave with enclave-cid: {record.cid}, memory: {record.memory_mib} MiB,"
+            f" cpu-ids: {list(record.cpu_ids)} ({record.isolation} mode)"
         )
         warn(
             "this is a local stand-in: the application runs on this machine without an enclave's"
