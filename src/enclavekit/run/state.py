@@ -206,7 +206,8 @@ class EnclaveStore:
     """The enclave records of one state directory."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else state_root()
+        # Absolute: the enclave process runs in another working directory.
+        self.root = (root if root is not None else state_root()).absolute()
 
     def enclave_dir(self, enclave_id: str) -> Path:
         if "/" in enclave_id or enclave_id in ("", ".", ".."):

@@ -156,3 +156,18 @@ def test_cpu_ids_must_be_available(tmp_path: Path) -> None:
     assert code == 2 and "not available: [9999]" in err
     code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--cpu-ids", "a b")
     assert code == 2 and "expected CPU numbers" in err
+
+
+def test_relative_state_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    eif = make_eif(tmp_path / "rel.eif", cmd=["/bin/sh", "-c", "exec sleep 60"])
+    code, out, err = _invoke(
+        "run-enclave", "--eif-path", "rel.eif", "--isolation", "process", "--state-dir", "st"
+    )
+    assert code == 0, err
+    assert json.loads(_invoke("describe-enclaves", "--state-dir", "st")[1])[0]["State"] == (
+        "RUNNING"
+    )
+    code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", "st", "--json")
+    assert json.loads(out)["Terminated"] is True
+    assert eif.exists()
