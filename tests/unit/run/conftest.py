@@ -53,6 +53,7 @@ def make_eif(
     cmd: Sequence[str],
     env: Sequence[str] = ("PATH=/usr/bin:/bin",),
     files: Sequence[Entry] = (),
+    signer: object = None,
 ) -> Path:
     bootstrap = newc([d("dev"), f("init", b"#!stand-in init\n", 0o755), f("nsm.ko", b"ko", 0o755)])
     customer = newc(
@@ -68,6 +69,7 @@ def make_eif(
         cmdline="console=ttyS0",
         ramdisks=[bootstrap, customer],
         metadata=IdentityInfo("test-app", "1.0", BuildInfo(build_time="2026-01-01T00:00:00+00:00")),
+        signer=signer,  # type: ignore[arg-type]
     )
     return path
 

@@ -200,3 +200,39 @@ def test_chroot_mode_reports_a_command_missing_from_the_image(
     text = _console(store, record, "exited with status")
     assert "no-such-program: not found in /sbin:/usr/sbin:/bin:/usr/bin" in text
     assert "status 127" in text
+
+
+def test_signed_eif_puts_pcr8_in_the_nsm(tmp_path: Path, store: EnclaveStore) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from enclavekit.eif.sign import EifSigner
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "signer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA384())
+    )
+    signer = EifSigner(cert.public_bytes(serialization.Encoding.PEM), key)
+    probe = PROBE.replace("'PCR0', n.describe_pcr(0)", "'PCR8', n.describe_pcr(8)")
+    eif = make_eif(
+        tmp_path / "signed.eif",
+        cmd=["/bin/sh", "-c", probe],
+        files=[d("rootfs/data"), f("rootfs/data/hello.txt", b"x")],
+        signer=signer,
+    )
+    record = runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="process"), store=store)
+    assert record.measurements["PCR8"] == signer.pcr8.hex()
+    assert f"PCR8 {signer.pcr8.hex()}" in _console(store, record, "CID=")
