@@ -227,7 +227,11 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
         metadata=prepared.described_metadata or None,
     )
     store.save(record)
-    return _spawn_supervisor(store, record, directory)
+    try:
+        return _spawn_supervisor(store, record, directory)
+    except (OSError, KeyboardInterrupt):
+        store.remove(record.enclave_id)
+        raise
 
 
 def _spawn_supervisor(
