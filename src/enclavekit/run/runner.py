@@ -229,7 +229,7 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
     store.save(record)
     try:
         return _spawn_supervisor(store, record, directory)
-    except (OSError, KeyboardInterrupt):
+    except OSError:  # the enclave process could not be spawned
         store.remove(record.enclave_id)
         raise
 
