@@ -418,6 +418,10 @@ def _steps(
             raise DemoFailure("the runner measured another PCR0 than the build")
         n.check(checks, "the runner re-measured the EIF; its emulated NSM reports the same PCRs")
         n.info(escape(json.dumps(record.run_info())))
+        n.note(
+            "the image holds only the application's source; Python and enclavekit come from this"
+            " machine ($ENCLAVEKIT_PYTHON) and are not measured"
+        )
         wait_until_serving(store, record, READY_TIMEOUT)
         console_lines = console_text(store, record).splitlines()
         if not any("issued by the attestation CA" in line for line in console_lines):
