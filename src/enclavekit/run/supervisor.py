@@ -118,7 +118,11 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
 
 
 def _stop(app: subprocess.Popen[bytes]) -> None:
+    """End the application and everything it started (its session's process group)."""
     if app.poll() is not None:
+        # The enclave ends with its application: leftovers it forked die with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(app.pid, signal.SIGKILL)
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(app.pid, signal.SIGTERM)

@@ -236,3 +236,22 @@ def test_signed_eif_puts_pcr8_in_the_nsm(tmp_path: Path, store: EnclaveStore) ->
     record = runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="process"), store=store)
     assert record.measurements["PCR8"] == signer.pcr8.hex()
     assert f"PCR8 {signer.pcr8.hex()}" in _console(store, record, "CID=")
+
+
+def test_processes_left_by_the_app_end_with_the_enclave(
+    tmp_path: Path, store: EnclaveStore
+) -> None:
+    """A daemon forked by the application must not outlive the enclave."""
+    pid_file = tmp_path / "daemon.pid"
+    eif = make_eif(
+        tmp_path / "daemon.eif",
+        cmd=["/bin/sh", "-c", f"sleep 60 & echo $! > {pid_file}; echo started"],
+    )
+    runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="process"), store=store)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text()):
+        time.sleep(0.05)
+    daemon = int(pid_file.read_text())
+    while time.monotonic() < deadline and pid_alive(daemon):
+        time.sleep(0.05)
+    assert not pid_alive(daemon)
