@@ -192,11 +192,27 @@ def _child(image: str, output: str, blobs: str) -> None:
     from enclavekit.eif.build import build_enclave
     from enclavekit.eif.image import open_source
 
+    marks: dict[str, float] = {}
+
+    def progress(message: str) -> None:
+        if message.startswith("Writing"):
+            marks["write"] = time.perf_counter()
+
     start = time.perf_counter()
-    result = build_enclave(open_source(image), output, blobs_dir=Path(blobs))
-    elapsed = time.perf_counter() - start
+    result = build_enclave(open_source(image), output, blobs_dir=Path(blobs), progress=progress)
+    end = time.perf_counter()
     rss = _peak_rss()
-    print(json.dumps({"seconds": elapsed, "rss": rss, "size": result.size}))
+    print(
+        json.dumps(
+            {
+                "seconds": end - start,
+                "index": marks["write"] - start,
+                "write": end - marks["write"],
+                "rss": rss,
+                "size": result.size,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -205,6 +221,12 @@ def main() -> None:
         "--size-mb", type=int, default=64, help="image contents in MiB (default 64)"
     )
     parser.add_argument("--gzip", action="store_true", help="OCI layout with gzip layers")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="interleaved runs of each; the best is kept (default 3)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,15 +241,28 @@ def main() -> None:
         (blobs / "bzImage").write_bytes(kernel_bytes())
         image, files = _make_image(work, args.size_mb, args.gzip)
         _baseline(files)  # warm the page cache for both measurements
-        total, base_seconds = _baseline(files)
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", str(image), str(work / "app.eif"), str(blobs)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        )
-        child = json.loads(done.stdout)
+        # Interleave baseline and build runs and keep the best of each: the machine is shared.
+        base_seconds, children = float("inf"), []
+        for _ in range(args.repeat):
+            total, seconds = _baseline(files)
+            base_seconds = min(base_seconds, seconds)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(image),
+                    str(work / "app.eif"),
+                    str(blobs),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            )
+            children.append(json.loads(done.stdout))
+        child = min(children, key=lambda c: c["seconds"])
+        child["rss"] = max(c["rss"] for c in children)
     base_rate = total / base_seconds / 1e6
     build_rate = total / child["seconds"] / 1e6
     kind = "OCI gzip" if args.gzip else "docker-archive"
@@ -235,6 +270,10 @@ def main() -> None:
     print(f"baseline (read + SHA-384): {base_rate:8.1f} MB/s")
     print(f"build-enclave:             {build_rate:8.1f} MB/s")
     print(f"ratio build/baseline:      {build_rate / base_rate:8.2f}  (target >= 0.7)")
+    print(
+        f"build phases:              {child['index']:8.2f} s reading layers (digests, index), "
+        f"{child['write']:.2f} s writing the EIF (ramdisk, PCR0+PCR2, CRC, fsync)"
+    )
     print(f"build peak RSS:            {child['rss'] / 2**20:8.1f} MiB (target < 300 MiB at 1 GiB)")
 
 

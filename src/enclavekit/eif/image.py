@@ -385,11 +385,17 @@ def _open_docker_archive(store: _TarStore, source: str) -> Image:
             f"{len(config.diff_ids)} diff_ids"
         )
     layers = tuple(
-        LayerBlob(store.locate(name), f"layer {i} ({name})", _digest_from_name(name), diff_id)
+        LayerBlob(
+            store.locate(name), f"layer {i} ({_short(name)})", _digest_from_name(name), diff_id
+        )
         for i, (name, diff_id) in enumerate(zip(layer_names, config.diff_ids, strict=True))
     )
     repo_tags = _strings(entry.get("RepoTags"), f"{source}: RepoTags") or ()
     return Image(config, layers, source, repo_tags)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 40 else f"{name[:19]}…{name[-19:]}"
 
 
 def _digest_from_name(name: str) -> str | None:

@@ -430,6 +430,9 @@ class ContentReader:
 
 #: Read size when copying or checking layer data.
 TAR_BUFSIZE = 1 << 20
+#: Largest single read of a layer tar: tarfile reads PAX headers and GNU long names whole, so an
+#: oversized one would otherwise be held in memory.
+MAX_HEADER_READ = 16 << 20
 
 _TAR_KINDS = {
     tarfile.REGTYPE: EntryKind.REGULAR,
@@ -518,6 +521,13 @@ class _Window:
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0 or n > self._size - self._pos:
             n = max(0, self._size - self._pos)
+        if n > MAX_HEADER_READ:
+            # tarfile reads headers (PAX records, GNU long names) whole; file data is never read
+            # through here in one piece.
+            raise MalformedInput(
+                f"a tar header of {n} bytes at offset {self._pos}; refusing more than "
+                f"{MAX_HEADER_READ} (PAX records and long names are small)"
+            )
         self._handle.seek(self._offset + self._pos)
         data = self._handle.read(n)
         self._pos += len(data)

@@ -376,3 +376,24 @@ def test_signed_build_adds_pcr8(tmp_path: Path, blobs_dir: Path) -> None:
         report = eif.verify()
     assert report.problems() == ()
     assert hashlib.sha384(b"").digest() != result.measurements.pcr8
+
+
+def test_arm64_image_uses_the_aarch64_kernel_and_flag(tmp_path: Path, blobs_dir: Path) -> None:
+    arm_blobs = tmp_path / "arm-blobs"
+    arm_blobs.mkdir()
+    for name in ("init", "nsm.ko", "cmdline"):
+        (arm_blobs / name).write_bytes((blobs_dir / name).read_bytes())
+    (arm_blobs / "Image").write_bytes(b"arm64 kernel" * 100)
+    image = docker_archive(tmp_path / "img.tar", _layers(), arch="arm64")
+    with pytest.raises(UsageError, match="Image"):
+        _build(image, tmp_path / "x.eif", blobs_dir)  # no Image there
+    result = _build(image, tmp_path / "a.eif", arm_blobs)
+    with Eif.open(result.path) as eif:
+        assert eif.header.flags & 1 == 1
+    assert result.metadata.build_info.kernel_version == "Unknown"  # no Image.config
+
+
+def test_arch_mismatch_is_refused(tmp_path: Path, blobs_dir: Path) -> None:
+    image = docker_archive(tmp_path / "img.tar", _layers())
+    with pytest.raises(UsageError, match="does not match"):
+        _build(image, tmp_path / "a.eif", blobs_dir, arch="aarch64")

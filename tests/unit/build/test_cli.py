@@ -136,3 +136,66 @@ def test_docker_uri_without_docker_says_what_to_do(
     )
     assert result.exit_code == 2
     assert "docker save" in result.stderr
+
+
+def test_custom_metadata_and_signing_options(
+    tmp_path: Path, blobs_dir: Path, runner: CliRunner
+) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cli signer")])
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "meta.json").write_text('{"team": "enclaves", "build": 7}')
+    image = docker_archive(tmp_path / "img.tar", [base_layer()])
+    out = tmp_path / "s.eif"
+    result = runner.invoke(
+        cli,
+        [
+            "build-enclave",
+            "--image",
+            str(image),
+            "--output-file",
+            str(out),
+            "--blobs",
+            str(blobs_dir),
+            "--signing-certificate",
+            str(tmp_path / "c.pem"),
+            "--private-key",
+            str(tmp_path / "k.pem"),
+            "--metadata",
+            str(tmp_path / "meta.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)["Measurements"]
+    assert list(printed) == ["HashAlgorithm", "PCR0", "PCR1", "PCR2", "PCR8"]
+    described = json.loads(
+        runner.invoke(cli, ["describe-eif", "--eif-path", str(out), "--json"]).stdout
+    )
+    assert described["Measurements"] == printed
+    assert described["IsSigned"] is True and described["SignatureCheck"] is True
+    assert described["Metadata"]["team"] == "enclaves"

@@ -334,3 +334,13 @@ def test_decompression_bomb_is_capped(tmp_path: Path) -> None:
             spool.append([b"x" * 600])
     finally:
         spool.close()
+
+
+def test_oversized_pax_header_is_refused(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A huge PAX record would be read into memory whole; it is refused instead."""
+    import enclavekit.eif.layers as layers_module
+
+    monkeypatch.setattr(layers_module, "MAX_HEADER_READ", 4096)
+    with pytest.raises(MalformedInput, match="tar header of"):
+        _entries(layer(F("a", b"x", pax={"comment": "c" * 10_000})), spool)
+    assert [e.name for e in _entries(layer(F("a", b"x" * 100_000)), spool)] == [b"a"]
