@@ -360,8 +360,11 @@ class AttestedTlsProxy:
             first = await reader.read(RELAY_CHUNK)
             if not first:
                 return
-            if first.startswith(b"GET " + WELL_KNOWN_PATH.encode()):
-                await self._attestation(first, reader, writer)
+            prefix = b"GET " + WELL_KNOWN_PATH.encode()
+            if first.startswith(prefix) and first[len(prefix) : len(prefix) + 1] in (b"?", b" "):
+                await asyncio.wait_for(
+                    self._attestation(first, reader, writer), self.handshake_timeout
+                )
                 return
             await self._relay(first, reader, writer)
         except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as exc:
