@@ -9,6 +9,7 @@ Endpoints (JSON unless noted):
 * ``GET /v1/certificates/{serial}`` → the record (404 if unknown)
 * ``POST /v1/certificates/{serial}/revoke`` ``{"reason"}``, header ``Authorization: Bearer <token>``
   (admin token: ``<state-dir>/admin-token``; without one, revocation over HTTP is off)
+* ``GET /v1/events?limit=N`` → the audit log, newest first (admin token)
 * ``GET /v1/crl`` → DER CRL (``application/pkix-crl``); ``GET /v1/root`` → the root, PEM
 * ``GET /healthz``
 
@@ -145,16 +146,41 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
             return JSONResponse({"error": "NotFound", "detail": f"no certificate {serial}"}, 404)
         return _record_json(rec)
 
+    def _authorized(authorization: str | None) -> bool:
+        expected = f"Bearer {admin_token}" if admin_token else None
+        return expected is not None and hmac.compare_digest(
+            (authorization or "").encode(), expected.encode()
+        )
+
+    @app.get("/v1/events", response_model=None)
+    def events(
+        limit: int = 100, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any] | JSONResponse:
+        """The audit log, newest first (issuances, refusals with reasons, revocations)."""
+        if not _authorized(authorization):
+            return JSONResponse(
+                {"error": "Forbidden", "detail": "the audit log needs the CA admin token"}, 403
+            )
+        return {
+            "events": [
+                {
+                    "at": _iso(e.at),
+                    "kind": e.kind,
+                    "service": e.service,
+                    "serial": None if e.serial is None else format(e.serial, "x"),
+                    "detail": e.detail,
+                }
+                for e in issuer.store.events(max(1, min(limit, 1000)))
+            ]
+        }
+
     @app.post("/v1/certificates/{serial}/revoke", response_model=None)
     def revoke(
         serial: str,
         body: RevokeRequest,
         authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any] | JSONResponse:
-        expected = f"Bearer {admin_token}" if admin_token else None
-        if expected is None or not hmac.compare_digest(
-            (authorization or "").encode(), expected.encode()
-        ):
+        if not _authorized(authorization):
             return JSONResponse(
                 {"error": "Forbidden", "detail": "revocation needs the CA admin token (Bearer)"},
                 403,

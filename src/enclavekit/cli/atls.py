@@ -63,7 +63,7 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
     "--policy",
     "policy_file",
     type=click.Path(dir_okay=False),
-    help="What the enclave must be (JSON/YAML or nitro-cli measurements). Debug is always refused.",
+    help="What the enclave must be (JSON/YAML or nitro-cli measurements); default: not debug.",
 )
 @click.option("--fresh", is_flag=True, help="Also demand a new document for our own nonce.")
 @click.option(

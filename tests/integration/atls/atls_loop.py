@@ -75,8 +75,10 @@ class Loop:
         return Verifier([self.nsm_root])
 
 
-@pytest.fixture
-def loop(tmp_path: Path) -> Iterator[Loop]:
+@pytest.fixture(scope="module")
+def shared_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    """One running loop per test module (starting one takes about a second)."""
+    tmp_path = tmp_path_factory.mktemp("atls-loop")
     pki = EmulatedAwsPki.ephemeral()
     emulator = NsmEmulator(pcrs=PCRS, pki=pki)
     nsm_root = pki.root_certificate()
@@ -108,3 +110,12 @@ def loop(tmp_path: Path) -> Iterator[Loop]:
         upstream.server_close()
         ca.stop()
         store.close()
+
+
+@pytest.fixture
+def loop(shared_loop: Loop) -> Iterator[Loop]:
+    """The module's loop with a fresh record of upstream requests and the CA policy restored."""
+    shared_loop.upstream_requests.clear()
+    policy = shared_loop.issuer.policy
+    yield shared_loop
+    shared_loop.issuer.policy = policy

@@ -99,8 +99,12 @@ def test_well_known_attestation_endpoint(loop: Loop) -> None:
     body = r.json()
     assert body["nonce"] == nonce.hex()
     assert loop.upstream_requests == []
-    bad = httpx.get(loop.url.rstrip("/") + "/.well-known/attestation?nonce=zz", verify=ctx)
-    assert bad.status_code == 400
+    base = loop.url.rstrip("/") + "/.well-known/attestation"
+    for query in ("?nonce=zz", "?nonce=" + "00" * 8, "?nonce=" + "00" * 65, "", "?x=1"):
+        assert httpx.get(base + query, verify=ctx).status_code == 400, query
+    assert loop.upstream_requests == []
+    assert httpx.get(base + "-other", verify=ctx).content == UPSTREAM_BODY
+    assert loop.upstream_requests == ["/.well-known/attestation-other"]
 
 
 def test_renewal_installs_a_new_certificate(loop: Loop) -> None:

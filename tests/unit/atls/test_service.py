@@ -131,3 +131,17 @@ def test_openapi_and_root(client: httpx.Client, issuer: Issuer) -> None:
     assert "/v1/challenges" in spec["paths"]
     assert client.get("/v1/root").content == issuer.keys.root_pem
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_audit_log_records_issuance_and_refusal(
+    client: httpx.Client, factory: DocumentFactory
+) -> None:
+    """Every issuance and refusal is in the audit log, which needs the admin token."""
+    req = _request(client, factory)
+    serial = client.post("/v1/certificates", json=req).json()["serial"]
+    client.post("/v1/certificates", json=req)  # replay: refused
+    assert client.get("/v1/events").status_code == 403
+    events = client.get("/v1/events", headers={"Authorization": f"Bearer {TOKEN}"}).json()["events"]
+    assert [e["kind"] for e in events] == ["refused", "issued"]
+    assert events[1]["serial"] == serial
+    assert "already used" in events[0]["detail"]
