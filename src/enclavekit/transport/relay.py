@@ -158,10 +158,14 @@ class _SpliceDirection(_Direction):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _fall_back(self) -> bool:
+    def _fall_back(self, carried: bytes) -> bool:
+        """Switch to copying, keeping bytes already moved into the pipe (``carried``)."""
         self.copying = True
-        self.buf = bytearray(self._size)
+        self.buf = bytearray(max(self._size, len(carried)))
         self.view = memoryview(self.buf)
+        self.buf[: len(carried)] = carried
+        self.start, self.end = 0, len(carried)
+        self.in_pipe = 0
         return super().pump()
 
     def pump(self) -> bool:
@@ -176,6 +180,10 @@ class _SpliceDirection(_Direction):
                     )
                 except BlockingIOError:
                     return True
+                except OSError as exc:
+                    if exc.errno in _NO_SPLICE and self.count == 0:
+                        return self._fall_back(os.read(self.pipe_r, self.in_pipe))
+                    raise
                 self.in_pipe -= sent
                 self.count += sent
                 self.since = _now()
@@ -188,7 +196,7 @@ class _SpliceDirection(_Direction):
                     return True
                 except OSError as exc:
                     if exc.errno in _NO_SPLICE and self.count == 0:
-                        return self._fall_back()
+                        return self._fall_back(b"")
                     raise
                 if received == 0:
                     self.eof = True

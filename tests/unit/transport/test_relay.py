@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 import threading
 import time
 import tracemalloc
@@ -255,3 +256,28 @@ def test_splice_refusal_falls_back_to_copying(pairs: Quad, monkeypatch: pytest.M
     server.close()
     thread.join(5)
     assert out[0].a_to_b == 6
+
+
+def test_splice_refused_on_output_keeps_data(pairs: Quad, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If only pipe → destination splicing is refused, bytes already in the pipe are not lost."""
+    import errno
+    import os as os_module
+
+    import enclavekit.transport.relay as relay_module
+
+    real = os_module.splice
+
+    def half(src: int, dst: int, count: int, **kwargs: object) -> int:
+        if stat.S_ISFIFO(os_module.fstat(src).st_mode):
+            raise OSError(errno.EINVAL, "splice to this socket not supported")
+        return real(src, dst, count, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay_module, "_SPLICE", half)
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb)
+    client.sendall(b"kept in the pipe")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"kept in the pipe"
+    server.close()
+    thread.join(5)
+    assert out[0].a_to_b == len(b"kept in the pipe")
