@@ -28,3 +28,9 @@ def emulator(pki: EmulatedAwsPki) -> NsmEmulator:
 def nsm(emulator: NsmEmulator) -> Iterator[Nsm]:
     with Nsm.in_process(emulator) as client:
         yield client
+
+
+@pytest.fixture
+def now() -> datetime:
+    """The emulator clock's fixed instant."""
+    return NOW
