@@ -232,10 +232,18 @@ def relay(
     if buffer_size <= 0:
         raise ValueError("buffer_size must be positive")
     kind = _SpliceDirection if zero_copy and _SPLICE is not None else _Direction
-    forward = kind(a, b, buffer_size)
-    backward = kind(b, a, buffer_size)
     outcome: Outcome = "closed"
+    directions: list[_Direction] = []
     try:
+        try:
+            directions.append(kind(a, b, buffer_size))
+            directions.append(kind(b, a, buffer_size))
+        except OSError:  # out of file descriptors for the pipes: copy instead
+            for direction in directions:
+                if isinstance(direction, _SpliceDirection):
+                    direction.close()
+            directions = [_Direction(a, b, buffer_size), _Direction(b, a, buffer_size)]
+        forward, backward = directions
         a.setblocking(False)
         b.setblocking(False)
         fds = {a.fileno(): a, b.fileno(): b}
@@ -301,10 +309,11 @@ def relay(
         for sock in (a, b):
             with contextlib.suppress(OSError):
                 sock.close()
-        for direction in (forward, backward):
+        for direction in directions:
             if isinstance(direction, _SpliceDirection):
                 direction.close()
-    return RelayStats(forward.count, backward.count, outcome)
+    counts = [d.count for d in directions] + [0, 0]
+    return RelayStats(counts[0], counts[1], outcome)
 
 
 async def relay_streams(
