@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def _serve(server: RelayServer, listen_text: str, what: str) -> None:
-    listener = listen(parse_address(listen_text))
+    try:
+        listener = listen(parse_address(listen_text))
+    except BaseException:
+        server.close()
+        raise
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
