@@ -1,4 +1,5 @@
-"""One transport API for ``vsock://CID:PORT`` and ``tcp://HOST:PORT``, sync and asyncio.
+"""One transport API for ``vsock://CID:PORT`` and ``tcp://HOST:PORT`` (and ``unix:///PATH`` for local
+backends), sync and asyncio.
 
 Modules (one job each):
 
@@ -30,6 +31,7 @@ opens the upstream connection, relays in a worker and closes both ends::
     proxy.submit(tcp_conn)                         # ... a TCP connection accepted elsewhere ...
     ours, theirs = socket.socketpair()             # ... or a byte stream from a non-socket backend
     proxy.submit(ours)                             #     (e.g. vhost-user): pump bytes through `theirs`
+    proxy.start(listen("unix:///run/vsock-8000.sock"))  # ... or connections to a Unix socket
     proxy.close()                                  # stop accepting, end relays, join workers
 
 A backend that wants to relay by itself (asyncio, say) calls ``proxy.connect_upstream()`` for the checked
@@ -49,6 +51,7 @@ from enclavekit.transport.address import (
     VMADDR_CID_PARENT,
     Address,
     TcpAddress,
+    UnixAddress,
     VsockAddress,
     parse_address,
     vsock_available,
@@ -75,6 +78,7 @@ __all__ = [
     "TargetNotAllowed",
     "TcpAddress",
     "TransportError",
+    "UnixAddress",
     "VsockAddress",
     "connect",
     "listen",

@@ -12,6 +12,7 @@ from enclavekit.errors import UsageError
 from enclavekit.transport.address import (
     VMADDR_CID_ANY,
     TcpAddress,
+    UnixAddress,
     VsockAddress,
     as_address,
     parse_address,
@@ -29,6 +30,7 @@ from enclavekit.transport.address import (
         ("tcp://127.0.0.1:0", TcpAddress("127.0.0.1", 0)),
         ("tcp://kms.eu-west-1.amazonaws.com:443", TcpAddress("kms.eu-west-1.amazonaws.com", 443)),
         ("tcp://[::1]:8443", TcpAddress("::1", 8443)),
+        ("unix:///run/x.sock", UnixAddress("/run/x.sock")),
     ],
 )
 def test_parse_good_addresses(text: str, expected: object) -> None:
@@ -65,6 +67,8 @@ def test_str_round_trips(address: VsockAddress | TcpAddress) -> None:
         "tcp://::1:80",
         "tcp://host:-1",
         "tcp://:80",
+        "unix://",
+        "unix:///" + "x" * 200,
     ],
 )
 def test_bad_addresses_raise_usage_error(text: str) -> None:

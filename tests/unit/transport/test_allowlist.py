@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.errors import MalformedInput, UsageError
 from enclavekit.transport.allowlist import (
@@ -169,3 +172,22 @@ def test_system_resolver_literals_and_localhost() -> None:
     assert ipaddress.ip_address("127.0.0.1") in resolve("localhost", IpFamily.IPV4)
     with pytest.raises(UsageError, match="DNS lookup"):
         resolve("no-such-host.invalid")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["allowlist", "address", "port", "x"]), children, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_random_structures_only_raise_malformed(obj: object) -> None:
+    with contextlib.suppress(MalformedInput):
+        Allowlist.from_mapping(obj)

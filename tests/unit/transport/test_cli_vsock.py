@@ -116,3 +116,17 @@ def test_live_proxy_process_relays(tmp_path: Path, echo_server: EchoServer) -> N
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert b"allowed" in err
+
+
+def test_forward_bad_address_exits_2() -> None:
+    result = CliRunner().invoke(cli, ["vsock-forward", "tcp://127.0.0.1:0", "vsock://x:1"])
+    assert result.exit_code == 2
+    assert "invalid CID" in result.stderr
+
+
+def test_forward_port_in_use_exits_2(echo_server: EchoServer) -> None:
+    result = CliRunner().invoke(
+        cli, ["vsock-forward", str(echo_server.address), "tcp://127.0.0.1:1"]
+    )
+    assert result.exit_code == 2
+    assert "cannot listen" in result.stderr

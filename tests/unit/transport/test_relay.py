@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 import threading
 import time
 import tracemalloc
@@ -38,9 +39,10 @@ def _start(
     return thread, out
 
 
-def test_bulk_both_ways_with_half_close(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_bulk_both_ways_with_half_close(pairs: Quad, zero_copy: bool) -> None:
     client, pa, pb, server = pairs
-    thread, out = _start(pa, pb, buffer_size=4096)
+    thread, out = _start(pa, pb, zero_copy=zero_copy, buffer_size=4096)
     up = os.urandom(3_000_000)
     down = os.urandom(1_000_000)
 
@@ -66,10 +68,11 @@ def test_bulk_both_ways_with_half_close(pairs: Quad) -> None:
     assert out == [RelayStats(len(up), len(down), "closed")]
 
 
-def test_reply_after_half_close_still_flows(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_reply_after_half_close_still_flows(pairs: Quad, zero_copy: bool) -> None:
     """EOF one way must not cut the other way (HTTP/1.0-style request, then response)."""
     client, pa, pb, server = pairs
-    thread, out = _start(pa, pb)
+    thread, out = _start(pa, pb, zero_copy=zero_copy)
     client.sendall(b"request")
     client.shutdown(socket.SHUT_WR)
     assert recv_all(server) == b"request"
@@ -81,10 +84,11 @@ def test_reply_after_half_close_still_flows(pairs: Quad) -> None:
     assert out[0].outcome == "closed"
 
 
-def test_client_disconnect_mid_stream_ends_relay(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_client_disconnect_mid_stream_ends_relay(pairs: Quad, zero_copy: bool) -> None:
     """A client that resets mid-download ends the relay and closes the upstream side."""
     client, pa, pb, server = pairs
-    thread, out = _start(pa, pb, buffer_size=4096)
+    thread, out = _start(pa, pb, zero_copy=zero_copy, buffer_size=4096)
     stop = threading.Event()
 
     def flood() -> None:
@@ -106,10 +110,13 @@ def test_client_disconnect_mid_stream_ends_relay(pairs: Quad) -> None:
     server.close()
 
 
-def test_reader_that_never_reads_is_dropped_after_stall_timeout(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_reader_that_never_reads_is_dropped_after_stall_timeout(
+    pairs: Quad, zero_copy: bool
+) -> None:
     """Slow-read DoS: a peer that stops reading cannot hold the relay forever."""
     client, pa, pb, server = pairs
-    thread, out = _start(pa, pb, buffer_size=4096, stall_timeout=0.3)
+    thread, out = _start(pa, pb, zero_copy=zero_copy, buffer_size=4096, stall_timeout=0.3)
 
     def flood() -> None:
         try:
@@ -139,9 +146,10 @@ def test_idle_connection_is_not_a_stall(pairs: Quad) -> None:
     assert out[0].a_to_b == 4
 
 
-def test_shutdown_from_another_thread_stops_relay(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_shutdown_from_another_thread_stops_relay(pairs: Quad, zero_copy: bool) -> None:
     client, pa, pb, server = pairs
-    thread, _ = _start(pa, pb)
+    thread, _ = _start(pa, pb, zero_copy=zero_copy)
     time.sleep(0.05)
     pa.shutdown(socket.SHUT_RDWR)
     thread.join(5)
@@ -150,13 +158,14 @@ def test_shutdown_from_another_thread_stops_relay(pairs: Quad) -> None:
     server.close()
 
 
-def test_memory_stays_bounded_while_relaying(pairs: Quad) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_memory_stays_bounded_while_relaying(pairs: Quad, zero_copy: bool) -> None:
     """Relaying 32 MiB allocates no more than a small multiple of the buffer size."""
     client, pa, pb, server = pairs
     size = 32 * 1024 * 1024
     tracemalloc.start()
     try:
-        thread, out = _start(pa, pb, buffer_size=64 * 1024)
+        thread, out = _start(pa, pb, zero_copy=zero_copy, buffer_size=64 * 1024)
 
         def sink() -> None:
             buf = bytearray(65536)
@@ -227,3 +236,48 @@ def test_relay_streams_asyncio() -> None:
     stats = asyncio.run(main())
     assert stats.a_to_b == 500_000
     assert stats.b_to_a == 500_000
+
+
+def test_splice_refusal_falls_back_to_copying(pairs: Quad, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket family without splice support (EINVAL) is relayed by copying instead."""
+    import errno
+
+    import enclavekit.transport.relay as relay_module
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EINVAL, "splice not supported")
+
+    monkeypatch.setattr(relay_module, "_SPLICE", refuse)
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb)
+    client.sendall(b"copied")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"copied"
+    server.close()
+    thread.join(5)
+    assert out[0].a_to_b == 6
+
+
+def test_splice_refused_on_output_keeps_data(pairs: Quad, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If only pipe → destination splicing is refused, bytes already in the pipe are not lost."""
+    import errno
+    import os as os_module
+
+    import enclavekit.transport.relay as relay_module
+
+    real = os_module.splice
+
+    def half(src: int, dst: int, count: int, **kwargs: object) -> int:
+        if stat.S_ISFIFO(os_module.fstat(src).st_mode):
+            raise OSError(errno.EINVAL, "splice to this socket not supported")
+        return real(src, dst, count, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay_module, "_SPLICE", half)
+    client, pa, pb, server = pairs
+    thread, out = _start(pa, pb)
+    client.sendall(b"kept in the pipe")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"kept in the pipe"
+    server.close()
+    thread.join(5)
+    assert out[0].a_to_b == len(b"kept in the pipe")

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
-from enclavekit.transport.address import VMADDR_CID_LOCAL, TcpAddress, VsockAddress, vsock_available
+from enclavekit.transport.address import (
+    VMADDR_CID_LOCAL,
+    TcpAddress,
+    UnixAddress,
+    VsockAddress,
+    vsock_available,
+)
 from enclavekit.transport.errors import TransportError
 from enclavekit.transport.sockets import (
     connect,
@@ -18,7 +25,7 @@ from enclavekit.transport.sockets import (
     start_server,
 )
 
-from .conftest import EchoServer
+from .conftest import EchoServer, recv_all
 
 
 def _vsock_loopback() -> bool:
@@ -134,3 +141,33 @@ def test_vsock_loopback_round_trip() -> None:
 def test_vsock_unavailable_is_explained() -> None:
     with pytest.raises(TransportError, match="AF_VSOCK is not available"):
         connect("vsock://3:8000")
+
+
+def test_unix_socket_listen_connect_and_proxy(tmp_path: Path, echo_server: EchoServer) -> None:
+    """A local backend (vhost-user vsock) can reach the proxy through a Unix socket."""
+    from enclavekit.transport.allowlist import Allowlist, AllowlistEntry
+    from enclavekit.transport.proxy import VsockProxy
+
+    path = str(tmp_path / "proxy.sock")
+    listener = listen(f"unix://{path}")
+    assert local_address(listener) == UnixAddress(path)
+    port = echo_server.address.port
+    with VsockProxy(
+        "127.0.0.1", port, allowlist=Allowlist((AllowlistEntry("127.0.0.1", port),))
+    ) as proxy:
+        proxy.start(listener)
+        with connect(f"unix://{path}", timeout=5) as sock:
+            sock.sendall(b"via unix")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"via unix"
+
+        async def via_asyncio() -> bytes:
+            reader, writer = await open_connection(f"unix://{path}", timeout=5)
+            writer.write(b"async unix")
+            writer.write_eof()
+            data = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            return data
+
+        assert asyncio.run(via_asyncio()) == b"async unix"
