@@ -92,6 +92,12 @@ def _emulated(
     return VsockAddress(cid, port), socket_path(directory, cid, port)
 
 
+def emulated_socket_path(address: Address | str, *, listening: bool) -> Path | None:
+    """The unix socket standing for ``address`` under emulation, or None (not vsock, or no
+    ``$ENCLAVEKIT_VSOCK_DIR``). The hook for :mod:`enclavekit.transport` to honour emulation."""
+    return _emulated(address, listening=listening)[1]
+
+
 def _free_port(directory: Path, cid: int) -> int:
     for _ in range(64):
         port = 49152 + secrets.randbelow(16384)
@@ -207,6 +213,7 @@ __all__ = [
     "VsockAddress",
     "bound_address",
     "connect",
+    "emulated_socket_path",
     "emulation_dir",
     "listen",
     "local_cid",

@@ -110,3 +110,11 @@ def test_asyncio_server_and_connection(emulated: Path) -> None:
             return data
 
     assert asyncio.run(main()) == b"ASYNC"
+
+
+def test_emulated_socket_path_hook(emulated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert vsock.emulated_socket_path("vsock://3:8000", listening=False) == emulated / "3.8000"
+    assert vsock.emulated_socket_path("vsock://ANY:5000", listening=True) == emulated / "16.5000"
+    assert vsock.emulated_socket_path("tcp://127.0.0.1:80", listening=False) is None
+    monkeypatch.delenv(vsock.ENV_DIR)
+    assert vsock.emulated_socket_path("vsock://3:8000", listening=False) is None
