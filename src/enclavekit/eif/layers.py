@@ -32,7 +32,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from enclavekit.errors import MalformedInput
 
@@ -492,7 +492,13 @@ def read_layer_file(location: ContentRef, *, label: str, spool: Spool) -> Iterat
                 encoding="utf-8",
                 errors="surrogateescape",
             ) as archive:
-                for member in archive:
+                # next() rather than iteration: tarfile keeps every member it has read in
+                # ``members``; clearing it keeps memory flat (hard links are resolved by the
+                # merged tree, never by tarfile).
+                seen: Any = getattr(archive, "members", None)  # undocumented, long-stable
+                while (member := archive.next()) is not None:
+                    if isinstance(seen, list):
+                        seen.clear()
                     yield _to_entry(member, archive, label=label, spool=spool, direct=location)
                 end = archive.offset
         except (tarfile.TarError, EOFError, UnicodeError) as exc:
