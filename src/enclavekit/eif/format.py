@@ -109,9 +109,14 @@ class EifHeader:
     unused: int = 0
     magic: bytes = field(default=MAGIC)
 
+    def __post_init__(self) -> None:
+        # Tables always hold all 32 entries, so headers compare equal however they were built.
+        object.__setattr__(self, "section_offsets", _pad_table(tuple(self.section_offsets)))
+        object.__setattr__(self, "section_sizes", _pad_table(tuple(self.section_sizes)))
+
     def pack(self) -> bytes:
-        offsets = _pad_table(self.section_offsets)
-        sizes = _pad_table(self.section_sizes)
+        offsets = self.section_offsets
+        sizes = self.section_sizes
         return HEADER_STRUCT.pack(
             self.magic,
             self.version,
