@@ -255,7 +255,7 @@ def ca_policy_from_mapping(obj: Any) -> CaPolicy:
                     for k, v in entry.items()
                     if str(k) not in ("HashAlgorithm",)
                 }
-                for entry in pcrs
+                for entry in (e.get("Measurements", e) for e in pcrs)
             )
             services[str(name)] = ServicePolicy(
                 name=str(name),

@@ -16,8 +16,9 @@ Application requests then go over a **new** connection whose context pins exactl
 certificate (:meth:`AttestedPeer.pinned_context`), so a request can only reach the verified key.
 :meth:`AttestedClient.httpx_client` and :meth:`AttestedClient.request` build on that.
 
-Not checked: revocation (fetch the CA's CRL yourself if you need it), and anything about the
-upstream application behind the enclave's proxy.
+Revocation is checked only when a CRL is given (``crl=``; its signature by the CA root and its
+nextUpdate are checked when the client is built). Not checked: anything about the upstream
+application behind the enclave's proxy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -127,8 +129,10 @@ class AttestedClient:
         fresh: bool = False,
         clock: Clock = utc_now,
         timeout: float = 10.0,
+        crl: x509.CertificateRevocationList | None = None,
     ) -> None:
         self.ca_root = ca_root
+        self.crl = check_crl(crl, ca_root, clock()) if crl is not None else None
         self.verifier = verifier if verifier is not None else Verifier.aws()
         self.policy = policy
         self.fresh = fresh
@@ -162,6 +166,13 @@ class AttestedClient:
                 if der is None:  # pragma: no cover - CERT_REQUIRED guarantees a certificate
                     raise VerificationError("the server sent no certificate")
                 cert = x509.load_der_x509_certificate(der)
+                if self.crl is not None:
+                    entry = self.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                    if entry is not None:
+                        raise VerificationError(
+                            f"the server's certificate {cert.serial_number:x} was revoked by the CA"
+                            f" on {entry.revocation_date_utc.isoformat()}"
+                        )
                 spki = cert.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                 )
@@ -241,6 +252,34 @@ class AttestedClient:
                     f"the server's certificate changed after attestation ({exc}); retry"
                 ) from exc
         return peer, response
+
+
+def check_crl(
+    crl: x509.CertificateRevocationList, ca_root: x509.Certificate, now: datetime
+) -> x509.CertificateRevocationList:
+    """``crl`` if it is signed by ``ca_root`` and current at ``now``; else VerificationError."""
+    if crl.issuer != ca_root.subject or not crl.is_signature_valid(
+        ca_root.public_key()  # type: ignore[arg-type]
+    ):
+        raise VerificationError(
+            "the CRL is not signed by the attestation CA root; fetch it from the CA (/v1/crl)"
+        )
+    next_update = crl.next_update_utc
+    if next_update is not None and now > next_update:
+        raise VerificationError(
+            f"the CRL expired at {next_update.isoformat()}; fetch a current one from /v1/crl"
+        )
+    return crl
+
+
+def load_crl(data: bytes) -> x509.CertificateRevocationList:
+    """A CRL from DER or PEM bytes."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise MalformedInput(f"CRL: expected DER or PEM ({exc})") from exc
 
 
 def _host_port(url: str) -> tuple[str, int]:

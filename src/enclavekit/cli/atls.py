@@ -73,6 +73,12 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
     type=click.Path(dir_okay=False),
     help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
 )
+@click.option(
+    "--crl",
+    "crl_source",
+    metavar="FILE|URL",
+    help="The CA's CRL (DER/PEM file, or http(s) URL such as <CA>/v1/crl): refuse revoked servers.",
+)
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per network step.")
 @json_option
 def get(
@@ -83,13 +89,14 @@ def get(
     roots: tuple[str, ...],
     timeout: float,
     as_json: bool,
+    crl_source: str | None,
 ) -> None:
     """GET URL after verifying the server's attestation; the body goes to stdout.
 
     Exit 1, with nothing sent to the application, when the certificate, the embedded document,
     the policy or the fresh document fails.
     """
-    from enclavekit.atls.client import AttestedClient, load_ca_root
+    from enclavekit.atls.client import AttestedClient, load_ca_root, load_crl
 
     try:
         with open(ca_cert, "rb") as f:
@@ -102,6 +109,7 @@ def get(
         policy=load_policy(policy_file) if policy_file else None,
         fresh=fresh,
         timeout=timeout,
+        crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,
     )
     peer, response = client.request("GET", url)
     if as_json:
@@ -120,6 +128,23 @@ def get(
         sys.stdout.buffer.flush()
     if response.status_code >= 400:
         sys.exit(1)
+
+
+def _read_source(source: str, timeout: float) -> bytes:
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            response = httpx.get(source, timeout=timeout)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UsageError(f"cannot fetch {source}: {exc}") from exc
+        return response.content
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
 
 
 def register(group: click.Group) -> None:

@@ -151,3 +151,10 @@ def test_ca_serve_and_atls_proxy_processes(tmp_path: Path) -> None:
             for stream in (p.stderr, p.stdout):
                 if stream is not None:
                     stream.close()
+
+
+def test_atls_get_with_crl_url(loop: Loop) -> None:
+    r = CliRunner().invoke(cli, _get_args(loop, "--crl", f"{loop.ca.url}/v1/crl"))
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, _get_args(loop, "--crl", str(loop.tmp / "missing.crl")))
+    assert r.exit_code == 2

@@ -212,3 +212,35 @@ def test_background_renewal_of_short_lived_certificates(loop: Loop) -> None:
         assert identity.current.certificate == renewed  # not renewing in a loop
     finally:
         identity.stop()
+
+
+def test_revoked_certificate_is_refused_with_a_crl(loop: Loop) -> None:
+    """A client given the CA's CRL refuses a revoked server certificate before sending."""
+    from enclavekit.atls.client import load_crl
+
+    loop.identity.obtain()  # a certificate of its own, so other tests are not affected
+    serial = loop.identity.current.certificate.serial_number
+    crl_before = load_crl(httpx.get(f"{loop.ca.url}/v1/crl").content)
+    _client(loop, crl=crl_before).request("GET", loop.url)
+    loop.issuer.revoke(serial, "key_compromise")
+    crl = load_crl(httpx.get(f"{loop.ca.url}/v1/crl").content)
+    with pytest.raises(VerificationError, match="revoked"):
+        _client(loop, crl=crl).request("GET", loop.url)
+    assert loop.upstream_requests == ["/"]
+    loop.identity.obtain()
+
+
+def test_crl_from_another_ca_or_expired_is_refused(loop: Loop) -> None:
+    from datetime import UTC, datetime
+
+    from enclavekit.atls.ca import create_ca_keys
+    from enclavekit.atls.client import check_crl, load_crl
+
+    crl = load_crl(httpx.get(f"{loop.ca.url}/v1/crl").content)
+    other = create_ca_keys(now=datetime.now(UTC))
+    with pytest.raises(VerificationError, match="not signed"):
+        check_crl(crl, other.root, datetime.now(UTC))
+    assert crl.next_update_utc is not None
+    with pytest.raises(VerificationError, match="expired"):
+        check_crl(crl, loop.issuer.keys.root, crl.next_update_utc + timedelta(seconds=1))
+    check_crl(crl, loop.issuer.keys.root, crl.next_update_utc)

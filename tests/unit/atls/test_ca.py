@@ -306,6 +306,10 @@ def test_policy_file_yaml_and_measurements(tmp_path: Path) -> None:
         }
     )
     assert nitro.services["a"].pcr_allowlist == ({0: bytes(48)},)
+    listed = ca_policy_from_mapping(
+        {"services": {"a": {"dns_names": ["a"], "pcrs": [{"Measurements": {"PCR1": "11" * 48}}]}}}
+    )
+    assert listed.services["a"].pcr_allowlist == ({1: b"\x11" * 48},)
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,12 @@ def test_docker_uri_uses_docker_save(
         ],
     )
     assert result.exit_code == 0, result.output
+    described = json.loads(
+        runner.invoke(cli, ["describe-eif", "--eif-path", str(tmp_path / "a.eif"), "--json"]).stdout
+    )
+    assert (
+        described["ImageName"] == "registry.example/app"
+    )  # nitro-cli: the URI up to its first ':'
 
 
 def test_docker_uri_without_docker_says_what_to_do(

@@ -12,6 +12,8 @@ import tracemalloc
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.transport.relay import RelayStats, relay, relay_streams
 
@@ -281,3 +283,40 @@ def test_splice_refused_on_output_keeps_data(pairs: Quad, monkeypatch: pytest.Mo
     server.close()
     thread.join(5)
     assert out[0].a_to_b == len(b"kept in the pipe")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    up=st.lists(st.binary(min_size=1, max_size=5000), max_size=8),
+    down=st.lists(st.binary(min_size=1, max_size=5000), max_size=8),
+    buffer_size=st.sampled_from([4096, 8192, 65536]),
+    zero_copy=st.booleans(),
+)
+def test_any_write_pattern_arrives_intact(
+    up: list[bytes], down: list[bytes], buffer_size: int, zero_copy: bool
+) -> None:
+    client, pa = socket.socketpair()
+    pb, server = socket.socketpair()
+    thread, out = _start(pa, pb, buffer_size=buffer_size, zero_copy=zero_copy)
+
+    def talk(sock: socket.socket, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+
+    writers = [
+        threading.Thread(target=talk, args=(client, up)),
+        threading.Thread(target=talk, args=(server, down)),
+    ]
+    for w in writers:
+        w.start()
+    got_down = recv_all(client)
+    got_up = recv_all(server)
+    for w in writers:
+        w.join(10)
+    thread.join(10)
+    client.close()
+    server.close()
+    assert got_up == b"".join(up)
+    assert got_down == b"".join(down)
+    assert out[0] == RelayStats(len(got_up), len(got_down), "closed")
