@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def signed_eif(
 @pytest.fixture(scope="session")
 def booted(
     signed_eif: Path, vm_qemu: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
+) -> dict[str, Any]:
     """Boot the signed EIF once (PCR3/PCR4 from ROLE/INSTANCE); the guest's results and the console."""
     from enclavekit.vm.runner import run_enclave_vm
 
@@ -141,7 +140,7 @@ def booted(
     console = "".join(chunks)
     match = re.search(r"^EK-RESULT (\{.*\})\s*$", console, re.MULTILINE)
     assert match, f"the guest printed no result; console:\n{console[-3000:]}"
-    yield {
+    return {
         "result": json.loads(match.group(1)),
         "console": console,
         "described": described,
