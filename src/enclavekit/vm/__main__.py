@@ -137,8 +137,9 @@ def run_enclave(
     sys.stdout.flush()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        enclave.terminate()
-        sys.exit(0)
+        # Only ask QEMU to stop here: the main thread is inside wait(), which then cleans up.
+        if enclave.process.poll() is None:
+            enclave.process.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -14,6 +14,7 @@ PCRs are not zeroed in debug mode, attestation documents are unsigned (empty sig
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BOOT_TIMEOUT = 180.0
 MIN_MEMORY_MIB = 64
 FIRST_CID = 16
+PR_SET_PDEATHSIG = 1
 Console = Callable[[str], None] | TextIO
 
 
@@ -157,6 +159,15 @@ class VmEnclave:
         self.terminate()
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: be killed when the process that started it dies (no orphaned VMs)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _sink(console: Console | None) -> Callable[[str], None] | None:
     if console is None:
         return None
@@ -271,6 +282,7 @@ def run_enclave_vm(
             stdout=serial_out,
             stderr=qemu_err,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     sink = _sink(console) if debug_mode else None
     tail = _ConsoleTail(console_log, sink) if console_log and sink else None
@@ -326,7 +338,10 @@ def terminate_recorded(enclave_id: str, records: Path | None = None, timeout: fl
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(record.qemu_pid):
+        while time.monotonic() < deadline and (
+            _alive(record.qemu_pid)
+            or (record.process_id != os.getpid() and _alive(record.process_id))
+        ):
             time.sleep(0.05)
         if _alive(record.qemu_pid):
             with contextlib.suppress(ProcessLookupError):
@@ -343,6 +358,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    try:  # a zombie has ended; only its parent has not collected it yet
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        pass
     # A zombie child of ours still answers signal 0; reap it if it is ours.
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
