@@ -40,6 +40,8 @@ MAX_CABUNDLE = 10
 MAX_OPTIONAL_FIELD = 1024
 #: module_id is 39 characters on real documents; a generous cap bounds what we store and print.
 MAX_MODULE_ID = 256
+#: The last millisecond of year 9999: later timestamps cannot be represented (and are not real).
+MAX_TIMESTAMP_MS = 253_402_300_799_999
 PCR_COUNT = 32
 PCR_LENGTHS = frozenset({32, 48, 64})
 COSE_TAG = 18
@@ -181,6 +183,10 @@ class AttestationDocument:
             or not 0 < timestamp < 2**64
         ):
             raise MalformedInput(f"timestamp must be a positive integer (ms); found {timestamp!r}")
+        if timestamp > MAX_TIMESTAMP_MS:
+            raise MalformedInput(
+                f"timestamp {timestamp} ms is after 9999-12-31; expected milliseconds since 1970"
+            )
         pcr_key = "pcrs" if has_pcrs else "nitrotpm_pcrs"
         pcrs = _pcrs(body[pcr_key], pcr_key)
         certificate = _bytes_field(body["certificate"], "certificate", 1, MAX_CERT_SIZE)

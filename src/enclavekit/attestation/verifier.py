@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -35,11 +36,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as pkix
 from cryptography.x509.oid import SignatureAlgorithmOID
 
@@ -256,7 +258,13 @@ class Verifier:
         path_key.update(doc.certificate)
         cached = self._paths.get(path_key.digest(), at)
         if cached is None:
-            cached = self._validate_chain(doc, at, bundle_key.digest())
+            try:
+                cached = self._validate_chain(doc, at, bundle_key.digest())
+            except (ValueError, UnsupportedAlgorithm) as exc:
+                # pyca parses certificates lazily: a field can fail to decode long after loading.
+                raise MalformedInput(
+                    f"a certificate of the document cannot be decoded: {exc}"
+                ) from None
             self._paths.put(path_key.digest(), cached)
         leaf_key = cached.leaf_key
         assert leaf_key is not None
@@ -348,15 +356,18 @@ def _utc(at: datetime) -> datetime:
 
 def _parse_cert(der: bytes, name: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise MalformedInput(f"{name} is not a DER X.509 certificate: {exc}") from None
+        # RFC 5280 violations that pyca only warns about (e.g. a non-positive serial) are refused.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            return x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+        raise MalformedInput(f"{name} is not a valid DER X.509 certificate: {exc}") from None
 
 
 def _require_p384(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
     try:
         key = cert.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise VerificationError(
             f"{name}: unsupported public key ({exc}); expected EC P-384"
         ) from None

@@ -23,7 +23,7 @@ from enclavekit.attestation.policy import (
     parse_pcr_index,
     parse_pcr_value,
 )
-from enclavekit.attestation.verifier import VerifiedAttestation, Verifier
+from enclavekit.attestation.verifier import VerifiedAttestation, Verifier, _parse_cert
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
 from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
@@ -273,8 +273,8 @@ def inspect(doc: str, as_json: bool) -> None:
     certs = []
     for der in (decoded.certificate, *decoded.cabundle):
         try:
-            certs.append(_cert_json(x509.load_der_x509_certificate(der)))
-        except ValueError as exc:
+            certs.append(_cert_json(_parse_cert(der, "certificate")))
+        except (Error, ValueError) as exc:
             certs.append({"error": f"not a DER certificate: {exc}"})
     if as_json:
         emit_json(

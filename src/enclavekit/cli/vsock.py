@@ -12,7 +12,7 @@ import click
 
 from enclavekit.cli._render import stderr, warn
 from enclavekit.errors import UsageError
-from enclavekit.transport.address import VMADDR_CID_ANY, VsockAddress, parse_address
+from enclavekit.transport.address import VMADDR_CID_ANY, TcpAddress, VsockAddress, parse_address
 from enclavekit.transport.allowlist import DEFAULT_CONFIG_PATH, Allowlist, IpFamily
 from enclavekit.transport.forwarder import Forwarder
 from enclavekit.transport.proxy import VsockProxy
@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def _serve(server: RelayServer, listen_text: str, what: str) -> None:
-    listener = listen(parse_address(listen_text))
+    try:
+        listener = listen(parse_address(listen_text))
+    except BaseException:
+        server.close()
+        raise
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -141,7 +145,7 @@ def vsock_forward(
     """
     target = parse_address(target_address)
     listen_at = parse_address(listen_address)
-    if isinstance(listen_at, VsockAddress) is False and listen_at.sockaddr[0] not in (
+    if isinstance(listen_at, TcpAddress) and listen_at.host not in (
         "127.0.0.1",
         "::1",
         "localhost",

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from enclavekit.errors import Error, MalformedInput, UsageError
+from enclavekit.errors import Error, MalformedInput, UsageError, VerificationError
 from enclavekit.kms._sigv4 import sign_headers
 from enclavekit.kms.recipient import Recipient, RecipientKey
 from enclavekit.transport.address import Address, TcpAddress, as_address
@@ -199,6 +199,11 @@ class KmsClient:
             response = conn.getresponse()
             data = response.read(MAX_RESPONSE_BYTES + 1)
             status = response.status
+        except ssl.SSLCertVerificationError as exc:
+            raise VerificationError(
+                f"TLS certificate of {self._host} did not verify ({exc.verify_message}); the "
+                f"stream via {self._via} does not end at the real KMS endpoint"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             raise UsageError(
                 f"KMS request {operation} to {self.endpoint} via {self._via} failed: {exc}"

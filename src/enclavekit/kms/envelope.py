@@ -204,7 +204,7 @@ def _decode(data: bytes) -> Envelope:
     enveloped = info["content"]
     _require(isinstance(enveloped, cms.EnvelopedData), "content is not EnvelopedData")
     # 2. Version.
-    version = int(enveloped["version"].native[1:]) if enveloped["version"].native else -1
+    version = _version(enveloped["version"].native)
     _require(version in (0, 2), f"expected EnvelopedData version 0 or 2, found {version}")
     # 3-4. Recipients.
     infos = enveloped["recipient_infos"]
@@ -250,6 +250,15 @@ def _decode(data: bytes) -> Envelope:
     _ = enveloped["unprotected_attrs"].native
     _ = enveloped["originator_info"].native
     return Envelope(version, tuple(recipients), others, iv, ciphertext)
+
+
+def _version(native: object) -> int:
+    """asn1crypto maps known CMS versions to ``"v0"``..``"v5"`` and leaves others as ints."""
+    if isinstance(native, str) and native.startswith("v") and native[1:].isdigit():
+        return int(native[1:])
+    if isinstance(native, int):
+        return native
+    raise MalformedInput(f"CMS envelope: version is not an integer ({native!r})")
 
 
 def _describe(value: object) -> str:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import os
+import ssl
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -315,18 +316,25 @@ class StandInKms:
         return self._answer(self._random(size), recipient, {})
 
     # -- HTTP ------------------------------------------------------------------------------------
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> StandInServer:
-        """Serve over plain HTTP on a background thread (TLS is not emulated)."""
-        return StandInServer(self, host, port)
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+    ) -> StandInServer:
+        """Serve on a background thread: plain HTTP, or HTTPS with a server-side ``tls`` context."""
+        return StandInServer(self, host, port, tls)
 
 
 class StandInServer:
     """A running HTTP front end; ``address`` is where it listens. Use as a context manager."""
 
-    def __init__(self, kms: StandInKms, host: str, port: int) -> None:
+    def __init__(
+        self, kms: StandInKms, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         handler = type("_BoundHandler", (_Handler,), {"kms": kms})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
+        self.tls = tls is not None
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         bound = self._server.server_address
         self.address = TcpAddress(str(bound[0]), int(bound[1]))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -334,7 +342,8 @@ class StandInServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.address.host}:{self.address.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.address.host}:{self.address.port}"
 
     def close(self) -> None:
         self._server.shutdown()

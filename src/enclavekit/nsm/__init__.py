@@ -13,14 +13,16 @@ Stable API (other packages build on these names):
   ...).
 - :class:`NsmEmulator` (``enclavekit.nsm.emulator``): ``NsmEmulator(pcrs={0: b"..."},
   debug_mode=False, pki=EmulatedAwsPki.load_or_create(state_dir), module_id=None, clock=utc_now,
-  definite_payload=False)``; ``emulator.attest(user_data, nonce, public_key, now=...)`` signs
-  directly; ``emulator.pki.root_certificate()`` is the root to pin in a verifier (never trusted by
-  default).
+  definite_payload=False)`` or ``NsmEmulator.from_eif(path, pcrs=..., **same)``;
+  ``emulator.attest(user_data, nonce, public_key, now=...)`` signs directly;
+  ``emulator.pki.root_certificate()`` is the root to pin in a verifier (never trusted by default).
 - :class:`EmulatedAwsPki` (``enclavekit.pki.emulated``): ``load_or_create(state_dir=None)`` (default
   ``$ENCLAVEKIT_STATE_DIR/nsm``, else ``$XDG_STATE_HOME/enclavekit/nsm``, else
   ``~/.local/state/enclavekit/nsm``), ``ephemeral()``, ``root_certificate()``, ``root_pem()``.
-- ``enclavekit.nsm.server``: ``serve(emulator, url)`` / ``EmulatorServer`` (asyncio, unix + tcp,
-  4-byte big-endian length-prefixed CBOR frames).
+- ``enclavekit.nsm.server``: ``EmulatorServer(emulator, url)`` (asyncio, unix + tcp, 4-byte
+  big-endian length-prefixed CBOR frames), ``serve(emulator, url)`` (blocking) and
+  ``serve_in_background(emulator, "tcp://127.0.0.1:0")`` (a context manager yielding the bound URL,
+  for tests: set ``ENCLAVEKIT_NSM`` to it).
 - ``enclavekit.nsm.messages``: the request/response model with exact CBOR encodings and
   :class:`ErrorCode`.
 - ``enclavekit.nsm.device``: the ``/dev/nsm`` ioctl (``0xC0200A00``) with an injectable ioctl

@@ -26,10 +26,12 @@ def parse_address(url: str) -> tuple[str, str | tuple[str, int]]:
     """
     parts = urlsplit(url)
     if parts.scheme == "unix":
-        path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
-        if not path:
-            raise UsageError(f"bad NSM address {url!r}: expected unix:///absolute/path")
-        return "unix", path
+        if parts.netloc or not parts.path:
+            raise UsageError(
+                f"bad NSM address {url!r}: expected unix:///absolute/path (three slashes) or "
+                "unix:relative/path"
+            )
+        return "unix", parts.path
     if parts.scheme == "tcp":
         try:
             port = parts.port

@@ -92,8 +92,9 @@ class SocketTransport:
     """Talks to ``enclavekit nsm serve`` over a unix or TCP socket (length-prefixed frames, see
     ``_wire``).
 
-    Connects on first use and reconnects once if the connection was lost between requests. One
-    request at a time per transport (a lock); open several clients for parallelism.
+    Connects on first use. After a lost connection the failed request is reported, never resent
+    (ExtendPCR is not idempotent), and the next request reconnects. One request at a time per
+    transport (a lock); open several clients for parallelism.
     """
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
@@ -129,31 +130,18 @@ class SocketTransport:
 
     def exchange(self, request: bytes) -> bytes:
         with self._lock:
-            fresh = self._sock is None
             if self._sock is None:
                 self._sock = self._connect()
             try:
                 return self._roundtrip(self._sock, request)
-            except (ConnectionError, _Closed):
-                self._drop()
-                if fresh:
-                    raise NsmError(
-                        ErrorCode.INTERNAL_ERROR.value,
-                        f"the NSM emulator at {self.url} closed the connection",
-                    ) from None
-            except OSError as exc:
-                self._drop()
-                raise NsmError(
-                    ErrorCode.INTERNAL_ERROR.value, f"NSM emulator at {self.url}: {exc}"
-                ) from None
-            # The server dropped an idle connection: retry once on a new one.
-            self._sock = self._connect()
-            try:
-                return self._roundtrip(self._sock, request)
             except (OSError, _Closed) as exc:
+                # Never resend: the emulator may have executed the request (ExtendPCR is not
+                # idempotent). The next call opens a new connection.
                 self._drop()
                 raise NsmError(
-                    ErrorCode.INTERNAL_ERROR.value, f"NSM emulator at {self.url}: {exc}"
+                    ErrorCode.INTERNAL_ERROR.value,
+                    f"lost the connection to the NSM emulator at {self.url} ({exc}); the request "
+                    "may or may not have been executed",
                 ) from None
 
     @staticmethod
@@ -198,7 +186,7 @@ class Nsm:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
-    # ------------------------------------------------------------------------------------------- ba
+    # -- backends ------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, environ: dict[str, str] | None = None) -> Nsm:
@@ -245,7 +233,7 @@ class Nsm:
     ) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------------ req
+    # -- requests ------------------------------------------------------------------------------
 
     def request(self, request: Request) -> Response:
         """Send one request, return the matching response; raise NsmError for an error answer."""

@@ -32,6 +32,7 @@ import secrets
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 from enclavekit.errors import MalformedInput
 from enclavekit.nsm import _document
@@ -141,7 +142,26 @@ class NsmEmulator:
         self._encoded_module_id = _document.encode_module_id(self.module_id)
         self._encoded_pcrs: bytes | None = None  # cache: locked PCRs never change
 
-    # ------------------------------------------------------------------------------------------ raw
+    @classmethod
+    def from_eif(
+        cls,
+        eif_path: str | os.PathLike[str],
+        *,
+        pcrs: Mapping[int, bytes] | None = None,
+        **kwargs: Any,
+    ) -> NsmEmulator:
+        """An emulator whose PCR0/1/2 (and 8 for a signed image) are the EIF's measurements.
+
+        The EIF gets a full integrity check first (:func:`enclavekit.eif.reader.measure_eif`).
+        ``pcrs`` adds or overrides values (e.g. PCR3); other keyword arguments go to the constructor.
+        """
+        from enclavekit.eif.reader import measure_eif
+
+        values = dict(measure_eif(eif_path).pcrs)
+        values.update(pcrs or {})
+        return cls(pcrs=values, **kwargs)
+
+    # -- raw bytes -----------------------------------------------------------------------------
 
     def handle_bytes(self, raw: bytes) -> bytes:
         """Answer one CBOR request with one CBOR response, as the device does (never raises for bad
@@ -155,7 +175,7 @@ class NsmEmulator:
             return encode_response(ErrorResponse(ErrorCode.INVALID_OPERATION))
         return encode_response(self.handle(request))
 
-    # ------------------------------------------------------------------------------------------- re
+    # -- requests ------------------------------------------------------------------------------
 
     def handle(self, request: Request | UnknownRequest) -> Response:
         """Answer one decoded request."""
@@ -242,7 +262,7 @@ class NsmEmulator:
         )
         return _document.sign_document(payload, credentials.key)
 
-    # -------------------------------------------------------------------------------------------- h
+    # -- helpers -------------------------------------------------------------------------------
 
     def pcr(self, index: int) -> tuple[bool, bytes]:
         """(locked, value) of one PCR, for inspection in tests and the CLI."""

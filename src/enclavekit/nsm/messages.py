@@ -58,7 +58,7 @@ class ErrorCode(enum.Enum):
         return list(ErrorCode).index(self)
 
 
-# --------------------------------------------------------------------------------------------- requ
+# -- requests ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ Request: TypeAlias = (
     DescribePcr | ExtendPcr | LockPcr | LockPcrs | DescribeNsm | Attestation | GetRandom
 )
 
-# -------------------------------------------------------------------------------------------- respo
+# -- responses ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +199,7 @@ Response: TypeAlias = (
     | ErrorResponse
 )
 
-# --------------------------------------------------------------------------------------------- enco
+# -- encoding ----------------------------------------------------------------------------------
 
 
 def _request_obj(request: Request) -> Any:
@@ -280,7 +280,7 @@ def encode_response(response: Response) -> bytes:
     return out
 
 
-# --------------------------------------------------------------------------------------------- deco
+# -- decoding ----------------------------------------------------------------------------------
 
 _UNIT_REQUESTS: dict[str, Request] = {"DescribeNSM": DescribeNsm(), "GetRandom": GetRandom()}
 

@@ -282,7 +282,7 @@ class EmulatedAwsPki:
         self._instances: dict[str, IssuedCertificate] = {}
         self._leaves: dict[str, tuple[IssuedCertificate, SigningCredentials]] = {}
 
-    # ----------------------------------------------------------------------------------------- cons
+    # -- construction --------------------------------------------------------------------------
 
     @classmethod
     def ephemeral(cls, *, region: str = DEFAULT_REGION, clock: Clock = utc_now) -> EmulatedAwsPki:
@@ -313,7 +313,7 @@ class EmulatedAwsPki:
                 log.info("created a new emulated NSM root in %s", directory)
         return cls(root, region=region, clock=clock)
 
-    # ---------------------------------------------------------------------------------------------
+    # -- access --------------------------------------------------------------------------------
 
     @property
     def root(self) -> IssuedCertificate:
@@ -367,7 +367,7 @@ class EmulatedAwsPki:
             self._leaves[module_id] = (leaf, creds)
             return creds
 
-    # ------------------------------------------------------------------------------------------- ro
+    # -- rotation ------------------------------------------------------------------------------
 
     @staticmethod
     def _covers(ca: IssuedCertificate | None, start: datetime, end: datetime) -> bool:
@@ -485,7 +485,7 @@ class EmulatedAwsPki:
         return _finish(_issue(builder, instance.key), key)
 
 
-# ----------------------------------------------------------------------------------------- persiste
+# -- persistence -------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager

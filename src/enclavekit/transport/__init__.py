@@ -1,4 +1,5 @@
-"""One transport API for ``vsock://CID:PORT`` and ``tcp://HOST:PORT``, sync and asyncio.
+"""One transport API for ``vsock://CID:PORT`` and ``tcp://HOST:PORT`` (and ``unix:///PATH`` for local
+backends), sync and asyncio.
 
 Modules (one job each):
 
@@ -30,10 +31,12 @@ opens the upstream connection, relays in a worker and closes both ends::
     proxy.submit(tcp_conn)                         # ... a TCP connection accepted elsewhere ...
     ours, theirs = socket.socketpair()             # ... or a byte stream from a non-socket backend
     proxy.submit(ours)                             #     (e.g. vhost-user): pump bytes through `theirs`
+    proxy.start(listen("unix:///run/vsock-8000.sock"))  # ... or connections to a Unix socket
     proxy.close()                                  # stop accepting, end relays, join workers
 
 A backend that wants to relay by itself (asyncio, say) calls ``proxy.connect_upstream()`` for the checked
-target connection and :func:`relay` / :func:`relay_streams` on the pair. To stop one relay early,
+target connection and ``enclavekit.transport.relay.relay`` / ``relay_streams`` on the pair (the
+functions are not re-exported here so that the module name stays importable). To stop one relay early,
 ``shutdown(SHUT_RDWR)`` either socket.
 
 Not provided: TLS (callers wrap the socket), vsock loopback emulation (tests use TCP addresses).
@@ -48,12 +51,13 @@ from enclavekit.transport.address import (
     VMADDR_CID_PARENT,
     Address,
     TcpAddress,
+    UnixAddress,
     VsockAddress,
     parse_address,
     vsock_available,
 )
 from enclavekit.transport.errors import TargetNotAllowed, TransportError
-from enclavekit.transport.relay import RelayStats, relay, relay_streams
+from enclavekit.transport.relay import RelayStats
 from enclavekit.transport.server import RelayServer
 from enclavekit.transport.sockets import (
     connect,
@@ -74,14 +78,13 @@ __all__ = [
     "TargetNotAllowed",
     "TcpAddress",
     "TransportError",
+    "UnixAddress",
     "VsockAddress",
     "connect",
     "listen",
     "local_address",
     "open_connection",
     "parse_address",
-    "relay",
-    "relay_streams",
     "start_server",
     "vsock_available",
 ]

@@ -68,7 +68,28 @@ class TcpAddress:
         return f"tcp://{host}:{self.port}"
 
 
-Address = VsockAddress | TcpAddress
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    """A Unix-domain stream socket path (``unix:///run/x.sock``): how a local backend such as the
+    vhost-user vsock device hands connections to the proxy without a TCP port."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.path or "\0" in self.path:
+            raise ValueError("unix socket path must be non-empty and contain no NUL")
+        if len(self.path.encode()) > 107:
+            raise ValueError("unix socket path is longer than 107 bytes")
+
+    @property
+    def sockaddr(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+Address = VsockAddress | TcpAddress | UnixAddress
 
 
 def _parse_int(text: str, what: str, address: str) -> int:
@@ -81,15 +102,22 @@ def _parse_int(text: str, what: str, address: str) -> int:
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``vsock://CID:PORT`` (CID may be ``ANY``) or ``tcp://HOST:PORT`` (``[v6]`` in brackets).
+    """Parse ``vsock://CID:PORT`` (CID may be ``ANY``), ``tcp://HOST:PORT`` (``[v6]`` in brackets) or
+    ``unix:///PATH``.
 
     Raises :class:`~enclavekit.errors.UsageError` with the expected form when ``text`` is not an address.
     """
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() not in ("vsock", "tcp"):
+    if not sep or scheme.lower() not in ("vsock", "tcp", "unix"):
         raise UsageError(
-            f"unsupported address {text!r}: expected vsock://CID:PORT or tcp://HOST:PORT"
+            f"unsupported address {text!r}: expected vsock://CID:PORT, tcp://HOST:PORT "
+            "or unix:///PATH"
         )
+    if scheme.lower() == "unix":
+        try:
+            return UnixAddress(rest)
+        except ValueError as exc:
+            raise UsageError(f"invalid address {text!r}: {exc}") from None
     host, colon, port_text = rest.rpartition(":")
     if not colon or not host:
         raise UsageError(f"address {text!r} lacks a port: expected {scheme}://HOST:PORT")

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from enclavekit.transport.address import (
     Address,
     TcpAddress,
+    UnixAddress,
     VsockAddress,
     as_address,
     vsock_available,
@@ -41,7 +42,11 @@ def connect(address: Address | str, *, timeout: float | None = None) -> socket.s
             sock = socket.create_connection(addr.sockaddr, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
-            sock = _vsock_socket()
+            sock = (
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                if isinstance(addr, UnixAddress)
+                else _vsock_socket()
+            )
             try:
                 sock.settimeout(timeout)
                 sock.connect(addr.sockaddr)
@@ -74,7 +79,11 @@ def listen(address: Address | str, *, backlog: int = 128) -> socket.socket:
                 sock.close()
                 raise
         else:
-            sock = _vsock_socket()
+            sock = (
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                if isinstance(addr, UnixAddress)
+                else _vsock_socket()
+            )
             try:
                 sock.bind(addr.sockaddr)
                 sock.listen(backlog)
@@ -92,6 +101,8 @@ def listen(address: Address | str, *, backlog: int = 128) -> socket.socket:
 def local_address(sock: socket.socket) -> Address:
     """The address a socket is bound to, as a model (resolves port 0 to the real port)."""
     name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return UnixAddress(name if isinstance(name, str) else name.decode())
     if sock.family == getattr(socket, "AF_VSOCK", None):
         return VsockAddress(int(name[0]), int(name[1]))
     return TcpAddress(str(name[0]), int(name[1]))
@@ -106,6 +117,10 @@ async def open_connection(
         if isinstance(addr, TcpAddress):
             return await asyncio.wait_for(
                 asyncio.open_connection(addr.host, addr.port, limit=limit), timeout
+            )
+        if isinstance(addr, UnixAddress):
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(addr.path, limit=limit), timeout
             )
         sock = _vsock_socket()
         sock.setblocking(False)

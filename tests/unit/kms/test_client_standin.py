@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from enclavekit.attestation.verifier import Verifier
-from enclavekit.errors import MalformedInput, UsageError
+from enclavekit.errors import MalformedInput, UsageError, VerificationError
 from enclavekit.kms.client import AwsCredentials, KmsClient, KmsError
 from enclavekit.kms.recipient import (
     KEY_ENCRYPTION_ALGORITHM,
@@ -232,3 +232,72 @@ def test_policy_parser_rejects_unknown_operator() -> None:
         KeyPolicy.from_mapping(
             {"Statement": [{"Effect": "Allow", "Action": "kms:*", "Condition": {"ArnLike": {}}}]}
         )
+
+
+def test_tls_runs_end_to_end_through_the_proxy(
+    kms: StandInKms, document: bytes, recipient_key_obj: RecipientKey, tmp_path: Path
+) -> None:
+    """The proxy relays TLS opaquely; the client checks the KMS host name, not the proxy's."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    host = "kms.eu-west-1.amazonaws.com"
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(tls_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(tls_key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(
+        tls_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_ctx = ssl.create_default_context(cadata=cert_pem.decode())
+
+    with kms.serve(tls=server_ctx) as server:
+        port = server.address.port
+        proxy = VsockProxy(
+            "127.0.0.1", port, allowlist=Allowlist((AllowlistEntry("127.0.0.1", port),))
+        )
+        listener = listen("tcp://127.0.0.1:0")
+        proxy.start(listener)
+        try:
+            client = KmsClient(
+                region="eu-west-1",
+                credentials=CREDS,
+                endpoint=f"https://{host}",
+                via=local_address(listener),
+                tls=client_ctx,
+            )
+            result = client.generate_random(16, recipient=build_recipient(document))
+            assert len(recipient_key_obj.unwrap(result.ciphertext_for_recipient)) == 16
+            wrong_name = KmsClient(
+                region="eu-west-1",
+                credentials=CREDS,
+                endpoint="https://kms.us-east-1.amazonaws.com",
+                via=local_address(listener),
+                tls=client_ctx,
+            )
+            with pytest.raises(VerificationError, match="did not verify"):
+                wrong_name.generate_random(16, recipient=build_recipient(document))
+        finally:
+            proxy.close()

@@ -315,3 +315,11 @@ def test_mutated_vector_only_raises_project_errors(position: int, flip: int) -> 
     data[position % len(data)] ^= flip
     with contextlib.suppress(MalformedInput):
         Envelope.from_ber(bytes(data))
+
+
+def test_unmapped_version_number_is_reported(der_envelope: bytes) -> None:
+    def change(info: Any) -> None:
+        info["content"]["version"] = 7
+
+    with pytest.raises(MalformedInput, match="version 0 or 2, found 7"):
+        Envelope.from_ber(_mutated(der_envelope, change))

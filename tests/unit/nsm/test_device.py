@@ -96,6 +96,7 @@ def test_other_errno_is_internal_error() -> None:
 
 
 def test_oversized_request_never_reaches_the_kernel(device_nsm: Nsm, driver: FakeNsmDriver) -> None:
+    """Like AWS's Rust driver: more than 4096 bytes is InputTooLarge before any ioctl."""
     with pytest.raises(NsmError, match="at most 4096"):
         device_nsm.attestation(user_data=bytes(5000))
     assert driver.calls == []
@@ -166,3 +167,15 @@ def test_real_nsm_device() -> None:
         assert nsm.attestation(nonce=b"enclavekit")[:4] == bytes.fromhex("8444a101")
         with pytest.raises(NsmError):
             nsm.extend_pcr(0, b"x")
+
+
+def test_real_ioctl_path_on_a_non_nsm_device_is_internal_error() -> None:
+    """The genuine fcntl.ioctl call (argument types, request number) runs; /dev/null says ENOTTY."""
+    transport = DeviceTransport.open("/dev/null")
+    try:
+        with pytest.raises(NsmError) as excinfo:
+            Nsm(transport).describe_nsm()
+        assert excinfo.value.code == "InternalError"
+        assert f"errno {errno.ENOTTY}" in str(excinfo.value)
+    finally:
+        transport.close()

@@ -171,6 +171,14 @@ def test_undecodable_requests_raise_malformed_input(raw: bytes) -> None:
         decode_request(raw)
 
 
+def test_duplicate_key_response_is_refused() -> None:
+    """An answer with two "Error"/"GetRandom" entries cannot be read two ways."""
+    raw = b"\xa2" + cbor2.dumps("Error") + cbor2.dumps("InvalidIndex")
+    raw += cbor2.dumps("Error") + cbor2.dumps("InternalError")
+    with pytest.raises(MalformedInput, match="duplicate"):
+        decode_response(raw)
+
+
 def test_duplicate_key_request_is_invalid_operation_at_the_emulator(
     emulator: NsmEmulator,
 ) -> None:
@@ -190,9 +198,15 @@ def test_duplicate_key_request_is_invalid_operation_at_the_emulator(
         (cbor2.dumps({"Mystery": {}}), "unknown response"),
         (cbor2.dumps([1]), "expected a map"),
         (cbor2.dumps({"DescribeNSM": {"locked_pcrs": ["a"]}}), "locked_pcrs"),
+        (bytes.fromhex("674c6f636b504352") + b"\x00", "trailing"),
+        (bytes.fromhex("674c6f636b5043"), "truncated"),
+        (bytes.fromhex("a2654572726f72616165457272"), "truncated"),
+        (cbor2.dumps({"Error": "InvalidIndex"})[:-1], "truncated"),
+        (b"\xa1\x61x" + b"\x81" * 40 + b"\x00", "nested|deeper"),
     ],
 )
 def test_bad_responses_raise_malformed_input(raw: bytes, message: str) -> None:
+    """A hostile or broken NSM answer is a decoding error, never a crash or a partial result."""
     with pytest.raises(MalformedInput, match=message):
         decode_response(raw)
 
@@ -247,3 +261,40 @@ requests_strategy = st.one_of(
 @given(requests_strategy)
 def test_request_roundtrip(request_: object) -> None:
     assert decode_request(encode_request(request_)) == request_  # type: ignore[arg-type]
+
+
+cbor_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64) + 1, 2**64 - 1)
+    | st.binary(max_size=16)
+    | st.text(max_size=8)
+    | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | st.integers(0, 40), children, max_size=4)
+    ),
+    max_leaves=6,
+)
+names = st.sampled_from(
+    [
+        "DescribePCR",
+        "ExtendPCR",
+        "LockPCR",
+        "LockPCRs",
+        "DescribeNSM",
+        "Attestation",
+        "GetRandom",
+        "x",
+    ]
+)
+fields = st.sampled_from(["index", "data", "range", "user_data", "nonce", "public_key", "lock"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(names, st.dictionaries(fields, cbor_values, max_size=4))
+def test_request_shaped_garbage_is_answered_not_crashed(name: str, body: dict[str, object]) -> None:
+    """Well-formed CBOR with wrong field types must yield an NSM error answer, never an exception."""
+    raw = cbor2.dumps({name: body})
+    answer = decode_response(_shared_emulator().handle_bytes(raw))
+    assert answer is not None

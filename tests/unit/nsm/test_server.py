@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import struct
 import threading
@@ -33,6 +35,16 @@ def test_tcp_client_gets_the_same_state_as_in_process(tcp_url: str, emulator: Ns
 def client_value(url: str, index: int) -> bytes:
     with Nsm.connect(url) as client:
         return client.describe_pcr(index).data
+
+
+def test_relative_unix_path_is_accepted(emulator: NsmEmulator, tmp_path: Path) -> None:
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        with serve_in_background(emulator, "unix:rel.sock") as address, Nsm.connect(address) as c:
+            assert len(c.get_random()) == 256
+    finally:
+        os.chdir(cwd)
 
 
 def test_unix_socket_roundtrip(emulator: NsmEmulator, tmp_path: Path) -> None:
@@ -119,7 +131,39 @@ def test_listen_on_a_regular_file_is_refused(emulator: NsmEmulator, tmp_path: Pa
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("url", ["http://x", "tcp://host", "unix://", "tcp://:80"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://x", "tcp://host", "unix://", "tcp://:80", "unix://tmp/nsm.sock", "tcp://h:99999"],
+)
 def test_bad_addresses_are_usage_errors(url: str) -> None:
     with pytest.raises(UsageError):
         Nsm.connect(url)
+
+
+def test_symlink_at_the_socket_path_is_not_followed_or_removed(
+    emulator: NsmEmulator, tmp_path: Path
+) -> None:
+    """A symlink planted at --listen must not make the server unlink or bind through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("data")
+    link = tmp_path / "nsm.sock"
+    link.symlink_to(victim)
+    with pytest.raises(UsageError), serve_in_background(emulator, f"unix://{link}"):
+        pass
+    assert link.is_symlink()
+    assert victim.read_text() == "data"
+
+
+def test_client_reconnects_after_a_server_restart_without_resending(
+    emulator: NsmEmulator, tmp_path: Path
+) -> None:
+    url = f"unix://{tmp_path}/nsm.sock"
+    client = Nsm.connect(url)
+    with serve_in_background(emulator, url):
+        client.extend_pcr(16, b"a")
+    with serve_in_background(emulator, url):
+        with pytest.raises(NsmError, match="may or may not"):
+            client.extend_pcr(16, b"b")  # the old connection is gone: reported, not resent
+        assert client.describe_pcr(16).data == emulator.pcr(16)[1]  # reconnected
+    client.close()
+    assert emulator.pcr(16)[1] == hashlib.sha384(bytes(48) + b"a").digest()
