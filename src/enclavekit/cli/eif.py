@@ -74,14 +74,14 @@ def describe_eif_command(eif_path: Path, hash_algorithm_label: str, as_json: boo
     if as_json:
         emit_json(described)
     else:
-        _print_description(eif_path, described)
+        _print_description(eif_path, described, "aarch64" if report.header.is_arm64 else "x86_64")
     problems = report.problems()
     if problems:
         raise EifIntegrityError(f"{eif_path}: " + "; ".join(problems))
 
 
-def _print_description(path: Path, described: dict[str, Any]) -> None:
-    stderr.print(f"[bold]{path}[/]: EIF version {described['EifVersion']}")
+def _print_description(path: Path, described: dict[str, Any], arch: str) -> None:
+    stderr.print(f"[bold]{path}[/]: EIF version {described['EifVersion']}, {arch}")
     for key, value in described["Measurements"].items():
         stderr.print(f"  {key:<13} {value}")
     signed = described["IsSigned"]

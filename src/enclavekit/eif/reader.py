@@ -21,16 +21,14 @@ validity period or chain.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from enclavekit.eif._pass import read_exact, read_pass
 from enclavekit.eif.format import (
-    HEADER_CRC_SPAN,
     HEADER_SIZE,
     MAX_NUM_SECTIONS,
     SECTION_HEADER_SIZE,
@@ -38,22 +36,19 @@ from enclavekit.eif.format import (
     EifHeader,
     SectionHeader,
     SectionType,
-    crc32_apply,
-    crc32_shift_operator,
     section_type_of,
 )
 from enclavekit.eif.measure import (
     HASH_ALGORITHM_SHA384,
     Measurements,
-    PcrHasher,
     SectionMeasurer,
 )
 from enclavekit.eif.metadata import METADATA_MAX_SIZE, IdentityInfo
 from enclavekit.eif.sign import SignatureInfo, check_signature_section
 from enclavekit.errors import EifError, EifIntegrityError, MalformedInput
 
-#: Read size of the measuring pass (large enough to amortise thread hand-offs).
-CHUNK_SIZE = 1 << 21
+#: Read size of :meth:`Eif.iter_section`.
+CHUNK_SIZE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,30 +204,13 @@ class Eif:
         """
         stream = self._stream
         stream.seek(0)
-        head = _read_exact(stream, HEADER_SIZE, "the header")
-        crc = zlib.crc32(head[:HEADER_CRC_SPAN])
+        head = read_exact(stream, HEADER_SIZE, "the header")
         measurer = SectionMeasurer()
-        kept: dict[int, bytes] = {}
-        buffers = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
-        pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-pcr2") if parallel else None
+        crc, kept = read_pass(
+            stream, head, self.sections, measurer, parallel=parallel, progress=progress
         )
-        try:
-            for section in self.sections:
-                raw_header = _read_exact(
-                    stream, SECTION_HEADER_SIZE, f"section {section.index} header"
-                )
-                crc = zlib.crc32(raw_header, crc)
-                measurer.begin_section(section.section_type)
-                if section.section_type in (SectionType.METADATA, SectionType.SIGNATURE):
-                    data = _read_exact(stream, section.size, f"section {section.index}")
-                    crc = zlib.crc32(data, crc)
-                    kept[section.index] = data
-                    continue
-                crc = _hash_section(stream, section, measurer, crc, buffers, pool, progress)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if progress is not None:
+            progress(self.file_size)
         unsigned = measurer.result(hash_algorithm=hash_algorithm)
         signature = None
         signatures = self.sections_of(SectionType.SIGNATURE)
@@ -259,96 +237,6 @@ class Eif:
             hash_algorithm,
         )
         return EifReport(self.header, self.sections, measurements, crc, signature, metadata)
-
-
-def _hash_section(
-    stream: BinaryIO,
-    section: Section,
-    measurer: SectionMeasurer,
-    crc: int,
-    buffers: tuple[bytearray, bytearray],
-    pool: ThreadPoolExecutor | None,
-    progress: Callable[[int], None] | None,
-) -> int:
-    """Stream one measured section: PCR0/1 on this thread; PCR2 and the CRC on the worker thread.
-
-    The worker computes each chunk's CRC from zero; chunk CRCs are joined with :func:`crc32_apply`.
-    While the worker hashes chunk *n* this thread hashes it for PCR0 and then reads chunk *n+1* into
-    the other buffer.
-    """
-    remaining = section.size
-    if remaining == 0:
-        return crc
-    pcr2 = measurer.pcr2_hasher() if measurer.feeds_pcr2() else None
-    measured = measurer.measured()
-    which = 0
-    view = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
-    while True:
-        remaining -= len(view)
-        if progress is not None:
-            progress(section.end - remaining)
-        if pool is None:
-            if measured:
-                measurer.update(view)
-            crc = zlib.crc32(view, crc)
-        else:
-            future = pool.submit(_worker, view, pcr2)
-            if measured:
-                measurer.update_pcr0_only(view)
-            nxt = None
-            if remaining:
-                which ^= 1
-                nxt = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
-            chunk_crc = future.result()
-            crc = crc32_apply(_shift(len(view)), crc) ^ chunk_crc
-            if nxt is None:
-                return crc
-            view = nxt
-            continue
-        if not remaining:
-            return crc
-        view = _fill(stream, buffers[which], min(CHUNK_SIZE, remaining), section)
-
-
-def _worker(view: memoryview, pcr2: PcrHasher | None) -> int:
-    if pcr2 is not None:
-        pcr2.update(view)
-    return zlib.crc32(view)
-
-
-_SHIFTS: dict[int, int] = {}
-
-
-def _shift(length: int) -> int:
-    op = _SHIFTS.get(length)
-    if op is None:
-        op = _SHIFTS[length] = crc32_shift_operator(length)
-    return op
-
-
-def _fill(stream: Any, buffer: bytearray, n: int, section: Section) -> memoryview:
-    view = memoryview(buffer)[:n]
-    got = 0
-    while got < n:
-        k = stream.readinto(view[got:])
-        if not k:
-            raise EifIntegrityError(
-                f"section {section.index} ends early (the file shrank while it was being read)"
-            )
-        got += k
-    return view
-
-
-def _read_exact(stream: BinaryIO, n: int, what: str) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = stream.read(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    if len(out) != n:
-        raise EifIntegrityError(f"{what}: expected {n} bytes, the file ends after {len(out)}")
-    return bytes(out)
 
 
 def _parse_layout(stream: BinaryIO, size: int) -> tuple[EifHeader, tuple[Section, ...]]:

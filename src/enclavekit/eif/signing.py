@@ -56,18 +56,21 @@ def sign_eif(
                 default_mem=eif.header.default_mem,
                 default_cpus=eif.header.default_cpus,
             )
-            replaced = False
-            for original in eif.sections:
-                if original.section_type == SectionType.SIGNATURE:
+            try:
+                replaced = False
+                for original in eif.sections:
+                    if original.section_type == SectionType.SIGNATURE:
+                        writer.add_section(SectionType.SIGNATURE, section)
+                        replaced = True
+                    else:
+                        writer.add_section(original.section_type, eif.iter_section(original))
+                if not replaced:
                     writer.add_section(SectionType.SIGNATURE, section)
-                    replaced = True
-                else:
-                    writer.add_section(original.section_type, eif.iter_section(original))
-            if not replaced:
-                writer.add_section(SectionType.SIGNATURE, section)
-            copied = writer.measurer.result(hash_algorithm=hash_algorithm)
-            if copied.pcr0 != pcr0:
-                raise EifIntegrityError(f"{path} changed while it was being signed; try again")
-            writer.finish()
+                copied = writer.measurer.result(hash_algorithm=hash_algorithm)
+                if copied.pcr0 != pcr0:
+                    raise EifIntegrityError(f"{path} changed while it was being signed; try again")
+                writer.finish()
+            finally:
+                writer.close()
     m = report.measurements
     return Measurements(m.pcr0, m.pcr1, m.pcr2, signer.pcr8, hash_algorithm)

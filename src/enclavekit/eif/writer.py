@@ -17,6 +17,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from enclavekit.eif.format import (
 from enclavekit.eif.measure import (
     HASH_ALGORITHM_SHA384,
     Measurements,
+    PcrHasher,
     SectionMeasurer,
 )
 from enclavekit.eif.metadata import IdentityInfo
@@ -52,6 +54,8 @@ ProgressCallback = Callable[[int], None]
 Arch = Literal["x86_64", "aarch64"]
 
 _CHUNK = 1 << 20
+#: Chunks at least this large are hashed for PCR2 on a second thread.
+_PARALLEL_MIN = 1 << 16
 
 
 def _chunks(data: SectionData) -> Iterator[bytes | bytearray | memoryview]:
@@ -75,6 +79,11 @@ def _chunks(data: SectionData) -> Iterator[bytes | bytearray | memoryview]:
             yield chunk
 
 
+def _pcr2_and_crc(pcr2: PcrHasher, chunk: bytes | bytearray | memoryview) -> int:
+    pcr2.update(chunk)
+    return zlib.crc32(chunk)
+
+
 class EifWriter:
     """Writes an EIF to a seekable binary stream, one section at a time, in the order they are
     added.
@@ -93,8 +102,11 @@ class EifWriter:
         progress: ProgressCallback | None = None,
         default_mem: int = DEFAULT_MEM,
         default_cpus: int = DEFAULT_CPUS,
+        parallel: bool = True,
     ) -> None:
         self._stream = stream
+        self._parallel = parallel
+        self._pool: ThreadPoolExecutor | None = None
         self._default_mem = default_mem
         self._default_cpus = default_cpus
         self._version = version
@@ -120,10 +132,18 @@ class EifWriter:
         self.measurer.begin_section(section_type)
         crc = 0
         size = 0
+        pcr2 = self.measurer.pcr2_hasher() if self.measurer.feeds_pcr2() else None
         for chunk in _chunks(data):
-            self._stream.write(chunk)
-            self.measurer.update(chunk)
-            crc = zlib.crc32(chunk, crc)
+            if pcr2 is not None and self._parallel and len(chunk) >= _PARALLEL_MIN:
+                # PCR2 and the CRC on the worker while this thread writes and hashes PCR0.
+                future = self._worker_pool().submit(_pcr2_and_crc, pcr2, chunk)
+                self._stream.write(chunk)
+                self.measurer.update_pcr0_only(chunk)
+                crc = crc32_combine(crc, future.result(), len(chunk))
+            else:
+                self._stream.write(chunk)
+                self.measurer.update(chunk)
+                crc = zlib.crc32(chunk, crc)
             size += len(chunk)
             self._written += len(chunk)
             if self._progress is not None:
@@ -141,8 +161,20 @@ class EifWriter:
         self._pos = header_pos + SECTION_HEADER_SIZE + size
         return size
 
+    def _worker_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-write-pcr2")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the hashing thread (idempotent; :meth:`finish` calls it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def finish(self) -> EifHeader:
         """Write the final header (offset table, sizes, CRC) and return it."""
+        self.close()
         header = EifHeader(
             version=self._version,
             flags=self._flags,
@@ -250,18 +282,21 @@ def write_eif_file(
     flags = FLAG_ARCH_ARM64 if arch == "aarch64" else 0
     with atomic_output(path) as stream:
         writer = EifWriter(stream, version=version, flags=flags, progress=progress)
-        writer.add_section(SectionType.KERNEL, kernel)
-        writer.add_section(SectionType.CMDLINE, cmdline_bytes)
-        if meta is not None:
-            writer.add_section(SectionType.METADATA, meta)
-        for ramdisk in ramdisks:
-            writer.add_section(SectionType.RAMDISK, ramdisk)
-        unsigned = writer.measurer.result(hash_algorithm=hash_algorithm)
-        pcr8 = None
-        if signer is not None:
-            writer.add_section(SectionType.SIGNATURE, signer.signature_section(unsigned.pcr0))
-            pcr8 = signer.pcr8
-        header = writer.finish()
+        try:
+            writer.add_section(SectionType.KERNEL, kernel)
+            writer.add_section(SectionType.CMDLINE, cmdline_bytes)
+            if meta is not None:
+                writer.add_section(SectionType.METADATA, meta)
+            for ramdisk in ramdisks:
+                writer.add_section(SectionType.RAMDISK, ramdisk)
+            unsigned = writer.measurer.result(hash_algorithm=hash_algorithm)
+            pcr8 = None
+            if signer is not None:
+                writer.add_section(SectionType.SIGNATURE, signer.signature_section(unsigned.pcr0))
+                pcr8 = signer.pcr8
+            header = writer.finish()
+        finally:
+            writer.close()
     measurements = Measurements(unsigned.pcr0, unsigned.pcr1, unsigned.pcr2, pcr8, hash_algorithm)
     return WrittenEif(Path(path), header, measurements)
 

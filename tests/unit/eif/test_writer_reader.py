@@ -110,6 +110,21 @@ def test_write_returns_the_measurements_the_reader_finds(tmp_path: Path) -> None
     )
     assert written == measure_eif(tmp_path / "x.eif")
     assert written.pcr0 == independent_pcr(kernel + b"console=ttyS0" + b"boot" + ramdisk)
+    assert written.pcr2 == independent_pcr(ramdisk)  # hashed on the writer's second thread
+
+
+def test_sequential_writer_writes_the_same_bytes() -> None:
+    outputs = []
+    for parallel in (True, False):
+        stream = io.BytesIO()
+        writer = EifWriter(stream, parallel=parallel)
+        writer.add_section(SectionType.KERNEL, b"k")
+        writer.add_section(SectionType.CMDLINE, b"c")
+        writer.add_section(SectionType.RAMDISK, b"r0")
+        writer.add_section(SectionType.RAMDISK, section_bytes("r1", (3 << 20) + 5))
+        writer.finish()
+        outputs.append((stream.getvalue(), writer.measurer.result()))
+    assert outputs[0] == outputs[1]
 
 
 def test_sections_from_paths_streams_and_chunk_iterables(tmp_path: Path) -> None:
@@ -475,3 +490,39 @@ def test_random_bytes_never_raise_anything_but_enclavekit_errors(
                 eif.verify()
         except Error:
             pass
+
+
+def test_progress_reports_increasing_offsets_up_to_the_file_size(make_eif: MakeEif) -> None:
+    eif = make_eif(ramdisk_sizes=(100, (5 << 20) + 1))
+    seen: list[int] = []
+    with Eif.open(eif.path) as opened:
+        opened.verify(progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == eif.path.stat().st_size
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_file_shrinking_during_the_pass_is_an_integrity_error(
+    make_eif: MakeEif, parallel: bool
+) -> None:
+    """A file truncated after open (a racing writer) fails cleanly, without hanging threads."""
+    eif = make_eif(ramdisk_sizes=(100, 3 << 20))
+    with Eif.open(eif.path) as opened:
+        with open(eif.path, "r+b") as handle:
+            handle.truncate(eif.path.stat().st_size - (1 << 20))
+        with pytest.raises(EifIntegrityError, match="ends early|file ends"):
+            opened.verify(parallel=parallel)
+
+
+def test_worker_failure_is_raised_not_swallowed() -> None:
+    from enclavekit.eif._pass import _ThreadedSink
+
+    class Broken:
+        def update(self, data: object) -> None:
+            raise RuntimeError("hash failed")
+
+    sink = _ThreadedSink()
+    buffer = sink.buffer()
+    sink.chunk(memoryview(buffer)[:10], buffer, Broken())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="hash failed"):
+        sink.finish()
