@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
 
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.eif.build import blobs_directory, build_enclave
@@ -26,6 +29,18 @@ _HASH_LABELS = {"legacy": HASH_ALGORITHM_SHA384, "nitro-cli-1.5": HASH_ALGORITHM
 
 def _say(message: str) -> None:
     stderr.print(message)
+
+
+@contextmanager
+def _byte_progress() -> Iterator[Callable[[int], None] | None]:
+    """A rich byte counter on stderr while the EIF is written (only on a terminal)."""
+    if not stderr.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("writing", total=None)
+        yield lambda done: bar.update(task, completed=done)
 
 
 @click.command("build-enclave")
@@ -128,7 +143,10 @@ def build_enclave_command(
     )
     custom = load_custom_metadata(metadata_file.read_bytes()) if metadata_file else None
     _say("Start building the Enclave Image...")
-    with tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
+        _byte_progress() as written,
+    ):
         if docker_uri is not None:
             _say(f"Exporting {docker_uri} from the Docker daemon...")
             source = open_source(str(export_from_docker(docker_uri, Path(scratch))), arch=arch)
@@ -152,6 +170,7 @@ def build_enclave_command(
             hash_algorithm=_HASH_LABELS[hash_algorithm_label],
             image_name=image_name,
             progress=_say,
+            written=written,
         )
     _say(f"Enclave Image successfully created: {result.path} ({result.size} bytes).")
     emit_json({"Measurements": result.measurements.to_json()})

@@ -35,11 +35,12 @@ from typing import Any, BinaryIO
 from enclavekit.eif.image import Image, LayerBlob, RootfsDir, rootfs_entries
 from enclavekit.eif.layers import (
     ContentReader,
+    ContentRef,
     EntryKind,
     MergedTree,
     Spool,
     TarEntry,
-    read_layer_tar,
+    read_layer_file,
 )
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
 from enclavekit.eif.metadata import BuildInfo, IdentityInfo
@@ -210,26 +211,6 @@ class _HashingReader:
         return data
 
 
-class _ChunkReader:
-    """A file-like ``read(n)`` over an iterator of chunks, feeding ``hashers``."""
-
-    def __init__(self, chunks: Iterator[bytes], hashers: Sequence[Any]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-        self._hashers = hashers
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._buffer:
-            self._buffer = next(self._chunks, b"")
-        if n is None or n < 0 or n >= len(self._buffer):
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:n], self._buffer[n:]
-        for hasher in self._hashers:
-            hasher.update(data)
-        return data
-
-
 def _gunzip(raw: _HashingReader, label: str) -> Iterator[bytes]:
     """Decompressed chunks of a (possibly multi-member) gzip stream, never more than 1 MiB at once."""
     decompressor = zlib.decompressobj(31)
@@ -277,35 +258,66 @@ def _check(label: str, what: str, expected: str | None, hasher: Any) -> None:
 
 
 def layer_entries(layer: LayerBlob, spool: Spool) -> Iterator[TarEntry]:
-    """The entries of one layer, its digest and diff_id checked once the last byte is read."""
+    """The entries of one layer; its digest and diff_id are checked.
+
+    Uncompressed layers are hashed first (one sequential read) and then only their headers are
+    parsed; gzip layers are hashed while they are decompressed and parsed, and their contents copied
+    to ``spool``.
+    """
     location = layer.location
     with open(location.path, "rb") as handle:
         handle.seek(location.offset)
         magic = handle.read(4)
+    if magic.startswith(_ZSTD_MAGIC):
+        raise MalformedInput(
+            f"{layer.label}: zstd-compressed layers are not supported; convert the image to gzip "
+            "layers (e.g. skopeo copy --dest-compress-format gzip)"
+        )
+    blob_hasher = _hasher(layer.digest)
+    if not magic.startswith(_GZIP_MAGIC):
+        # An uncompressed layer is its own diff: check both digests before parsing anything.
+        diff_hasher = blob_hasher if layer.digest == layer.diff_id else _hasher(layer.diff_id)
+        hashers = list({id(h): h for h in (blob_hasher, diff_hasher) if h}.values())
+        _hash_region(location, hashers)
+        _check(layer.label, "layer digest", layer.digest, blob_hasher)
+        _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+        yield from read_layer_file(location, label=layer.label, spool=spool)
+        return
+    # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
+    # parsed in place like an uncompressed one.
+    diff_hasher = _hasher(layer.diff_id)
+    with open(location.path, "rb") as handle:
         handle.seek(location.offset)
-        blob_hasher = _hasher(layer.digest)
-        if magic.startswith(_ZSTD_MAGIC):
-            raise MalformedInput(
-                f"{layer.label}: zstd-compressed layers are not supported; convert the image to gzip "
-                "layers (e.g. skopeo copy --dest-compress-format gzip)"
-            )
-        if magic.startswith(_GZIP_MAGIC):
-            diff_hasher = _hasher(layer.diff_id)
-            raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
-            stream: Any = _ChunkReader(_gunzip(raw, layer.label), [h for h in (diff_hasher,) if h])
-            direct = None
-        else:
-            # An uncompressed layer is its own diff: one hash checks both digests.
-            diff_hasher = blob_hasher if layer.digest == layer.diff_id else _hasher(layer.diff_id)
-            hashers = list({id(h): h for h in (blob_hasher, diff_hasher) if h}.values())
-            stream = _HashingReader(handle, location.size, hashers)
-            direct = location
-        yield from read_layer_tar(stream, label=layer.label, spool=spool, direct=direct)
-        if isinstance(stream, _ChunkReader):
-            while stream.read(_CHUNK):
-                pass
+        raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
+        unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
     _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+    spool.flush()
+    yield from read_layer_file(unpacked, label=layer.label, spool=spool)
+
+
+def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        if hasher is not None:
+            hasher.update(chunk)
+        yield chunk
+
+
+def _hash_region(location: ContentRef, hashers: Sequence[Any]) -> None:
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    remaining = location.size
+    with open(location.path, "rb", buffering=0) as handle:
+        handle.seek(location.offset)
+        while remaining:
+            n = handle.readinto(view[: min(_CHUNK, remaining)])
+            if not n:
+                raise MalformedInput(
+                    f"{location.path}: the layer blob ended early (truncated file)"
+                )
+            for hasher in hashers:
+                hasher.update(view[:n])
+            remaining -= n
 
 
 def docker_init_layer() -> list[TarEntry]:
@@ -400,9 +412,11 @@ def build_enclave(
     hash_algorithm: str = HASH_ALGORITHM_SHA384,
     image_name: str | None = None,
     progress: Progress | None = None,
+    written: Callable[[int], None] | None = None,
 ) -> BuildResult:
     """Build ``output`` from ``source``. ``cmd``/``env`` are for root-fs directories only (an image's
-    config supplies them). ``image_name`` is the name to record when ``name`` is not given."""
+    config supplies them). ``image_name`` is the name to record when ``name`` is not given.
+    ``progress`` gets one line per step; ``written`` the number of EIF bytes written so far."""
     output = Path(output)
     if isinstance(source, Image):
         if cmd is not None or env:
@@ -421,6 +435,11 @@ def build_enclave(
     else:
         if cmd is None:
             raise UsageError("a root file-system directory needs --cmd (what the enclave runs)")
+        if output.resolve().is_relative_to(source.path.resolve()):
+            raise UsageError(
+                f"the output {output} lies inside the root file system {source.path}; write it "
+                "elsewhere (it would be packed into itself)"
+            )
         arch = arch or "x86_64"
         argv, environment = tuple(cmd), tuple(env)
     if arch not in KERNEL_NAMES:
@@ -447,7 +466,7 @@ def build_enclave(
                 chunks = customer_ramdisk_chunks(
                     tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
                 )
-                written = write_eif_file(
+                result = write_eif_file(
                     output,
                     kernel=blobs.kernel,
                     cmdline=blobs.cmdline,
@@ -456,10 +475,11 @@ def build_enclave(
                     signer=signer,
                     arch="aarch64" if arch == "aarch64" else "x86_64",
                     hash_algorithm=hash_algorithm,
+                    progress=written,
                 )
         finally:
             spool.close()
-    return BuildResult(output, written.measurements, written.size, metadata)
+    return BuildResult(output, result.measurements, result.size, metadata)
 
 
 def _metadata(

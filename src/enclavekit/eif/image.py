@@ -385,18 +385,28 @@ def _open_docker_archive(store: _TarStore, source: str) -> Image:
             f"{len(config.diff_ids)} diff_ids"
         )
     layers = tuple(
-        LayerBlob(store.locate(name), f"layer {i} ({name})", _digest_from_name(name), diff_id)
+        LayerBlob(
+            store.locate(name), f"layer {i} ({_short(name)})", _digest_from_name(name), diff_id
+        )
         for i, (name, diff_id) in enumerate(zip(layer_names, config.diff_ids, strict=True))
     )
     repo_tags = _strings(entry.get("RepoTags"), f"{source}: RepoTags") or ()
     return Image(config, layers, source, repo_tags)
 
 
+def _short(name: str) -> str:
+    return name if len(name) <= 40 else f"{name[:19]}…{name[-19:]}"
+
+
 def _digest_from_name(name: str) -> str | None:
-    match = re.fullmatch(r"blobs/(sha256|sha512)/([0-9a-f]+)", posixpath.normpath(name))
-    if match is None:
-        return None
-    return f"{match.group(1)}:{match.group(2)}"
+    """The digest a docker-save member name promises: ``blobs/<alg>/<hex>`` (Docker ≥ 25) or the
+    legacy ``<image id>.json`` config."""
+    normal = posixpath.normpath(name)
+    match = re.fullmatch(r"blobs/(sha256|sha512)/([0-9a-f]+)", normal)
+    if match is not None:
+        return f"{match.group(1)}:{match.group(2)}"
+    legacy = re.fullmatch(r"([0-9a-f]{64})\.json", normal)
+    return f"sha256:{legacy.group(1)}" if legacy is not None else None
 
 
 def _open_oci(store: _Store, source: str, ref: str | None, arch: str | None) -> Image:
@@ -565,10 +575,11 @@ def parse_cmd(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     if value.lstrip().startswith("["):
-        parsed = parse_json(value.encode(), "--cmd")
-        result = _strings(parsed, "--cmd")
-        if result is None:
-            raise UsageError("--cmd must be a JSON array of strings")
+        try:
+            result = _strings(parse_json(value.encode(), "--cmd"), "--cmd")
+        except MalformedInput as exc:
+            raise UsageError(f"{exc} (expected a JSON array of strings)") from None
+        assert result is not None
         return result
     return tuple(value.split())
 

@@ -8,8 +8,9 @@ the size of files.
 Layer semantics (OCI image spec "Applying changesets", as Docker's overlay2 driver realises them):
 
 - ``.wh.NAME`` hides ``NAME`` of lower layers; ``.wh..wh..opq`` hides every lower-layer entry of its directory.
-  Neither hides entries of the same layer, whatever their order in the tar. Other ``.wh..wh.*`` names are
-  aufs bookkeeping and are ignored.
+  Neither hides entries of the same layer, whatever their order in the tar (a same-layer directory ``NAME``
+  stays, without what lower layers had below it). Other ``.wh..wh.*`` names are aufs bookkeeping and are
+  ignored.
 - A directory entry over an existing directory changes its attributes and keeps its contents; any other
   entry replaces what was there (a whole subtree, if it was a directory).
 - Hard links share one file (contents, mode, owner, time); the export lists the first name in walk order as
@@ -28,16 +29,18 @@ import enum
 import itertools
 import math
 import tarfile
-import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from enclavekit.errors import MalformedInput
 
 #: Refuse images with more entries than this: the merged index is held in memory (~0.5 KiB per entry).
 MAX_ENTRIES = 2_000_000
+#: Compressed layers may unpack to at most this many bytes in total (an EIF holds the image in
+#: enclave memory; 64 GiB is far beyond any enclave image).
+MAX_SPOOL = 64 << 30
 #: Refuse deeper paths (Linux's PATH_MAX allows ~2000; real images stay far below; the walk recurses).
 MAX_DEPTH = 256
 #: Mode, owner and time given to a parent directory a layer creates without an entry of its own.
@@ -70,12 +73,12 @@ class ContentRef:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class TarEntry:
+class TarEntry(NamedTuple):
     """One tar header as a layer supplies it or as the export lists it (names are raw bytes).
 
     Directories in an export listing end with ``/``; a hard link's ``linkname`` is the full path of the
-    first name of the file; a symlink's ``linkname`` is its target.
+    first name of the file; a symlink's ``linkname`` is its target. (An immutable named tuple rather
+    than a dataclass: one is made per file, twice, and construction cost shows on large images.)
     """
 
     name: bytes
@@ -133,13 +136,16 @@ def split_name(name: bytes, *, what: str = "entry") -> tuple[bytes, ...]:
             f"{what} {_show(name)} is an absolute path; layer entries must be relative to the image root "
             "(path traversal refused)"
         )
-    parts = tuple(p for p in name.split(b"/") if p not in (b"", b"."))
+    split = name.split(b"/")
+    parts = tuple(
+        split if b"" not in split and b"." not in split else (p for p in split if p and p != b".")
+    )
     if b".." in parts:
         raise MalformedInput(
             f"{what} {_show(name)} contains a '..' component, which would leave the image root "
             "(path traversal refused)"
         )
-    if any(b"\0" in p for p in parts):
+    if b"\0" in name:
         raise MalformedInput(f"{what} {_show(name)} contains a NUL byte")
     if len(parts) > MAX_DEPTH:
         raise MalformedInput(
@@ -236,6 +242,8 @@ class MergedTree:
         if not parts:
             return  # the root directory itself: docker export never lists it
         base = parts[-1]
+        if WHITEOUT_PREFIX in entry.name and any(p.startswith(WHITEOUT_PREFIX) for p in parts[:-1]):
+            raise self._fail(f"entry {_show(entry.name)} lies below a whiteout name")
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, entry.name)
             return
@@ -299,6 +307,12 @@ class MergedTree:
             raise self._fail(f"whiteout {_show(name)} names no entry")
         if (parent.serial, hidden) not in self._touched:
             parent.children.pop(hidden, None)
+            return
+        # The same layer also has an entry there: it stays, but what lower layers put below it
+        # is hidden all the same (OCI: whiteouts apply to lower layers only).
+        kept = parent.children.get(hidden)
+        if kept is not None and kept.children is not None:
+            self._hide_lower(kept)
 
     def _hide_lower(self, directory: _Node) -> None:
         """An opaque directory: drop everything earlier layers put below it."""
@@ -417,8 +431,11 @@ class ContentReader:
 
 # -- reading layer tars ----------------------------------------------------------------------------------
 
-#: tarfile's read size in stream mode (its default of 10 KiB makes large layers slow).
+#: Read size when copying or checking layer data.
 TAR_BUFSIZE = 1 << 20
+#: Largest single read of a layer tar: tarfile reads PAX headers and GNU long names whole, so an
+#: oversized one would otherwise be held in memory.
+MAX_HEADER_READ = 16 << 20
 
 _TAR_KINDS = {
     tarfile.REGTYPE: EntryKind.REGULAR,
@@ -435,16 +452,23 @@ _TAR_KINDS = {
 
 
 class Spool:
-    """An append-only scratch file for the contents of compressed layers."""
+    """An append-only scratch file for unpacked compressed layers, refusing more than ``limit``
+    bytes in total (a decompression bomb fills no disk)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, limit: int = MAX_SPOOL) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._size = 0
+        self._limit = limit
 
-    def append(self, chunks: Iterator[bytes] | list[bytes]) -> ContentRef:
+    def append(self, chunks: Iterable[bytes]) -> ContentRef:
         start = self._size
         for chunk in chunks:
+            if self._size + len(chunk) > self._limit:
+                raise MalformedInput(
+                    f"the image's compressed layers unpack to more than {self._limit} bytes; "
+                    "refusing (decompression bomb?)"
+                )
             self._file.write(chunk)
             self._size += len(chunk)
         return ContentRef(self.path, start, self._size - start)
@@ -456,35 +480,81 @@ class Spool:
         self._file.close()
 
 
-def read_layer_tar(
-    stream: BinaryIO,
-    *,
-    label: str,
-    spool: Spool,
-    direct: ContentRef | None = None,
-) -> Iterator[TarEntry]:
-    """The entries of one uncompressed layer tar read sequentially from ``stream``.
+def read_layer_file(location: ContentRef, *, label: str, spool: Spool) -> Iterator[TarEntry]:
+    """The entries of an uncompressed layer tar stored at ``location``; file contents are referenced
+    in place (only headers are read). The caller checks the layer's digest first."""
+    with open(location.path, "rb") as handle:
+        window = _Window(handle, location.offset, location.size)
+        try:
+            with tarfile.open(
+                fileobj=cast(BinaryIO, window),
+                mode="r:",
+                encoding="utf-8",
+                errors="surrogateescape",
+            ) as archive:
+                # next() rather than iteration: tarfile keeps every member it has read in
+                # ``members``; clearing it keeps memory flat (hard links are resolved by the
+                # merged tree, never by tarfile).
+                seen: Any = getattr(archive, "members", None)  # undocumented, long-stable
+                while (member := archive.next()) is not None:
+                    if isinstance(seen, list):
+                        seen.clear()
+                    yield _to_entry(member, archive, label=label, spool=spool, direct=location)
+                end = archive.offset
+        except (tarfile.TarError, EOFError, UnicodeError) as exc:
+            raise MalformedInput(
+                f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
+            ) from exc
+        window.seek(end)
+        while chunk := window.read(TAR_BUFSIZE):
+            if chunk.strip(b"\0"):
+                raise _damaged(label, end)
 
-    With ``direct`` (where the same uncompressed tar lies in a seekable file), file contents are referenced
-    there; otherwise they are copied into ``spool``. Every byte of ``stream`` is read, so a hashing
-    ``stream`` sees the whole layer. Corrupt or truncated tars raise ``MalformedInput``.
-    """
-    try:
-        with tarfile.open(
-            fileobj=stream,
-            mode="r|",
-            bufsize=TAR_BUFSIZE,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as archive:
-            for member in archive:
-                yield _to_entry(member, archive, label=label, spool=spool, direct=direct)
-        while stream.read(TAR_BUFSIZE):
-            pass
-    except (tarfile.TarError, EOFError, zlib.error, UnicodeError) as exc:
-        raise MalformedInput(
-            f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
-        ) from exc
+
+def _damaged(label: str, offset: int) -> MalformedInput:
+    return MalformedInput(
+        f"{label}: the tar listing stops at a damaged header (offset {offset}) but data follows; "
+        "the layer is corrupt"
+    )
+
+
+class _Window:
+    """A read-only, seekable view of ``size`` bytes at ``offset`` of an open file."""
+
+    def __init__(self, handle: BinaryIO, offset: int, size: int) -> None:
+        self._handle = handle
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._size - self._pos:
+            n = max(0, self._size - self._pos)
+        if n > MAX_HEADER_READ:
+            # tarfile reads headers (PAX records, GNU long names) whole; file data is never read
+            # through here in one piece.
+            raise MalformedInput(
+                f"a tar header of {n} bytes at offset {self._pos}; refusing more than "
+                f"{MAX_HEADER_READ} (PAX records and long names are small)"
+            )
+        self._handle.seek(self._offset + self._pos)
+        data = self._handle.read(n)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
 
 def _to_entry(

@@ -14,8 +14,7 @@ from __future__ import annotations
 import enum
 import io
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from enclavekit.eif.layers import ContentRef, EntryKind, TarEntry
 from enclavekit.errors import MalformedInput
@@ -32,7 +31,7 @@ ARCHIVE_ALIGNMENT = 512
 MAX_FIELD = 0xFFFFFFFF
 
 TRAILER_NAME = b"TRAILER!!!"
-_MAGIC = b"070701"
+_HEADER_FORMAT = b"070701" + b"%08x" * 13
 
 
 class FileType(enum.IntEnum):
@@ -52,9 +51,12 @@ class Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CpioEntry:
-    """One archive member's header fields. ``size`` is the data length (a symlink's target length)."""
+class CpioEntry(NamedTuple):
+    """One archive member's header fields. ``size`` is the data length (a symlink's target length).
+
+    Checked by :class:`CpioWriter` when written: a non-empty name without NUL that is not the
+    trailer's, permissions within ``0o7777``, every field within newc's 32 bits.
+    """
 
     name: bytes
     file_type: FileType
@@ -66,12 +68,6 @@ class CpioEntry:
     rdev_major: int = 0
     rdev_minor: int = 0
 
-    def __post_init__(self) -> None:
-        if not self.name or b"\0" in self.name:
-            raise ValueError(f"cpio entry name must be non-empty without NUL bytes: {self.name!r}")
-        if self.permissions & ~0o7777:
-            raise ValueError(f"permissions must fit in 0o7777, got {self.permissions:#o}")
-
     @property
     def mode(self) -> int:
         return (int(self.file_type) << 12) | self.permissions
@@ -81,8 +77,7 @@ class CpioEntry:
         return 2 if self.file_type is FileType.DIRECTORY else 1
 
 
-def _pad(length: int) -> int:
-    return -length % 4
+_ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 class CpioWriter:
@@ -109,29 +104,29 @@ class CpioWriter:
             self._sink.write(data)
             self._offset += len(data)
 
-    def _header(self, entry: CpioEntry, inode: int, *, trailer: bool = False) -> bytes:
+    def _header(self, entry: CpioEntry, name: bytes, inode: int, *, trailer: bool) -> bytes:
         fields = (
             inode,
-            0 if trailer else entry.mode,
+            0 if trailer else (int(entry.file_type) << 12) | entry.permissions,
             entry.uid,
             entry.gid,
-            1 if trailer else entry.nlink,
+            1 if trailer or entry.file_type is not FileType.DIRECTORY else 2,
             entry.mtime,
             entry.size,
             ARCHIVE_DEVICE[0],
             ARCHIVE_DEVICE[1],
             entry.rdev_major,
             entry.rdev_minor,
-            len(entry.name) + 1,
+            len(name) + 1,
             0,
         )
-        for value in fields:
-            if not 0 <= value <= MAX_FIELD:
-                raise MalformedInput(
-                    f"{entry.name!r}: a cpio newc field must be within 0..{MAX_FIELD}, got {value} "
-                    "(files of 4 GiB or more, negative times and large ids cannot be stored)"
-                )
-        return _MAGIC + b"".join(b"%08x" % v for v in fields)
+        if min(fields) < 0 or max(fields) > MAX_FIELD:
+            raise MalformedInput(
+                f"{entry.name!r}: a cpio newc field must be within 0..{MAX_FIELD}, got "
+                f"{min(fields) if min(fields) < 0 else max(fields)} (files of 4 GiB or more, "
+                "negative times and large ids cannot be stored)"
+            )
+        return _HEADER_FORMAT % fields
 
     def begin(self, entry: CpioEntry) -> None:
         """Write ``entry``'s header and name; its ``size`` bytes of data must follow via :meth:`write`."""
@@ -140,13 +135,20 @@ class CpioWriter:
     def _begin(self, entry: CpioEntry, *, trailer: bool = False) -> None:
         if self._closed:
             raise ValueError("archive already closed")
+        if not trailer and (not entry.name or b"\0" in entry.name or entry.name == TRAILER_NAME):
+            raise ValueError(
+                f"cpio entry name must be non-empty, without NUL, not the trailer's: {entry.name!r}"
+            )
+        if entry.permissions & ~0o7777:
+            raise ValueError(f"permissions must fit in 0o7777, got {entry.permissions:#o}")
         if self._remaining:
             raise ValueError(f"previous entry is missing {self._remaining} bytes of data")
-        self._emit(b"\0" * _pad(self._offset))
-        head = self._header(entry, self._inode, trailer=trailer) + entry.name + b"\0"
+        name = TRAILER_NAME if trailer else entry.name
+        head = self._header(entry, name, self._inode, trailer=trailer) + name + b"\0"
         self._inode += 1
-        self._emit(head)
-        self._emit(b"\0" * _pad(self._offset))
+        before = _ZEROS[-self._offset % 4]
+        after = _ZEROS[-(self._offset + len(before) + len(head)) % 4]
+        self._emit(before + head + after)
         self._remaining = entry.size
 
     def write(self, data: bytes) -> None:
@@ -176,7 +178,7 @@ class CpioWriter:
         """Trailer and final padding. Returns the archive's length."""
         if not self._closed:
             # gocpio's trailer: mode 0 (no file type), one link, mtime 0, no data.
-            self._begin(CpioEntry(TRAILER_NAME, FileType.REGULAR, 0, mtime=0), trailer=True)
+            self._begin(CpioEntry(b"-", FileType.REGULAR, 0, mtime=0), trailer=True)
             self._closed = True
             self._emit(b"\0" * (-self._offset % ARCHIVE_ALIGNMENT))
         return self._offset
