@@ -146,3 +146,44 @@ def booted(
         "described": described,
         "record": enclave.record,
     }
+
+
+VSOCK_GUEST_PROGRAM = r"""
+import json
+import socket
+from enclavekit.nsm import Nsm
+
+out = {}
+with Nsm.device() as nsm:
+    out["pcr8"] = nsm.describe_pcr(8).data.hex()
+    out["pcr2"] = nsm.describe_pcr(2).data.hex()
+# Enclave -> parent: CID 3 port 8000 is forwarded by the parent to a local echo server.
+blob = bytes(range(256)) * 400  # 100 KiB: several RX buffers and credit updates
+with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as s:
+    s.connect((3, 8000))
+    s.sendall(blob)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+out["echo_ok"] = got == blob[::-1]
+out["echo_len"] = len(got)
+# Parent -> enclave: a server on vsock port 5005, reached through the parent's local listener.
+with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as srv:
+    srv.bind((socket.VMADDR_CID_ANY, 5005))
+    srv.listen(1)
+    print("EK-LISTENING", flush=True)
+    conn, peer = srv.accept()
+    with conn:
+        data = conn.recv(1024)
+        conn.sendall(b"enclave says: " + data)
+    out["peer_cid"] = peer[0]
+print("EK-RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture(scope="session")
+def unsigned_eif(vm_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("vm-eif-unsigned")
+    path, _ = build_test_eif(vm_cache, work, VSOCK_GUEST_PROGRAM, name="vsock-probe")
+    return path
