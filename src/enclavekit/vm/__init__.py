@@ -6,8 +6,8 @@
   enclave_cid, console, parent_role, parent_id, forward, listen)` -> `VmEnclave` (``.record``, ``.wait()``,
   ``.terminate()``, ``.console_text()``); `terminate_recorded(enclave_id)`.
 - :mod:`~enclavekit.vm.state`: records for ``describe-enclaves`` / ``terminate-enclave``.
-- ``python -m enclavekit.vm run-enclave|describe-enclaves|terminate-enclave|console`` until the root CLI
-  wires ``run-enclave --vm``.
+- :mod:`~enclavekit.vm.commands`: click commands (``python -m enclavekit.vm
+  run-enclave|describe-enclaves|terminate-enclave|console``) until the root CLI wires ``run-enclave --vm``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from enclavekit.errors import UsageError
-from enclavekit.vm.__main__ import _parse_forward, _parse_listen, main
+from enclavekit.vm.commands import _parse_forward, _parse_listen, main
 from enclavekit.vm.state import EnclaveRecord, write_record
 
 
