@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def vm_cache() -> Path:
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         pytest.skip(f"missing {', '.join(missing)}: {SETUP_HINT}")
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the test guest runs Debian's python3.11 with this venv's compiled packages")
     if not supports_nitro_enclave(qemu):
         pytest.skip(f"{qemu} has no nitro-enclave machine: {SETUP_HINT}")
     return cache
