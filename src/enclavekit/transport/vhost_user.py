@@ -27,7 +27,12 @@ from pathlib import Path
 
 from enclavekit.errors import MalformedInput
 from enclavekit.transport.virtio_vsock import HEADER, Endpoint, Packet, VsockParent
-from enclavekit.transport.virtqueue import GuestMemory, MemoryRegion, SplitVirtqueue
+from enclavekit.transport.virtqueue import (
+    GuestMemory,
+    MemoryRegion,
+    SplitVirtqueue,
+    VirtqueueError,
+)
 
 __all__ = ["Request", "VhostUserVsockBackend"]
 
@@ -202,15 +207,25 @@ class VhostUserVsockBackend:
                             self._stopping = True
                             break
                     elif kind == "kick":
-                        self._kicked(data[1])
+                        self._guarded(self._kicked, data[1])
                     else:
                         self.parent.on_socket_event(data, events)
-                self._deliver()
+                self._guarded(self._deliver)
         except BaseException as exc:  # the loop thread must not die silently
             log.exception("vhost-user-vsock back-end failed")
             self.error = exc
         finally:
             self.frontend_gone.set()
+
+    def _guarded(self, step: Callable[..., None], *args: int) -> None:
+        """Run a ring step; a guest that breaks the ring rules stops the rings, not the back-end."""
+        try:
+            step(*args)
+        except VirtqueueError as exc:
+            log.warning("vsock: stopping the rings: %s", exc)
+            for vring in self._session.vrings:
+                vring.started = False
+                vring.queue = None
 
     def _teardown(self) -> None:
         self.parent.close()

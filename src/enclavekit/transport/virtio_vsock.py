@@ -5,7 +5,9 @@ vhost-user back-end in `enclavekit.transport.vhost_user` feeds it packets from t
 packets for the RX queue). It plays the parent instance of a Nitro enclave:
 
 - answers the enclave init heartbeat (guest connects to CID 3 port 9000, sends 0xB7, expects 0xB7 back);
-- connects guest connections to local endpoints (``forward={vsock_port: (host, tcp_port) | unix_path}``);
+- connects guest connections to local endpoints (``forward={vsock_port: (host, tcp_port) | unix_path |
+  sink}``, where a sink is anything with ``submit(conn)``, e.g. a `VsockProxy`: it gets one end of a socket
+  pair and the guest's bytes flow through the other);
 - connects local listeners to guest ports (``listen={(host, tcp_port): vsock_port}``), the way the parent
   reaches a server inside the enclave.
 
@@ -26,6 +28,7 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from enclavekit.errors import MalformedInput
 
@@ -53,7 +56,17 @@ BUF_ALLOC = 256 * 1024  # receive buffer we advertise per connection
 READ_CHUNK = 64 * 1024
 FIRST_EPHEMERAL_PORT = 49152
 
-Endpoint = tuple[str, int] | str  # (host, TCP port) or a unix socket path
+
+@runtime_checkable
+class ConnectionSink(Protocol):
+    """Anything that takes ownership of a connected stream socket: `RelayServer.submit` (so a
+    `VsockProxy` or `Forwarder`) is one (the transport package's parent-side contract)."""
+
+    def submit(self, conn: socket.socket) -> object: ...
+
+
+#: Where a guest connection goes: (host, TCP port), a unix socket path, or a connection sink.
+Endpoint = tuple[str, int] | str | ConnectionSink
 
 
 class Op(enum.IntEnum):
@@ -237,7 +250,7 @@ class VsockParent:
         elif local_port in self.forward:
             try:
                 sock = _connect(self.forward[local_port])
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:
                 log.warning(
                     "vsock: guest port %d -> %r refused: %s",
                     local_port,
@@ -452,6 +465,15 @@ class VsockParent:
 
 
 def _connect(endpoint: Endpoint) -> socket.socket:
+    if isinstance(endpoint, ConnectionSink):
+        ours, theirs = socket.socketpair()
+        try:
+            endpoint.submit(theirs)
+        except BaseException:
+            ours.close()
+            raise
+        ours.setblocking(False)
+        return ours
     if isinstance(endpoint, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(2.0)

@@ -209,3 +209,32 @@ def test_oversized_message_is_refused(tmp_path: Path) -> None:
 def test_guest_cid_must_be_a_guest_cid(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CID"):
         VhostUserVsockBackend(tmp_path / "x.sock", guest_cid=2)
+
+
+def test_guest_connection_is_handed_to_a_relay_server(backend_factory, echo_server) -> None:
+    """The transport package's parent-side contract: a RelayServer gets one end of a socket pair."""
+    from enclavekit.transport import RelayServer
+
+    relay = RelayServer(lambda: socket.create_connection(echo_server, timeout=5), workers=1)
+    try:
+        _, fe = backend_factory(forward={8000: relay})
+        fe.add_rx_buffers(8)
+        fe.send(request(CID, 2100, 8000))
+        assert fe.received()[0].op == Op.RESPONSE
+        fe.send(request(CID, 2100, 8000, Op.RW, b"through the proxy"))
+        (data,) = fe.received()
+        assert data.payload == b"THROUGH THE PROXY"
+    finally:
+        relay.close()
+
+
+def test_closed_relay_server_resets_the_guest(backend_factory) -> None:
+    from enclavekit.transport import RelayServer
+
+    relay = RelayServer(lambda: socket.create_connection(("127.0.0.1", 9), timeout=1), workers=1)
+    relay.close()
+    _, fe = backend_factory(forward={8000: relay})
+    fe.add_rx_buffers(2)
+    fe.send(request(CID, 2101, 8000))
+    (rst,) = fe.received()
+    assert rst.op == Op.RST
