@@ -33,17 +33,49 @@ _state_dir_option = click.option(
 
 
 def _run_in_vm(ctx: click.Context) -> None:
+    """Hand ``run-enclave --vm`` to the QEMU runner (``enclavekit.vm``) when it is installed.
+
+    Only the options both runners share are passed on; the QEMU runner's own options
+    (``--forward``, ``--listen``, ``--parent-role``, ...) are reached with ``python -m enclavekit.vm
+    run-enclave`` until the lead merges the two commands.
+    """
     try:
-        vm = importlib.import_module("enclavekit.vm")
-    except ModuleNotFoundError:
+        commands = importlib.import_module("enclavekit.vm.commands")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("enclavekit.vm", "enclavekit.vm.commands"):
+            raise
         raise UsageError(
-            "--vm needs the QEMU runner (enclavekit.vm), which is not part of this build; install"
-            " an enclavekit with the vm module, or drop --vm to run the EIF locally"
+            "--vm needs the QEMU runner (enclavekit.vm), which is not part of this build; drop"
+            " --vm to run the EIF locally"
         ) from None
-    entry = getattr(vm, "run_enclave_cli", None)
-    if entry is None:
-        raise UsageError("enclavekit.vm has no run_enclave_cli entry point yet; drop --vm")
-    entry(**ctx.params)
+    params = ctx.params
+    local_only = [
+        flag
+        for flag, used in (
+            ("--config", params["config_path"] is not None),
+            ("--cpu-ids", params["cpu_ids"] is not None),
+            ("--isolation", params["isolation"] is not None),
+            ("--mount-host", bool(params["host_mounts"])),
+            ("--host-python", params["host_python"]),
+            ("--state-dir", params["state_dir"] is not None),
+        )
+        if used
+    ]
+    if local_only:
+        raise UsageError(f"{', '.join(local_only)} apply to the local runner, not to --vm")
+    if params["eif_path"] is None:
+        raise UsageError("give --eif-path")
+    ctx.invoke(
+        commands.run_enclave,
+        eif_path=params["eif_path"],
+        cpu_count=params["cpu_count"] or runner.DEFAULT_CPU_COUNT,
+        memory_mib=params["memory_mib"] or runner.DEFAULT_MEMORY_MIB,
+        enclave_cid=params["enclave_cid"],
+        enclave_name=params["enclave_name"],
+        debug_mode=params["debug_mode"],
+        attach_console=params["attach_console"],
+        as_json=params["as_json"],
+    )
 
 
 #: nitro-cli's ``--config`` keys (RunEnclavesArgs) and the options they stand for.

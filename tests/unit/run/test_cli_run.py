@@ -67,13 +67,27 @@ def test_unknown_enclave_and_bad_flags_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "no such file" in err
 
 
-def test_vm_flag_without_the_vm_module_says_how_to_get_it(tmp_path: Path) -> None:
+def test_vm_flag_hands_over_to_the_qemu_runner(tmp_path: Path) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("enclavekit.vm") is not None:
-        return  # the QEMU runner is present in this build; its own tests cover --vm
-    code, _, err = _invoke("run-enclave", "--eif-path", str(tmp_path / "x.eif"), "--vm")
-    assert code == 2 and "enclavekit.vm" in err
+    eif = make_eif(tmp_path / "vm.eif", cmd=["/bin/true"])
+    code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--vm", "--isolation", "process")
+    assert code == 2 and "apply to the local runner" in err
+    if importlib.util.find_spec("enclavekit.vm") is None:
+        code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--vm")
+        assert code == 2 and "enclavekit.vm" in err
+        return
+    from enclavekit.vm import QemuNotFound, find_qemu
+
+    try:
+        find_qemu()
+    except QemuNotFound:
+        code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--vm")
+        assert (
+            code == 2 and "QEMU" in err
+        )  # handed over to the QEMU runner, which says what is missing
+    else:
+        pytest.skip("a QEMU with the nitro-enclave machine is present; the vm tests boot EIFs")
 
 
 def test_damaged_eif_exits_1(tmp_path: Path) -> None:
