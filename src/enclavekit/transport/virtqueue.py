@@ -12,6 +12,7 @@ VIRTIO_F_EVENT_IDX (the back-end offers none of them), buffers that straddle two
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -35,6 +36,17 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 MAX_QUEUE_SIZE = 32768  # virtio's limit for split queues
+
+
+def _load_u16(buffer: mmap.mmap, offset: int) -> int:
+    """One 16-bit load. ``struct`` reads byte by byte, so a ring index the guest is updating could be
+    seen half old, half new; a native aligned load cannot be torn."""
+    return int(ctypes.c_uint16.from_buffer(buffer, offset).value)
+
+
+def _store_u16(buffer: mmap.mmap, offset: int, value: int) -> None:
+    """One 16-bit store (the guest must never see half of a new used index)."""
+    ctypes.c_uint16.from_buffer(buffer, offset).value = value
 
 
 class VirtqueueError(MalformedInput):
@@ -147,7 +159,7 @@ class SplitVirtqueue:
         self.next_avail = next_avail & 0xFFFF
 
     def _avail_idx(self) -> int:
-        return int(_U16.unpack_from(self._avail, self._avail_off + 2)[0])
+        return _load_u16(self._avail, self._avail_off + 2)
 
     def has_available(self) -> bool:
         return self._avail_idx() != self.next_avail
@@ -205,8 +217,8 @@ class SplitVirtqueue:
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver as used, ``written`` bytes having been written into it."""
-        (used_idx,) = _U16.unpack_from(self._used, self._used_off + 2)
+        used_idx = _load_u16(self._used, self._used_off + 2)
         slot = used_idx % self.size
         _USED_ELEM.pack_into(self._used, self._used_off + 4 + 8 * slot, chain.head, written)
         # The element must be visible before the index moves (program order suffices on x86-64 TSO).
-        _U16.pack_into(self._used, self._used_off + 2, (used_idx + 1) & 0xFFFF)
+        _store_u16(self._used, self._used_off + 2, (used_idx + 1) & 0xFFFF)
