@@ -3,6 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${ENCLAVEKIT_QEMU_NITRO_CACHE:-$ROOT/.cache/qemu-nitro}"
+mkdir -p "$CACHE"
 SRC="$ROOT/scripts/qemu-nitro/preinit.c"
 OUT="$CACHE/preinit"
 if [[ -x "$OUT" && "$OUT" -nt "$SRC" ]]; then

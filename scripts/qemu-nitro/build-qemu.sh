@@ -10,6 +10,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${ENCLAVEKIT_QEMU_NITRO_CACHE:-$ROOT/.cache/qemu-nitro}"
+mkdir -p "$CACHE"
 PREFIX="$CACHE/qemu"
 BIN="$PREFIX/bin/qemu-system-x86_64"
 JOBS="${JOBS:-$(nproc)}"

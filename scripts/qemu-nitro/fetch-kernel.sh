@@ -9,6 +9,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${ENCLAVEKIT_QEMU_NITRO_CACHE:-$ROOT/.cache/qemu-nitro}"
+mkdir -p "$CACHE"
 OUT="$CACHE/kernel"
 MODULES=(drivers/misc/nsm drivers/virtio/virtio_mmio net/vmw_vsock/vsock
          net/vmw_vsock/vmw_vsock_virtio_transport_common net/vmw_vsock/vmw_vsock_virtio_transport)
