@@ -34,9 +34,20 @@ def _vsock_socket() -> socket.socket:
     return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 
 
+def _emulated(addr: Address) -> bool:
+    """vsock emulated over unix sockets for locally run enclaves (``$ENCLAVEKIT_VSOCK_DIR``)."""
+    from enclavekit.transport.emulation import emulation_dir
+
+    return isinstance(addr, VsockAddress) and emulation_dir() is not None
+
+
 def connect(address: Address | str, *, timeout: float | None = None) -> socket.socket:
     """Connect to ``address`` and return a blocking stream socket (``timeout`` applies to connecting)."""
     addr = as_address(address)
+    if _emulated(addr):
+        from enclavekit.transport import emulation
+
+        return emulation.connect(addr, timeout=timeout)
     try:
         if isinstance(addr, TcpAddress):
             sock = socket.create_connection(addr.sockaddr, timeout=timeout)
@@ -64,6 +75,10 @@ def connect(address: Address | str, *, timeout: float | None = None) -> socket.s
 def listen(address: Address | str, *, backlog: int = 128) -> socket.socket:
     """Bind and listen on ``address`` (port 0 picks a free port; see :func:`local_address`)."""
     addr = as_address(address)
+    if _emulated(addr):
+        from enclavekit.transport import emulation
+
+        return emulation.listen(addr, backlog=backlog)
     try:
         if isinstance(addr, TcpAddress):
             infos = socket.getaddrinfo(
@@ -113,6 +128,10 @@ async def open_connection(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """asyncio counterpart of :func:`connect`."""
     addr = as_address(address)
+    if _emulated(addr):
+        from enclavekit.transport import emulation
+
+        return await emulation.open_connection(addr, timeout=timeout, limit=limit)
     try:
         if isinstance(addr, TcpAddress):
             return await asyncio.wait_for(
@@ -144,4 +163,6 @@ async def start_server(
     """asyncio counterpart of :func:`listen`: serve ``handler(reader, writer)`` per connection."""
     sock = listen(address, backlog=backlog)
     sock.setblocking(False)
+    if sock.family == socket.AF_UNIX:
+        return await asyncio.start_unix_server(handler, sock=sock, limit=limit)
     return await asyncio.start_server(handler, sock=sock, limit=limit)
