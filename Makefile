@@ -41,3 +41,6 @@ bench: venv
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache build dist
+
+vm-setup:
+	bash scripts/qemu-nitro/setup.sh

@@ -11,6 +11,7 @@ Usage: python benchmarks/bench_verify.py [--seconds S]
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def rate(fn, seconds: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="rounds x 0.3 s per measurement")
     args = parser.parse_args()
     raw = DOC.read_bytes()
     doc = AttestationDocument.from_cbor(raw)
@@ -53,18 +54,24 @@ def main() -> int:
     )
     tbs = doc.sig_structure()
 
-    raw_rate = rate(lambda: key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384())), args.seconds)
-
     warm = Verifier.aws()
-    warm_rate = rate(lambda: warm.verify(raw, policy, at=at), args.seconds)
-
     cold = Verifier.aws()
 
     def cold_once() -> None:
         cold.clear_cache()  # a long-lived verifier meeting a chain it has never seen
         cold.verify(raw, policy, at=at)
 
-    cold_rate = rate(cold_once, args.seconds)
+    # The machine may be shared: interleave short rounds of baseline and candidates, and use the median of
+    # the per-round ratios, so that load drifting during the run affects both sides of each ratio alike.
+    rounds = max(3, int(args.seconds * 3))
+    raws, warms, colds = [], [], []
+    for _ in range(rounds):
+        raws.append(rate(lambda: key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384())), 0.3))
+        warms.append(rate(lambda: warm.verify(raw, policy, at=at), 0.3))
+        colds.append(rate(cold_once, 0.3))
+    warm_ratio = statistics.median(w / r for w, r in zip(warms, raws, strict=True))
+    cold_ratio = statistics.median(c / (r / 5) for c, r in zip(colds, raws, strict=True))
+    raw_rate, warm_rate, cold_rate = (statistics.median(x) for x in (raws, warms, colds))
 
     batch_docs = [raw] * 400
     start = time.perf_counter()
@@ -83,7 +90,7 @@ def main() -> int:
     print(
         f"batch verify_many (all CPUs):{batch_rate:9.1f} docs/s  ratio {batch_rate / raw_rate:.2f} (includes process start-up)"
     )
-    ok = warm_rate >= 0.8 * raw_rate and cold_rate >= 0.8 * cold_target
+    ok = warm_ratio >= 0.8 and cold_ratio >= 0.8
     print("targets met" if ok else "targets NOT met")
     return 0
 

@@ -125,7 +125,14 @@ class AttestationDocument:
         _require(isinstance(unprotected, dict), "COSE unprotected header", "a map", unprotected)
         _require(isinstance(payload, bytes), "COSE payload", "a byte string", payload)
         _require(isinstance(signature, bytes), "COSE signature", "a byte string", signature)
-        # 2. Protected header: exactly ES384.
+        # 2. Protected header: exactly ES384. An all-zero signature is an unsigned document (QEMU's
+        #    nitro-enclave NSM emits alg -1, 64 zero bytes of signature and certificate): say so.
+        if isinstance(signature, bytes) and signature and not any(signature):
+            raise MalformedInput(
+                f"attestation document is unsigned: its COSE signature is {len(signature)} zero bytes; "
+                "expected an ES384 signature by an NSM certificate. Emulators such as QEMU's "
+                "nitro-enclave machine produce such documents; they prove nothing about an enclave"
+            )
         header = (
             PROTECTED_ES384
             if protected == PROTECTED_ES384_BYTES

@@ -1,0 +1,370 @@
+"""Persistent CA state: challenges (nonces), issued certificates, revocations and an audit log.
+
+Two back ends behind one interface:
+
+* :class:`SqliteStore` — embedded, the default (``<state-dir>/ca.sqlite3``, WAL mode);
+* :class:`PostgresStore` — ``postgresql://`` URLs via psycopg, so CA replicas share one state.
+
+Nonce consumption is one conditional ``UPDATE … WHERE consumed_at IS NULL AND expires_at > now``:
+the database decides which of several racing requests wins, in one statement, on either back end.
+Times are stored as integer milliseconds since the Unix epoch (UTC); serials as lower-case hex text.
+
+Not handled here: authentication of callers, and anything cryptographic (see :mod:`.ca`).
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from enclavekit.errors import UsageError
+
+
+def to_ms(when: datetime) -> int:
+    """Milliseconds since the epoch for an aware datetime."""
+    if when.tzinfo is None:
+        raise ValueError("naive datetime; pass an aware (UTC) datetime")
+    return int(when.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class ConsumeResult(enum.Enum):
+    """Outcome of consuming a challenge nonce."""
+
+    CONSUMED = "consumed"
+    UNKNOWN = "unknown"
+    ALREADY_USED = "already used"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    """One issued certificate with the attestation document it was issued for."""
+
+    serial: int
+    service: str
+    not_before: datetime
+    not_after: datetime
+    certificate_der: bytes
+    document: bytes
+    issued_at: datetime
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One audit-log entry: an issuance, a refusal or a revocation."""
+
+    at: datetime
+    kind: str
+    service: str | None
+    serial: int | None
+    detail: str
+
+
+class Store(Protocol):
+    """What the CA needs from its persistent state."""
+
+    def add_challenge(self, nonce: bytes, created_at: datetime, expires_at: datetime) -> None: ...
+
+    def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult: ...
+
+    def add_certificate(self, record: CertificateRecord) -> None: ...
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None: ...
+
+    def revoke(self, serial: int, at: datetime, reason: str) -> bool: ...
+
+    def revoked(self) -> Sequence[CertificateRecord]: ...
+
+    def record_event(self, event: Event) -> None: ...
+
+    def events(self, limit: int = 100) -> Sequence[Event]: ...
+
+    def close(self) -> None: ...
+
+
+def _ddl(blob: str, serial_pk: str) -> tuple[str, ...]:
+    return (
+        f"CREATE TABLE IF NOT EXISTS challenges (nonce {blob} PRIMARY KEY,"
+        " created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, consumed_at BIGINT)",
+        f"CREATE TABLE IF NOT EXISTS certificates (serial TEXT PRIMARY KEY, service TEXT NOT NULL,"
+        f" not_before BIGINT NOT NULL, not_after BIGINT NOT NULL, certificate {blob} NOT NULL,"
+        f" document {blob} NOT NULL, issued_at BIGINT NOT NULL, revoked_at BIGINT,"
+        " revocation_reason TEXT)",
+        f"CREATE TABLE IF NOT EXISTS events (id {serial_pk}, at BIGINT NOT NULL,"
+        " kind TEXT NOT NULL, service TEXT, serial TEXT, detail TEXT NOT NULL)",
+    )
+
+
+_CERT_COLUMNS = (
+    "serial, service, not_before, not_after, certificate, document, issued_at, revoked_at,"
+    " revocation_reason"
+)
+
+
+def _cert_from_row(row: Sequence[Any]) -> CertificateRecord:
+    return CertificateRecord(
+        serial=int(row[0], 16),
+        service=row[1],
+        not_before=from_ms(row[2]),
+        not_after=from_ms(row[3]),
+        certificate_der=bytes(row[4]),
+        document=bytes(row[5]),
+        issued_at=from_ms(row[6]),
+        revoked_at=None if row[7] is None else from_ms(row[7]),
+        revocation_reason=row[8],
+    )
+
+
+class _SqlStore:
+    """Shared SQL; subclasses provide a DB-API connection and the parameter marker."""
+
+    _marker = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def _tx(self) -> AbstractContextManager[Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self._marker)
+
+    def add_challenge(self, nonce: bytes, created_at: datetime, expires_at: datetime) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO challenges (nonce, created_at, expires_at) VALUES (?, ?, ?)"
+                ),
+                (nonce, to_ms(created_at), to_ms(expires_at)),
+            )
+
+    def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult:
+        now_ms = to_ms(now)
+        with self._tx() as cur:
+            # The one atomic step: only one UPDATE can flip consumed_at from NULL.
+            cur.execute(
+                self._sql(
+                    "UPDATE challenges SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL"
+                    " AND expires_at > ?"
+                ),
+                (now_ms, nonce, now_ms),
+            )
+            if cur.rowcount == 1:
+                return ConsumeResult.CONSUMED
+            cur.execute(
+                self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
+                (nonce,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return ConsumeResult.UNKNOWN
+        if row[0] is not None:
+            return ConsumeResult.ALREADY_USED
+        return ConsumeResult.EXPIRED
+
+    def add_certificate(self, record: CertificateRecord) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608 - constant columns
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                (
+                    format(record.serial, "x"),
+                    record.service,
+                    to_ms(record.not_before),
+                    to_ms(record.not_after),
+                    record.certificate_der,
+                    record.document,
+                    to_ms(record.issued_at),
+                    None if record.revoked_at is None else to_ms(record.revoked_at),
+                    record.revocation_reason,
+                ),
+            )
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?"),  # noqa: S608
+                (format(serial, "x"),),
+            )
+            row = cur.fetchone()
+        return None if row is None else _cert_from_row(row)
+
+    def revoke(self, serial: int, at: datetime, reason: str) -> bool:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE certificates SET revoked_at = ?, revocation_reason = ?"
+                    " WHERE serial = ? AND revoked_at IS NULL"
+                ),
+                (to_ms(at), reason, format(serial, "x")),
+            )
+            return bool(cur.rowcount == 1)
+
+    def revoked(self) -> Sequence[CertificateRecord]:
+        with self._tx() as cur:
+            cur.execute(
+                f"SELECT {_CERT_COLUMNS} FROM certificates"  # noqa: S608 - constant columns
+                " WHERE revoked_at IS NOT NULL"
+                " ORDER BY revoked_at"
+            )
+            rows = cur.fetchall()
+        return [_cert_from_row(r) for r in rows]
+
+    def record_event(self, event: Event) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO events (at, kind, service, serial, detail) VALUES (?, ?, ?, ?, ?)"
+                ),
+                (
+                    to_ms(event.at),
+                    event.kind,
+                    event.service,
+                    None if event.serial is None else format(event.serial, "x"),
+                    event.detail,
+                ),
+            )
+
+    def events(self, limit: int = 100) -> Sequence[Event]:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT at, kind, service, serial, detail FROM events ORDER BY id DESC LIMIT ?"
+                ),
+                (limit,),
+            )
+            rows = cur.fetchall()
+        return [
+            Event(
+                at=from_ms(r[0]),
+                kind=r[1],
+                service=r[2],
+                serial=None if r[3] is None else int(r[3], 16),
+                detail=r[4],
+            )
+            for r in rows
+        ]
+
+
+class SqliteStore(_SqlStore):
+    """The embedded default. One connection, serialised by a lock; safe across threads."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__()
+        self.path = str(path)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        for stmt in _ddl("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"):
+            self._conn.execute(stmt)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class PostgresStore(_SqlStore):
+    """PostgreSQL via psycopg 3. ``schema`` isolates one CA (or one test run) inside a database."""
+
+    _marker = "%s"
+
+    def __init__(self, url: str, *, schema: str = "enclavekit_ca") -> None:
+        super().__init__()
+        try:
+            import psycopg  # noqa: F401 - fail early with a clear message
+        except ImportError as exc:  # pragma: no cover - depends on the installed extra
+            raise UsageError("PostgreSQL needs psycopg; install enclavekit[service]") from exc
+        if not schema.replace("_", "").isalnum():
+            raise ValueError(f"schema name must be alphanumeric/underscore, got {schema!r}")
+        self.schema = schema
+        self._url = url
+        self._conn = self._connect()
+        with self._tx() as cur:
+            cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            cur.execute(f'SET search_path TO "{schema}"')
+            for stmt in _ddl("BYTEA", "BIGSERIAL PRIMARY KEY"):
+                cur.execute(stmt)
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self._url, autocommit=True)
+            conn.execute(f'SET search_path TO "{self.schema}"')
+        except psycopg.Error as exc:
+            raise UsageError(
+                f"cannot connect to the CA database {_redact(self._url)}: {exc}; check --database"
+            ) from exc
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock:
+            if self._conn.closed or self._conn.broken:
+                # The server restarted or the network dropped: the failed request got an error,
+                # the next one reconnects.
+                self._conn = self._connect()
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                yield cur
+
+    def drop(self) -> None:
+        """Remove this store's schema and every row in it (tests, decommissioning)."""
+        with self._tx() as cur:
+            cur.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def open_store(state_dir: Path, database: str | None = None) -> Store:
+    """The CA's store: ``database`` (a PostgreSQL URL) if given, else SQLite in ``state_dir``."""
+    if database is None or database.startswith("sqlite:"):
+        if database is None:
+            return SqliteStore(state_dir / "ca.sqlite3")
+        return SqliteStore(Path(database[len("sqlite:") :]))
+    if database.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(database)
+    raise UsageError(
+        f"unsupported --database URL {_redact(database)!r}; expected postgresql://… or sqlite:PATH"
+    )

@@ -1,0 +1,47 @@
+"""Helpers shared by the ``ca``, ``atls`` and ``seal`` command modules."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from enclavekit.attestation.verifier import Verifier
+from enclavekit.cli._render import warn
+from enclavekit.errors import UsageError
+from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
+
+def nsm_verifier(roots: tuple[str, ...]) -> Verifier:
+    """A verifier for the given PEM roots (default: AWS); warns loudly about any non-AWS root."""
+    trust = [c for path in roots for c in load_pem_roots(path)] if roots else [aws_root()]
+    verifier = Verifier(trust)
+    if not verifier.trusts_only_aws:
+        names = ", ".join(f"{c.subject.rfc4514_string()} ({fingerprint(c)[:16]}…)" for c in trust)
+        warn(
+            f"trusting non-AWS NSM root(s): {names}. Documents signed by them are NOT from AWS"
+            " Nitro hardware (emulator or test PKI)."
+        )
+    return verifier
+
+
+def host_port(value: str, option: str) -> tuple[str, int]:
+    """Parse HOST:PORT (IPv6 as [addr]:port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{option}: expected HOST:PORT, found {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename (no partial output)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,151 @@
+"""``enclavekit atls proxy | get``: the enclave and client sides of attested TLS."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import sys
+
+import click
+
+from enclavekit.attestation.policy import load_policy
+from enclavekit.cli._atls_common import host_port, nsm_verifier
+from enclavekit.cli._render import emit_json, json_option, stderr
+from enclavekit.errors import UsageError
+
+
+@click.group("atls")
+def atls_group() -> None:
+    """Attested TLS: serve behind a CA-issued attested certificate, or verify one as a client."""
+
+
+@atls_group.command("proxy")
+@click.option("--ca", "ca_url", required=True, metavar="URL", help="The attestation CA's URL.")
+@click.option("--name", required=True, help="Service name in the CA policy.")
+@click.option("--listen", required=True, metavar="HOST:PORT", help="TLS listening address.")
+@click.option("--upstream", required=True, metavar="HOST:PORT", help="The app behind the proxy.")
+@click.option(
+    "--nsm",
+    "nsm_url",
+    metavar="URL",
+    help="NSM emulator (unix:///path, tcp://host:port). Default: $ENCLAVEKIT_NSM, else /dev/nsm.",
+)
+def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | None) -> None:
+    """Obtain an attested certificate and terminate TLS in front of --upstream (renews itself)."""
+    from enclavekit.atls.server import EnclaveIdentity, run_proxy
+    from enclavekit.nsm import Nsm
+
+    listen_at = host_port(listen, "--listen")
+    upstream_at = host_port(upstream, "--upstream")
+    nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
+    identity = EnclaveIdentity(ca_url, name, nsm)
+
+    def ready(host: str, port: int) -> None:
+        cert = identity.current.certificate
+        stderr.print(
+            f"attested TLS on {host}:{port} → {upstream}; certificate"
+            f" {cert.serial_number:x} valid until {cert.not_valid_after_utc.isoformat()}"
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_proxy(identity, listen_at, upstream_at, on_ready=ready)
+
+
+@atls_group.command("get")
+@click.argument("url")
+@click.option(
+    "--ca-cert",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The attestation CA root (PEM): the only TLS trust anchor.",
+)
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False),
+    help="What the enclave must be (JSON/YAML or nitro-cli measurements); default: not debug.",
+)
+@click.option("--fresh", is_flag=True, help="Also demand a new document for our own nonce.")
+@click.option(
+    "--root",
+    "roots",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
+)
+@click.option(
+    "--crl",
+    "crl_source",
+    metavar="FILE|URL",
+    help="The CA's CRL (DER/PEM file, or http(s) URL such as <CA>/v1/crl): refuse revoked servers.",
+)
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds per network step.")
+@json_option
+def get(
+    url: str,
+    ca_cert: str,
+    policy_file: str | None,
+    fresh: bool,
+    roots: tuple[str, ...],
+    timeout: float,
+    as_json: bool,
+    crl_source: str | None,
+) -> None:
+    """GET URL after verifying the server's attestation; the body goes to stdout.
+
+    Exit 1, with nothing sent to the application, when the certificate, the embedded document,
+    the policy or the fresh document fails.
+    """
+    from enclavekit.atls.client import AttestedClient, load_ca_root, load_crl
+
+    try:
+        with open(ca_cert, "rb") as f:
+            root = load_ca_root(f.read())
+    except OSError as exc:
+        raise UsageError(f"cannot read --ca-cert {ca_cert}: {exc.strerror}") from exc
+    client = AttestedClient(
+        root,
+        verifier=nsm_verifier(roots),
+        policy=load_policy(policy_file) if policy_file else None,
+        fresh=fresh,
+        timeout=timeout,
+        crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,
+    )
+    peer, response = client.request("GET", url)
+    if as_json:
+        report = peer.summary() | {
+            "url": url,
+            "status": response.status_code,
+            "body_base64": base64.b64encode(response.content).decode(),
+        }
+        emit_json(report)
+    else:
+        stderr.print(
+            f"attested: {peer.embedded.module_id}, certificate {peer.certificate_sha256.hex()[:16]}…"
+            f"{', fresh document verified' if peer.fresh else ''}; HTTP {response.status_code}"
+        )
+        sys.stdout.buffer.write(response.content)
+        sys.stdout.buffer.flush()
+    if response.status_code >= 400:
+        sys.exit(1)
+
+
+def _read_source(source: str, timeout: float) -> bytes:
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            response = httpx.get(source, timeout=timeout)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UsageError(f"cannot fetch {source}: {exc}") from exc
+        return response.content
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
+
+
+def register(group: click.Group) -> None:
+    group.add_command(atls_group)

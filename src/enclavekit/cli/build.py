@@ -1,0 +1,180 @@
+"""``build-enclave``: nitro-cli's command of the same name, without a Docker daemon.
+
+Prints nitro-cli's ``{"Measurements": {...}}`` JSON on stdout (always; ``--json`` is accepted for
+uniformity) and progress on stderr. Exit codes: 0 built; 2 bad usage, unreadable or corrupt image
+(digest mismatch, path traversal, bad tar), missing blobs. No partial ``.eif`` is left on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
+
+from enclavekit.cli._render import emit_json, json_option, stderr
+from enclavekit.eif.build import blobs_directory, build_enclave
+from enclavekit.eif.image import check_env, export_from_docker, open_source, parse_cmd
+from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, HASH_ALGORITHM_SHA512_384
+from enclavekit.eif.metadata import load_custom_metadata
+from enclavekit.eif.sign import EifSigner
+from enclavekit.errors import UsageError
+
+_HASH_LABELS = {"legacy": HASH_ALGORITHM_SHA384, "nitro-cli-1.5": HASH_ALGORITHM_SHA512_384}
+
+
+def _say(message: str) -> None:
+    stderr.print(message)
+
+
+@contextmanager
+def _byte_progress() -> Iterator[Callable[[int], None] | None]:
+    """A rich byte counter on stderr while the EIF is written (only on a terminal)."""
+    if not stderr.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("writing", total=None)
+        yield lambda done: bar.update(task, completed=done)
+
+
+@click.command("build-enclave")
+@click.option(
+    "--image",
+    "image",
+    metavar="SOURCE",
+    help="A docker-save tarball, an OCI layout (directory or tar; PATH:REF picks a tagged image) "
+    "or a root file-system directory.",
+)
+@click.option(
+    "--docker-uri",
+    metavar="NAME",
+    help="Export NAME from a reachable Docker daemon (docker save) and build from that.",
+)
+@click.option(
+    "--output-file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The EIF to write (atomically).",
+)
+@click.option(
+    "--blobs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory with bzImage (or Image), cmdline, init, nsm.ko. Default: $NITRO_CLI_BLOBS, "
+    "then /usr/share/nitro_enclaves/blobs.",
+)
+@click.option("--name", help="ImageName in the metadata (default: the image's repository).")
+@click.option("--version", help="ImageVersion in the metadata (default: the image id).")
+@click.option(
+    "--signing-certificate",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM certificate whose key signs PCR0 (with --private-key).",
+)
+@click.option(
+    "--private-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM EC private key matching --signing-certificate.",
+)
+@click.option(
+    "--metadata",
+    "metadata_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file (at most 4096 bytes) stored as CustomMetadata.",
+)
+@click.option(
+    "--cmd",
+    help="Root-fs directories only: the command, as a JSON array or a space-separated line.",
+)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Root-fs directories only: an environment variable (repeatable).",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["x86_64", "aarch64"]),
+    help="Pick this architecture from multi-arch images; for root-fs directories, the kernel to use "
+    "(default x86_64).",
+)
+@click.option(
+    "--hash-algorithm-label",
+    type=click.Choice(sorted(_HASH_LABELS)),
+    default="legacy",
+    show_default=True,
+    help="HashAlgorithm string: legacy = 'Sha384 { ... }', nitro-cli-1.5 = 'Sha512_384 { .. }'.",
+)
+@json_option
+def build_enclave_command(
+    image: str | None,
+    docker_uri: str | None,
+    output_file: Path,
+    blobs: Path | None,
+    name: str | None,
+    version: str | None,
+    signing_certificate: Path | None,
+    private_key: Path | None,
+    metadata_file: Path | None,
+    cmd: str | None,
+    env: tuple[str, ...],
+    arch: str | None,
+    hash_algorithm_label: str,
+    as_json: bool,
+) -> None:
+    """Build an EIF from a container image or a root file system (nitro-cli build-enclave).
+
+    The same image and blobs give a byte-identical EIF on any machine; BuildTime comes from
+    SOURCE_DATE_EPOCH, else the image's created time.
+    """
+    if (image is None) == (docker_uri is None):
+        raise UsageError("give exactly one of --image SOURCE or --docker-uri NAME")
+    if (signing_certificate is None) != (private_key is None):
+        raise UsageError("--signing-certificate and --private-key go together (both or neither)")
+    signer = (
+        EifSigner.from_files(signing_certificate, private_key)
+        if signing_certificate is not None and private_key is not None
+        else None
+    )
+    custom = load_custom_metadata(metadata_file.read_bytes()) if metadata_file else None
+    _say("Start building the Enclave Image...")
+    with (
+        tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
+        _byte_progress() as written,
+    ):
+        if docker_uri is not None:
+            _say(f"Exporting {docker_uri} from the Docker daemon...")
+            source = open_source(str(export_from_docker(docker_uri, Path(scratch))), arch=arch)
+            image_name = docker_uri.split(":")[0]
+        else:
+            assert image is not None
+            source = open_source(image, arch=arch)
+            image_name = None
+        result = build_enclave(
+            source,
+            output_file,
+            blobs_dir=blobs_directory(blobs, os.environ),
+            name=name,
+            version=version,
+            cmd=parse_cmd(cmd),
+            env=check_env(env),
+            arch=arch,
+            signer=signer,
+            custom_metadata=custom,
+            source_date_epoch=os.environ.get("SOURCE_DATE_EPOCH"),
+            hash_algorithm=_HASH_LABELS[hash_algorithm_label],
+            image_name=image_name,
+            progress=_say,
+            written=written,
+        )
+    _say(f"Enclave Image successfully created: {result.path} ({result.size} bytes).")
+    emit_json({"Measurements": result.measurements.to_json()})
+
+
+def register(group: click.Group) -> None:
+    group.add_command(build_enclave_command)

@@ -1,0 +1,122 @@
+"""``enclavekit kms unwrap``: decrypt a KMS ``CiphertextForRecipient`` envelope with the enclave key."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+from pathlib import Path
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from enclavekit.cli._render import emit_json, json_option
+from enclavekit.errors import MalformedInput, UsageError
+from enclavekit.kms.envelope import MAX_ENVELOPE_SIZE, Envelope, key_identifiers
+
+
+def _read(path: str, what: str, limit: int) -> bytes:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with Path(path).open("rb") as handle:
+                data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise MalformedInput(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def _envelope_bytes(data: bytes) -> bytes:
+    """Binary BER/DER as is; otherwise base64 text (as in the KMS JSON ``CiphertextForRecipient``)."""
+    if data[:1] == b"\x30":
+        return data
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedInput(
+            "the envelope is neither BER/DER (starting with 0x30) nor base64 text"
+        ) from None
+
+
+def _private_key(path: str) -> rsa.RSAPrivateKey:
+    data = _read(path, "private key", 1024 * 1024)
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(
+            f"cannot load private key {path}: {exc}; expected an unencrypted PEM or DER RSA key"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise UsageError(f"private key {path} is {type(key).__name__}, expected an RSA key")
+    return key
+
+
+@click.group("kms")
+def kms_group() -> None:
+    """KMS recipient envelopes (CiphertextForRecipient)."""
+
+
+@kms_group.command("unwrap")
+@click.option(
+    "--private-key",
+    "private_key_path",
+    required=True,
+    metavar="KEY.pem",
+    help="The enclave's RSA private key (PEM or DER, unencrypted).",
+)
+@click.option(
+    "--envelope",
+    "envelope_path",
+    required=True,
+    metavar="FILE",
+    help="CiphertextForRecipient: BER/DER bytes or base64 text; '-' reads stdin.",
+)
+@click.option(
+    "--certificate",
+    "certificate_path",
+    metavar="CERT.pem",
+    help="Recipient certificate, to match issuerAndSerialNumber recipients by name.",
+)
+@json_option
+def unwrap(
+    private_key_path: str, envelope_path: str, certificate_path: str | None, as_json: bool
+) -> None:
+    """Decrypt an envelope and write the plaintext to stdout.
+
+    Exit 1 when the envelope is not addressed to this key, 2 when it is malformed or unsupported.
+    """
+    key = _private_key(private_key_path)
+    certificate = None
+    if certificate_path is not None:
+        try:
+            certificate = x509.load_pem_x509_certificate(
+                _read(certificate_path, "certificate", 1024 * 1024)
+            )
+        except ValueError as exc:
+            raise UsageError(f"cannot load certificate {certificate_path}: {exc}") from None
+    raw = _envelope_bytes(_read(envelope_path, "envelope", MAX_ENVELOPE_SIZE * 2))
+    envelope = Envelope.from_ber(raw)
+    plaintext = envelope.decrypt(key, certificate=certificate)
+    if as_json:
+        emit_json(
+            {
+                "Plaintext": base64.b64encode(plaintext).decode("ascii"),
+                "RecipientKeyId": key_identifiers(key.public_key())[0].hex(),
+                "EnvelopeVersion": envelope.version,
+            }
+        )
+        return
+    sys.stdout.buffer.write(plaintext)
+    sys.stdout.buffer.flush()
+
+
+def register(group: click.Group) -> None:
+    group.add_command(kms_group)

@@ -1,0 +1,163 @@
+"""``enclavekit vsock-proxy`` (parent side, nitro-cli flags) and ``vsock-forward`` (enclave side)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from enclavekit.cli._render import stderr, warn
+from enclavekit.errors import UsageError
+from enclavekit.transport.address import VMADDR_CID_ANY, TcpAddress, VsockAddress, parse_address
+from enclavekit.transport.allowlist import DEFAULT_CONFIG_PATH, Allowlist, IpFamily
+from enclavekit.transport.forwarder import Forwarder
+from enclavekit.transport.proxy import VsockProxy
+from enclavekit.transport.relay import DEFAULT_STALL_TIMEOUT
+from enclavekit.transport.server import DEFAULT_WORKERS, RelayServer
+from enclavekit.transport.sockets import listen, local_address
+
+logger = logging.getLogger(__name__)
+
+
+def _serve(server: RelayServer, listen_text: str, what: str) -> None:
+    try:
+        listener = listen(parse_address(listen_text))
+    except BaseException:
+        server.close()
+        raise
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread = server.start(listener)
+        stderr.print(f"{what} listening on {local_address(listener)}")
+        while not stop.wait(0.5) and thread.is_alive():
+            pass
+    finally:
+        server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stall(value: float) -> float | None:
+    return None if value <= 0 else value
+
+
+@click.command("vsock-proxy")
+@click.argument("local_port", type=click.IntRange(0, 0xFFFFFFFF))
+@click.argument("remote_addr")
+@click.argument("remote_port", type=click.IntRange(1, 0xFFFF))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="Allowlist YAML (nitro-cli format); targets not listed are refused.",
+)
+@click.option("-4", "--ipv4", is_flag=True, help="Use IPv4 addresses only.")
+@click.option("-6", "--ipv6", is_flag=True, help="Use IPv6 addresses only.")
+@click.option(
+    "-w",
+    "--workers",
+    "--num_workers",
+    type=click.IntRange(1, 1024),
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    help="Maximum number of simultaneous connections.",
+)
+@click.option(
+    "--listen",
+    "listen_text",
+    metavar="ADDRESS",
+    help="Listen here instead of vsock://ANY:LOCAL_PORT (e.g. tcp://127.0.0.1:8000 for tests).",
+)
+@click.option(
+    "--stall-timeout",
+    type=float,
+    default=DEFAULT_STALL_TIMEOUT,
+    show_default=True,
+    help="Drop a connection whose peer has not read pending data for this many seconds (0: never).",
+)
+def vsock_proxy(
+    local_port: int,
+    remote_addr: str,
+    remote_port: int,
+    config_path: Path,
+    ipv4: bool,
+    ipv6: bool,
+    workers: int,
+    listen_text: str | None,
+    stall_timeout: float,
+) -> None:
+    """Relay vsock connections from enclaves to REMOTE_ADDR:REMOTE_PORT (nitro-cli vsock-proxy).
+
+    The target must be in the allowlist (--config): exit 1 when it is not, 2 on bad arguments or an
+    unreadable allowlist. Runs until SIGINT/SIGTERM.
+    """
+    if ipv4 and ipv6:
+        raise UsageError("--ipv4 and --ipv6 exclude each other; give at most one")
+    family = IpFamily.IPV4 if ipv4 else IpFamily.IPV6 if ipv6 else IpFamily.ANY
+    allowlist = Allowlist.load(config_path)
+    proxy = VsockProxy(
+        remote_addr,
+        remote_port,
+        allowlist=allowlist,
+        family=family,
+        workers=workers,
+        stall_timeout=_stall(stall_timeout),
+    )
+    stderr.print(f"vsock-proxy: target {remote_addr}:{remote_port} ({proxy.remote_ip}) allowed")
+    _serve(proxy, listen_text or str(VsockAddress(VMADDR_CID_ANY, local_port)), "vsock-proxy")
+
+
+@click.command("vsock-forward")
+@click.argument("listen_address")
+@click.argument("target_address")
+@click.option(
+    "-w",
+    "--workers",
+    type=click.IntRange(1, 1024),
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    help="Maximum number of simultaneous connections.",
+)
+@click.option(
+    "--stall-timeout",
+    type=float,
+    default=DEFAULT_STALL_TIMEOUT,
+    show_default=True,
+    help="Drop a connection whose peer has not read pending data for this many seconds (0: never).",
+)
+def vsock_forward(
+    listen_address: str, target_address: str, workers: int, stall_timeout: float
+) -> None:
+    """Enclave side: accept on LISTEN_ADDRESS and tunnel each connection to TARGET_ADDRESS.
+
+    Example inside an enclave: vsock-forward tcp://127.0.0.1:8000 vsock://3:8000
+    """
+    target = parse_address(target_address)
+    listen_at = parse_address(listen_address)
+    if isinstance(listen_at, TcpAddress) and listen_at.host not in (
+        "127.0.0.1",
+        "::1",
+        "localhost",
+    ):
+        warn(f"vsock-forward listens on {listen_at}, not loopback: other hosts may use the tunnel")
+    _serve(
+        Forwarder(target, workers=workers, stall_timeout=_stall(stall_timeout)),
+        str(listen_at),
+        f"vsock-forward → {target}",
+    )
+
+
+def register(group: click.Group) -> None:
+    group.add_command(vsock_proxy)
+    group.add_command(vsock_forward)

@@ -1,0 +1,516 @@
+"""``build-enclave`` without a Docker daemon: image → merged root fs → linuxkit-style ramdisks → EIF.
+
+Steps (each input byte is read once, each output byte written once):
+
+1. Find the blobs (kernel, cmdline, init, nsm.ko) and refuse early if any is missing.
+2. Stream every layer once: check its digest and diff_id while reading, index its entries into a
+   :class:`~enclavekit.eif.layers.MergedTree` (contents of compressed layers go to a spool file beside
+   the output; uncompressed layers are referenced in place).
+3. Add what ``docker create`` adds (its init layer), so the listing matches ``docker export``.
+4. Write the EIF with :func:`enclavekit.eif.writer.write_eif_file`: the bootstrap ramdisk (``dev``,
+   ``init``, ``nsm.ko``) and the customer ramdisk streamed from the merged tree, measured as they are
+   written. The output appears atomically; on any error no ``.eif`` is left behind.
+
+Reproducible: nothing depends on the clock, umask, time zone or host; ``BuildTime`` comes from
+``SOURCE_DATE_EPOCH`` (passed in), else the image's ``created`` time, else the Unix epoch.
+
+Not reproduced from nitro-cli: ``DockerInfo`` (nitro-cli stores the daemon's ``docker inspect``; we store
+the same fields derived from the image config), ``BuildTool`` (``enclavekit``), and mount points Docker
+creates for ``WORKDIR``/``VOLUME`` at ``docker create`` time when the image lacks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from enclavekit.eif.image import Image, LayerBlob, RootfsDir, rootfs_entries
+from enclavekit.eif.layers import (
+    ContentReader,
+    ContentRef,
+    EntryKind,
+    MergedTree,
+    Spool,
+    TarEntry,
+    read_layer_file,
+)
+from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
+from enclavekit.eif.metadata import BuildInfo, IdentityInfo
+from enclavekit.eif.ramdisk import argv_file, bootstrap_ramdisk, customer_ramdisk_chunks
+from enclavekit.eif.sign import EifSigner
+from enclavekit.eif.writer import write_eif_file
+from enclavekit.errors import MalformedInput, UsageError
+
+log = logging.getLogger(__name__)
+
+#: Where nitro-cli's RPM installs its blobs (used when neither --blobs nor NITRO_CLI_BLOBS is set).
+DEFAULT_BLOBS_DIR = Path("/usr/share/nitro_enclaves/blobs")
+#: Kernel file name per architecture, as nitro-cli ships them.
+KERNEL_NAMES = {"x86_64": "bzImage", "aarch64": "Image"}
+#: Blobs larger than this are refused (nitro-cli's are a few MiB); they are read into memory.
+MAX_SMALL_BLOB = 64 << 20
+_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+Progress = Callable[[str], None]
+
+
+# -- blobs -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Blobs:
+    """nitro-cli's blobs for one architecture."""
+
+    directory: Path
+    arch: str
+    kernel: Path
+    cmdline: bytes  # trimmed, as stored in the EIF
+    init: Path
+    nsm_ko: Path
+    operating_system: str
+    kernel_version: str
+
+    @classmethod
+    def load(cls, directory: Path, arch: str) -> Blobs:
+        """Check that every blob exists; a missing one is a :class:`UsageError` naming all of them."""
+        kernel_name = KERNEL_NAMES[arch]
+        paths = {name: directory / name for name in (kernel_name, "cmdline", "init", "nsm.ko")}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise UsageError(
+                f"missing blobs for {arch}: {', '.join(missing)}; pass --blobs DIR (or set "
+                f"NITRO_CLI_BLOBS) to a directory holding {kernel_name}, cmdline, init and nsm.ko "
+                "as nitro-cli ships them"
+            )
+        raw_cmdline = _read_small(paths["cmdline"])
+        cmdline = raw_cmdline.strip()
+        if b"\0" in cmdline:
+            raise MalformedInput(f"{paths['cmdline']} contains a NUL byte")
+        os_name, kernel_version = kernel_config_info(directory / f"{kernel_name}.config")
+        return cls(
+            directory,
+            arch,
+            paths[kernel_name],
+            cmdline,
+            paths["init"],
+            paths["nsm.ko"],
+            os_name,
+            kernel_version,
+        )
+
+
+def blobs_directory(explicit: str | Path | None, environ: Mapping[str, str]) -> Path:
+    """``--blobs``, else ``NITRO_CLI_BLOBS``, else nitro-cli's install location."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("NITRO_CLI_BLOBS"):
+        return Path(environ["NITRO_CLI_BLOBS"])
+    return DEFAULT_BLOBS_DIR
+
+
+def kernel_config_info(path: Path) -> tuple[str, str]:
+    """``OperatingSystem`` and ``KernelVersion`` as nitro-cli reads them: line 3 of the kernel config
+    split on spaces, ``/`` and ``-``, words 1 and 3 (``Unknown`` when absent)."""
+    try:
+        lines = _read_small(path).decode("utf-8", "replace").splitlines()
+    except UsageError:
+        return "Unknown", "Unknown"
+    words = re.split(r"[ /-]", lines[2]) if len(lines) > 2 else []
+    return (
+        words[1] if len(words) > 1 else "Unknown",
+        words[3] if len(words) > 3 else "Unknown",
+    )
+
+
+def _read_small(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SMALL_BLOB + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_SMALL_BLOB:
+        raise MalformedInput(f"{path} is larger than {MAX_SMALL_BLOB} bytes")
+    return data
+
+
+# -- build time ------------------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d{1,9})\d*)?(Z|z|[+-]\d\d:\d\d)$"
+)
+
+
+def build_time(source_date_epoch: str | None, created: str | None) -> str:
+    """chrono's ``to_rfc3339()`` text (UTC, ``+00:00``; fraction of 0, 3, 6 or 9 digits) for
+    ``SOURCE_DATE_EPOCH``, else the image's ``created`` time, else the Unix epoch."""
+    if source_date_epoch is not None:
+        if not source_date_epoch.isdigit():
+            raise UsageError(
+                f"SOURCE_DATE_EPOCH must be a non-negative integer (seconds), found "
+                f"{source_date_epoch!r}"
+            )
+        moment = datetime.fromtimestamp(int(source_date_epoch), UTC)
+        return _rfc3339(moment, 0)
+    if created:
+        match = _RFC3339.match(created)
+        if match is not None:
+            date, clock, fraction, zone = match.groups()
+            zone = "+00:00" if zone in ("Z", "z") else zone
+            try:
+                moment = datetime.fromisoformat(f"{date}T{clock}{zone}").astimezone(UTC)
+            except ValueError:
+                pass
+            else:
+                return _rfc3339(moment, int((fraction or "0").ljust(9, "0")))
+        log.warning("image 'created' time %r is not RFC 3339; using the Unix epoch", created)
+    return _rfc3339(datetime.fromtimestamp(0, UTC), 0)
+
+
+def _rfc3339(moment: datetime, nanos: int) -> str:
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if nanos:
+        if nanos % 1_000_000 == 0:
+            text += f".{nanos // 1_000_000:03d}"
+        elif nanos % 1000 == 0:
+            text += f".{nanos // 1000:06d}"
+        else:
+            text += f".{nanos:09d}"
+    return text + "+00:00"
+
+
+# -- reading layers --------------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """Reads ``size`` bytes from a file region, feeding every byte to ``hashers``."""
+
+    def __init__(self, stream: BinaryIO, size: int, hashers: Sequence[Any]) -> None:
+        self._stream = stream
+        self._remaining = size
+        self._hashers = hashers
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._remaining:
+            n = self._remaining
+        data = self._stream.read(n)
+        if len(data) < n:
+            raise MalformedInput("the layer blob ended early (truncated file)")
+        self._remaining -= len(data)
+        for hasher in self._hashers:
+            hasher.update(data)
+        return data
+
+
+def _gunzip(raw: _HashingReader, label: str) -> Iterator[bytes]:
+    """Decompressed chunks of a (possibly multi-member) gzip stream, never more than 1 MiB at once."""
+    decompressor = zlib.decompressobj(31)
+    in_member = False
+    pending = b""
+    try:
+        while True:
+            if not pending:
+                pending = raw.read(_CHUNK)
+                if not pending:
+                    if in_member:
+                        tail = decompressor.flush()
+                        if tail:
+                            yield tail
+                        if not decompressor.eof:
+                            raise MalformedInput(f"{label}: the gzip stream is truncated")
+                    return
+            in_member = True
+            out = decompressor.decompress(pending, _CHUNK)
+            if out:
+                yield out
+            if decompressor.eof:
+                pending = decompressor.unused_data
+                decompressor = zlib.decompressobj(31)
+                in_member = False
+            else:
+                pending = decompressor.unconsumed_tail
+    except zlib.error as exc:
+        raise MalformedInput(f"{label}: corrupt gzip data ({exc})") from None
+
+
+def _hasher(digest: str | None) -> Any:
+    return hashlib.new(digest.partition(":")[0]) if digest else None
+
+
+def _check(label: str, what: str, expected: str | None, hasher: Any) -> None:
+    if expected is None or hasher is None:
+        return
+    found = f"{expected.partition(':')[0]}:{hasher.hexdigest()}"
+    if found != expected:
+        raise MalformedInput(
+            f"{label}: {what} mismatch: expected {expected}, found {found}; the image is corrupt "
+            "or was tampered with (export it again)"
+        )
+
+
+def layer_entries(layer: LayerBlob, spool: Spool) -> Iterator[TarEntry]:
+    """The entries of one layer; its digest and diff_id are checked.
+
+    Uncompressed layers are hashed first (one sequential read) and then only their headers are
+    parsed; gzip layers are hashed while they are decompressed and parsed, and their contents copied
+    to ``spool``.
+    """
+    location = layer.location
+    with open(location.path, "rb") as handle:
+        handle.seek(location.offset)
+        magic = handle.read(4)
+    if magic.startswith(_ZSTD_MAGIC):
+        raise MalformedInput(
+            f"{layer.label}: zstd-compressed layers are not supported; convert the image to gzip "
+            "layers (e.g. skopeo copy --dest-compress-format gzip)"
+        )
+    blob_hasher = _hasher(layer.digest)
+    if not magic.startswith(_GZIP_MAGIC):
+        # An uncompressed layer is its own diff: check both digests before parsing anything.
+        diff_hasher = blob_hasher if layer.digest == layer.diff_id else _hasher(layer.diff_id)
+        hashers = list({id(h): h for h in (blob_hasher, diff_hasher) if h}.values())
+        _hash_region(location, hashers)
+        _check(layer.label, "layer digest", layer.digest, blob_hasher)
+        _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+        yield from read_layer_file(location, label=layer.label, spool=spool)
+        return
+    # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
+    # parsed in place like an uncompressed one.
+    diff_hasher = _hasher(layer.diff_id)
+    with open(location.path, "rb") as handle:
+        handle.seek(location.offset)
+        raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
+        unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
+    _check(layer.label, "layer digest", layer.digest, blob_hasher)
+    _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+    spool.flush()
+    yield from read_layer_file(unpacked, label=layer.label, spool=spool)
+
+
+def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        if hasher is not None:
+            hasher.update(chunk)
+        yield chunk
+
+
+def _hash_region(location: ContentRef, hashers: Sequence[Any]) -> None:
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    remaining = location.size
+    with open(location.path, "rb", buffering=0) as handle:
+        handle.seek(location.offset)
+        while remaining:
+            n = handle.readinto(view[: min(_CHUNK, remaining)])
+            if not n:
+                raise MalformedInput(
+                    f"{location.path}: the layer blob ended early (truncated file)"
+                )
+            for hasher in hashers:
+                hasher.update(view[:n])
+            remaining -= n
+
+
+def docker_init_layer() -> list[TarEntry]:
+    """What ``docker create`` puts in a container's init layer (moby ``initlayer.Setup``): it sits
+    above the image, so these entries win over the image's own."""
+    d, f = EntryKind.DIRECTORY, EntryKind.REGULAR
+    names = [
+        (b"dev", d),
+        (b"dev/pts", d),
+        (b"dev/shm", d),
+        (b"proc", d),
+        (b"sys", d),
+        (b"etc", d),
+        (b".dockerenv", f),
+        (b"etc/resolv.conf", f),
+        (b"etc/hosts", f),
+        (b"etc/hostname", f),
+        (b"dev/console", f),
+    ]
+    entries = [TarEntry(name, kind, 0o755) for name, kind in names]
+    entries.append(TarEntry(b"etc/mtab", EntryKind.SYMLINK, 0o777, linkname=b"/proc/mounts"))
+    return entries
+
+
+# -- the build -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    """What :func:`build_enclave` produced."""
+
+    path: Path
+    measurements: Measurements
+    size: int
+    metadata: IdentityInfo
+
+
+def index_image(
+    source: Image | RootfsDir, spool: Spool, progress: Progress | None = None
+) -> MergedTree:
+    """Every layer applied in order (plus Docker's init layer for images)."""
+    tree = MergedTree()
+    if isinstance(source, RootfsDir):
+        tree.begin_layer(f"{source.path}")
+        for entry in rootfs_entries(source.path):
+            tree.apply(entry)
+        return tree
+    for number, layer in enumerate(source.layers, 1):
+        if progress is not None:
+            progress(
+                f"Reading {layer.label} ({number}/{len(source.layers)}, "
+                f"{layer.location.size / 1e6:.1f} MB)"
+            )
+        tree.begin_layer(layer.label)
+        for entry in layer_entries(layer, spool):
+            tree.apply(entry)
+    tree.begin_layer("docker init layer")
+    for entry in docker_init_layer():
+        tree.apply(entry)
+    spool.flush()
+    return tree
+
+
+def docker_info(image: Image) -> dict[str, Any]:
+    """The ``docker inspect`` fields derivable from the image itself (no daemon state)."""
+    raw = image.config.raw
+    return {
+        "Architecture": image.config.architecture,
+        "Config": raw.get("config") or {},
+        "Created": image.config.created,
+        "Id": f"sha256:{image.config.image_id}",
+        "Os": image.config.os,
+        "RepoDigests": [],
+        "RepoTags": list(image.repo_tags),
+        "RootFS": {"Layers": list(image.config.diff_ids), "Type": "layers"},
+    }
+
+
+def build_enclave(
+    source: Image | RootfsDir,
+    output: str | Path,
+    *,
+    blobs_dir: Path,
+    name: str | None = None,
+    version: str | None = None,
+    cmd: Sequence[str] | None = None,
+    env: Sequence[str] = (),
+    arch: str | None = None,
+    signer: EifSigner | None = None,
+    custom_metadata: Any = None,
+    source_date_epoch: str | None = None,
+    hash_algorithm: str = HASH_ALGORITHM_SHA384,
+    image_name: str | None = None,
+    progress: Progress | None = None,
+    written: Callable[[int], None] | None = None,
+) -> BuildResult:
+    """Build ``output`` from ``source``. ``cmd``/``env`` are for root-fs directories only (an image's
+    config supplies them). ``image_name`` is the name to record when ``name`` is not given.
+    ``progress`` gets one line per step; ``written`` the number of EIF bytes written so far."""
+    output = Path(output)
+    if isinstance(source, Image):
+        if cmd is not None or env:
+            raise UsageError(
+                "--cmd/--env apply to a root file-system directory; an image's config "
+                "supplies its own"
+            )
+        image_arch = source.config.arch
+        if arch is not None and arch != image_arch:
+            raise UsageError(
+                f"--arch {arch} does not match the image's architecture ({image_arch})"
+            )
+        arch = image_arch
+        argv = source.config.argv()
+        environment: Sequence[str] = source.config.env
+    else:
+        if cmd is None:
+            raise UsageError("a root file-system directory needs --cmd (what the enclave runs)")
+        if output.resolve().is_relative_to(source.path.resolve()):
+            raise UsageError(
+                f"the output {output} lies inside the root file system {source.path}; write it "
+                "elsewhere (it would be packed into itself)"
+            )
+        arch = arch or "x86_64"
+        argv, environment = tuple(cmd), tuple(env)
+    if arch not in KERNEL_NAMES:
+        raise UsageError(f"--arch must be x86_64 or aarch64, found {arch!r}")
+    # 1. Blobs.
+    blobs = Blobs.load(blobs_dir, arch)
+    cmd_file, env_file = argv_file(argv), argv_file(environment)
+    bootstrap = bootstrap_ramdisk(_read_small(blobs.init), _read_small(blobs.nsm_ko))
+    metadata = _metadata(
+        source, blobs, name, version, image_name, custom_metadata, source_date_epoch
+    )
+    if not output.parent.is_dir():
+        raise UsageError(f"the output directory {output.parent} does not exist")
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        spool = Spool(str(Path(scratch) / "spool"))
+        try:
+            # 2-3. Index the layers.
+            tree = index_image(source, spool, progress)
+            spool.flush()
+            # 4. Write the EIF, streaming the customer ramdisk.
+            if progress is not None:
+                progress("Writing the Enclave Image File...")
+            with ContentReader() as reader:
+                chunks = customer_ramdisk_chunks(
+                    tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
+                )
+                result = write_eif_file(
+                    output,
+                    kernel=blobs.kernel,
+                    cmdline=blobs.cmdline,
+                    ramdisks=[bootstrap, chunks],
+                    metadata=metadata,
+                    signer=signer,
+                    arch="aarch64" if arch == "aarch64" else "x86_64",
+                    hash_algorithm=hash_algorithm,
+                    progress=written,
+                )
+        finally:
+            spool.close()
+    return BuildResult(output, result.measurements, result.size, metadata)
+
+
+def _metadata(
+    source: Image | RootfsDir,
+    blobs: Blobs,
+    name: str | None,
+    version: str | None,
+    image_name: str | None,
+    custom_metadata: Any,
+    source_date_epoch: str | None,
+) -> IdentityInfo:
+    if isinstance(source, Image):
+        default_name = image_name or (
+            source.repo_tags[0].split(":")[0] if source.repo_tags else Path(source.source).name
+        )
+        default_version = source.config.image_id
+        created = source.config.created
+        info: Any = docker_info(source)
+    else:
+        default_name = image_name or source.path.name
+        default_version = "1.0"
+        created = None
+        info = None
+    return IdentityInfo(
+        name or default_name,
+        version or default_version,
+        BuildInfo(
+            build_time=build_time(source_date_epoch, created),
+            operating_system=blobs.operating_system,
+            kernel_version=blobs.kernel_version,
+        ),
+        info,
+        custom_metadata,
+    )

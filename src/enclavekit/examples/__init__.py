@@ -1,0 +1,1 @@
+"""Example enclave applications shipped with enclavekit (see ``enclavekit demo``)."""

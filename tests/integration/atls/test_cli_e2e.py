@@ -1,0 +1,160 @@
+"""The CLI end to end: ``atls get`` against the loop, and ``ca serve`` + ``atls proxy`` as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from enclavekit.cli import cli
+from enclavekit.nsm import EmulatedAwsPki, NsmEmulator
+from enclavekit.nsm.server import serve_in_background
+from tests.integration.atls.atls_loop import PCRS, UPSTREAM_BODY, Loop
+
+
+def _policy(tmp: Path, pcrs: dict[int, bytes]) -> Path:
+    path = tmp / f"policy-{len(list(tmp.iterdir()))}.json"
+    path.write_text(json.dumps({"pcrs": {str(i): v.hex() for i, v in pcrs.items()}}))
+    return path
+
+
+def _get_args(loop: Loop, *extra: str) -> list[str]:
+    return [
+        "atls", "get", loop.url + "cli", "--ca-cert", str(loop.ca_root_path),
+        "--root", str(loop.tmp / "nsm-root.pem"), *extra,
+    ]  # fmt: skip
+
+
+def test_atls_get_prints_the_body(loop: Loop) -> None:
+    policy = _policy(loop.tmp, PCRS)
+    r = CliRunner().invoke(cli, _get_args(loop, "--policy", str(policy), "--fresh"))
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == UPSTREAM_BODY
+    assert "fresh document verified" in r.stderr
+    assert loop.upstream_requests == ["/cli"]
+
+
+def test_atls_get_json(loop: Loop) -> None:
+    r = CliRunner().invoke(cli, _get_args(loop, "--json"))
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["status"] == 200
+    assert report["pcrs"]["0"] == PCRS[0].hex()
+    assert report["fresh"] is False
+
+
+def test_atls_get_wrong_policy_exits_1_and_sends_nothing(loop: Loop) -> None:
+    """`atls get` with a policy the enclave does not meet: exit 1, no request reaches the app."""
+    policy = _policy(loop.tmp, {0: b"\x77" * 48})
+    r = CliRunner().invoke(cli, _get_args(loop, "--policy", str(policy), "--fresh"))
+    assert r.exit_code == 1
+    assert "PCR0" in r.stderr
+    assert r.stdout_bytes == b""
+    assert loop.upstream_requests == []
+
+
+def test_atls_get_without_nsm_root_exits_1(loop: Loop) -> None:
+    """The emulator's PKI is not trusted unless --root names it."""
+    r = CliRunner().invoke(cli, ["atls", "get", loop.url, "--ca-cert", str(loop.ca_root_path)])
+    assert r.exit_code == 1
+    assert loop.upstream_requests == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"process exited early: {proc.stderr.read() if proc.stderr else ''!r}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"port {port} did not open")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_ca_serve_and_atls_proxy_processes(tmp_path: Path) -> None:
+    """`enclavekit ca serve` and `enclavekit atls proxy` as real processes, checked with curl."""
+    exe = [str(Path(sys.executable).parent / "enclavekit")]
+    pki = EmulatedAwsPki.ephemeral()
+    emulator = NsmEmulator(pcrs=PCRS, pki=pki)
+    (tmp_path / "nsm-root.pem").write_bytes(pki.root_pem())
+    (tmp_path / "ca-policy.yaml").write_text(
+        "services:\n  web:\n    dns_names: [localhost]\n    pcrs:\n"
+        + "      - {"
+        + ", ".join(f"'{i}': '{v.hex()}'" for i, v in PCRS.items())
+        + "}\n"
+    )
+    subprocess.run([*exe, "ca", "init", "--state-dir", str(tmp_path / "ca")], check=True)
+
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(up_port := _free_port())],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    (tmp_path / "hello.txt").write_text("hello over attested TLS\n")
+    ca_port, proxy_port = _free_port(), _free_port()
+    procs = [upstream]
+    try:
+        with serve_in_background(emulator) as nsm_url:
+            ca = subprocess.Popen(
+                [*exe, "ca", "serve", "--listen", f"127.0.0.1:{ca_port}",
+                 "--state-dir", str(tmp_path / "ca"), "--policy", str(tmp_path / "ca-policy.yaml"),
+                 "--root", str(tmp_path / "nsm-root.pem")],
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            procs.append(ca)
+            _wait_port(ca_port, ca)
+            assert httpx.get(f"http://127.0.0.1:{ca_port}/openapi.json").status_code == 200
+            proxy = subprocess.Popen(
+                [*exe, "atls", "proxy", "--ca", f"http://127.0.0.1:{ca_port}", "--name", "web",
+                 "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{up_port}",
+                 "--nsm", nsm_url],
+                stderr=subprocess.PIPE, env=os.environ | {"ENCLAVEKIT_NSM": ""},
+            )  # fmt: skip
+            procs.append(proxy)
+            _wait_port(up_port, upstream)
+            _wait_port(proxy_port, proxy)
+            out = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", str(tmp_path / "ca" / "ca-root.pem"),
+                 f"https://localhost:{proxy_port}/hello.txt"],
+                capture_output=True, timeout=30, check=True,
+            )  # fmt: skip
+            assert out.stdout == b"hello over attested TLS\n"
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for stream in (p.stderr, p.stdout):
+                if stream is not None:
+                    stream.close()
+
+
+def test_atls_get_with_crl_url(loop: Loop) -> None:
+    r = CliRunner().invoke(cli, _get_args(loop, "--crl", f"{loop.ca.url}/v1/crl"))
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, _get_args(loop, "--crl", str(loop.tmp / "missing.crl")))
+    assert r.exit_code == 2

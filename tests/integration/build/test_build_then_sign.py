@@ -1,0 +1,94 @@
+"""build-enclave followed by the eif branch's sign-eif and describe-eif: the pieces agree."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from enclavekit.cli import cli
+from tests.unit.build.factory import F, base_layer, docker_archive, kernel_bytes, layer
+
+
+def _signing_files(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "integration signer")])
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(3)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA384())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_build_then_sign_eif_equals_signed_build(tmp_path: Path, assets: Path) -> None:
+    """Signing after the build (sign-eif) gives the PCRs a signed build prints."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for name in ("init", "nsm.ko", "cmdline", "bzImage.config"):
+        shutil.copy(assets / "build" / name, blobs / name)
+    (blobs / "bzImage").write_bytes(kernel_bytes())
+    image = docker_archive(tmp_path / "img.tar", [base_layer(), layer(F("app", b"payload"))])
+    cert, key = _signing_files(tmp_path)
+    runner = CliRunner()
+    base = ["build-enclave", "--image", str(image), "--blobs", str(blobs)]
+
+    unsigned = runner.invoke(cli, [*base, "--output-file", str(tmp_path / "u.eif")])
+    signed = runner.invoke(
+        cli,
+        [
+            *base,
+            "--output-file",
+            str(tmp_path / "s.eif"),
+            "--signing-certificate",
+            str(cert),
+            "--private-key",
+            str(key),
+        ],
+    )
+    assert unsigned.exit_code == 0 and signed.exit_code == 0, unsigned.output + signed.output
+    resigned = runner.invoke(
+        cli,
+        [
+            "sign-eif",
+            "--eif-path",
+            str(tmp_path / "u.eif"),
+            "--output-file",
+            str(tmp_path / "r.eif"),
+            "--signing-certificate",
+            str(cert),
+            "--private-key",
+            str(key),
+            "--json",
+        ],
+    )
+    assert resigned.exit_code == 0, resigned.output
+    built = json.loads(signed.stdout)["Measurements"]
+    described = json.loads(
+        runner.invoke(cli, ["describe-eif", "--eif-path", str(tmp_path / "r.eif"), "--json"]).stdout
+    )
+    assert described["Measurements"] == built
+    assert json.loads(unsigned.stdout)["Measurements"]["PCR0"] == built["PCR0"]
+    assert described["IsSigned"] is True and described["SignatureCheck"] is True

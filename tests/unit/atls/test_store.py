@@ -1,0 +1,183 @@
+"""CA state stores: SQLite (default) and PostgreSQL (marker ``postgres``), same contract."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from enclavekit.atls.store import (
+    CertificateRecord,
+    ConsumeResult,
+    Event,
+    PostgresStore,
+    SqliteStore,
+    Store,
+    open_store,
+)
+from enclavekit.errors import UsageError
+from tests.unit.atls.atls_support import T0
+
+#: The CI database (trust auth); override with ENCLAVEKIT_TEST_DATABASE_URL.
+PG_URL = os.environ.get("ENCLAVEKIT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(PG_URL, connect_timeout=2).close()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "s.sqlite3")
+        yield s
+        s.close()
+        return
+    if not _pg_available():
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    pg = PostgresStore(PG_URL, schema=f"ekt_{uuid.uuid4().hex[:12]}")
+    try:
+        yield pg
+    finally:
+        pg.drop()
+        pg.close()
+
+
+def _record(serial: int = 0xABC) -> CertificateRecord:
+    return CertificateRecord(
+        serial=serial,
+        service="web",
+        not_before=T0,
+        not_after=T0 + timedelta(hours=1),
+        certificate_der=b"\x30\x00",
+        document=b"doc",
+        issued_at=T0,
+    )
+
+
+def test_challenge_is_consumed_once(any_store: Store) -> None:
+    any_store.add_challenge(b"n" * 32, T0, T0 + timedelta(seconds=60))
+    assert any_store.consume_challenge(b"n" * 32, T0) is ConsumeResult.CONSUMED
+    assert any_store.consume_challenge(b"n" * 32, T0) is ConsumeResult.ALREADY_USED
+    assert any_store.consume_challenge(b"x" * 32, T0) is ConsumeResult.UNKNOWN
+
+
+def test_challenge_expiry_boundary(any_store: Store) -> None:
+    any_store.add_challenge(b"a" * 32, T0, T0 + timedelta(seconds=60))
+    any_store.add_challenge(b"b" * 32, T0, T0 + timedelta(seconds=60))
+    assert (
+        any_store.consume_challenge(b"a" * 32, T0 + timedelta(seconds=60)) is ConsumeResult.EXPIRED
+    )
+    assert (
+        any_store.consume_challenge(b"b" * 32, T0 + timedelta(seconds=59, milliseconds=999))
+        is ConsumeResult.CONSUMED
+    )
+
+
+def test_concurrent_consumption_has_one_winner(any_store: Store) -> None:
+    """Racing consumers of one nonce: exactly one CONSUMED."""
+    any_store.add_challenge(b"r" * 32, T0, T0 + timedelta(seconds=60))
+    results: list[ConsumeResult] = []
+    barrier = threading.Barrier(6)
+
+    def go() -> None:
+        barrier.wait()
+        results.append(any_store.consume_challenge(b"r" * 32, T0))
+
+    threads = [threading.Thread(target=go) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(ConsumeResult.CONSUMED) == 1
+
+
+def test_certificates_revocation_and_events(any_store: Store) -> None:
+    rec = _record()
+    any_store.add_certificate(rec)
+    assert any_store.get_certificate(0xABC) == rec
+    assert any_store.get_certificate(0xABD) is None
+    assert any_store.revoke(0xABC, T0 + timedelta(minutes=1), "superseded")
+    assert not any_store.revoke(0xABC, T0 + timedelta(minutes=2), "superseded")
+    (revoked,) = any_store.revoked()
+    assert revoked.revoked_at == T0 + timedelta(minutes=1)
+    assert revoked.revocation_reason == "superseded"
+    any_store.record_event(Event(T0, "issued", "web", 0xABC, "x"))
+    any_store.record_event(Event(T0, "refused", None, None, "y"))
+    assert [e.kind for e in any_store.events()] == ["refused", "issued"]
+    assert any_store.events()[1].serial == 0xABC
+
+
+def test_large_serial_roundtrip(any_store: Store) -> None:
+    serial = (1 << 158) + 12345
+    any_store.add_certificate(_record(serial))
+    got = any_store.get_certificate(serial)
+    assert got is not None
+    assert got.serial == serial
+
+
+@pytest.mark.postgres
+def test_two_postgres_replicas_share_nonces() -> None:
+    """Two CA replicas on one database: a nonce consumed by one is used for the other."""
+    if not _pg_available():
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    schema = f"ekt_{uuid.uuid4().hex[:12]}"
+    a = PostgresStore(PG_URL, schema=schema)
+    b = PostgresStore(PG_URL, schema=schema)
+    try:
+        a.add_challenge(b"s" * 32, T0, T0 + timedelta(seconds=60))
+        assert b.consume_challenge(b"s" * 32, T0) is ConsumeResult.CONSUMED
+        assert a.consume_challenge(b"s" * 32, T0) is ConsumeResult.ALREADY_USED
+    finally:
+        b.close()
+        a.drop()
+        a.close()
+
+
+def test_open_store_selects_backend(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    assert isinstance(s, SqliteStore)
+    s.close()
+    s = open_store(tmp_path, f"sqlite:{tmp_path / 'other.db'}")
+    assert isinstance(s, SqliteStore)
+    s.close()
+    with pytest.raises(UsageError, match="unsupported"):
+        open_store(tmp_path, "mysql://x:secret@h/db")
+
+
+def test_bad_postgres_url_is_a_usage_error_without_password() -> None:
+    with pytest.raises(UsageError) as err:
+        PostgresStore("postgresql://u:hunter2@127.0.0.1:1/none?connect_timeout=1")
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.postgres
+def test_postgres_store_reconnects_after_a_dropped_connection() -> None:
+    """A broken database connection fails one call; the next call reconnects."""
+    if not _pg_available():
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
+    import psycopg
+
+    pg = PostgresStore(PG_URL, schema=f"ekt_{uuid.uuid4().hex[:12]}")
+    try:
+        pid = pg._conn.info.backend_pid
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            pg.add_challenge(b"c" * 32, T0, T0 + timedelta(seconds=60))
+        pg.add_challenge(b"c" * 32, T0, T0 + timedelta(seconds=60))
+        assert pg.consume_challenge(b"c" * 32, T0) is ConsumeResult.CONSUMED
+    finally:
+        pg.drop()
+        pg.close()

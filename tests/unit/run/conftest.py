@@ -1,0 +1,84 @@
+"""Fixtures for the local runner: a tiny independent newc writer and EIFs built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from enclavekit.eif.metadata import BuildInfo, IdentityInfo
+from enclavekit.eif.writer import write_eif
+from enclavekit.run.state import EnclaveStore
+
+Entry = tuple[str, int, bytes]  # name, mode (type|perms), data
+
+
+def newc(entries: Sequence[Entry], *, magic: bytes = b"070701", trailer: bool = True) -> bytes:
+    """A newc archive (independent of enclavekit's writers, so reader bugs are not mirrored)."""
+    out = bytearray()
+
+    def pad() -> None:
+        while len(out) % 4:
+            out.append(0)
+
+    items = list(entries) + ([("TRAILER!!!", 0, b"")] if trailer else [])
+    for ino, (name, mode, data) in enumerate(items, start=1):
+        raw = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 1700000000, len(data), 0, 0, 0, 0, len(raw), 0]
+        out += magic + b"".join(b"%08x" % f for f in fields) + raw
+        pad()
+        out += data
+        pad()
+    while len(out) % 512:
+        out.append(0)
+    return bytes(out)
+
+
+def d(name: str, perms: int = 0o755) -> Entry:
+    return (name, 0o040000 | perms, b"")
+
+
+def f(name: str, data: bytes, perms: int = 0o644) -> Entry:
+    return (name, 0o100000 | perms, data)
+
+
+def link(name: str, target: str) -> Entry:
+    return (name, 0o120777, target.encode())
+
+
+def make_eif(
+    path: Path,
+    *,
+    cmd: Sequence[str],
+    env: Sequence[str] = ("PATH=/usr/bin:/bin",),
+    files: Sequence[Entry] = (),
+    signer: object = None,
+) -> Path:
+    bootstrap = newc([d("dev"), f("init", b"#!stand-in init\n", 0o755), f("nsm.ko", b"ko", 0o755)])
+    customer = newc(
+        [d("rootfs"), *files, d("rootfs/tmp"), d("rootfs/proc"), d("rootfs/dev")]
+        + [
+            f("cmd", "".join(c + "\n" for c in cmd).encode()),
+            f("env", "".join(e + "\n" for e in env).encode()),
+        ]
+    )
+    write_eif(
+        path,
+        kernel=b"synthetic kernel",
+        cmdline="console=ttyS0",
+        ramdisks=[bootstrap, customer],
+        metadata=IdentityInfo("test-app", "1.0", BuildInfo(build_time="2026-01-01T00:00:00+00:00")),
+        signer=signer,  # type: ignore[arg-type]
+    )
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EnclaveStore]:
+    s = EnclaveStore(tmp_path / "state")
+    yield s
+    from enclavekit.run import runner
+
+    for record in s.all():
+        runner.terminate_enclave(record, store=s, timeout=5)
