@@ -277,7 +277,8 @@ def _measurements(obj: Mapping[str, Any], where: str) -> dict[int, bytes]:
     if not isinstance(measurements, Mapping):
         raise UsageError(f"{where}: 'Measurements' must be a map")
     algorithm = str(measurements.get("HashAlgorithm", "Sha384"))
-    if not algorithm.lower().startswith("sha384"):
+    # nitro-cli prints the Debug form of its hasher: "Sha384 { ... }" or, in 1.5, "Sha512_384 { .. }".
+    if not algorithm.lower().startswith(("sha384", "sha512_384")):
         raise UsageError(f"{where}: HashAlgorithm {algorithm!r}; expected Sha384")
     pcrs = {
         parse_pcr_index(k, where): parse_pcr_value(v, f"{where}.Measurements.{k}")

@@ -141,6 +141,11 @@ def test_nitro_cli_build_enclave_json_is_a_policy(tmp_path: Path, verified) -> N
     assert [f.check for f in policy_from_mapping(build).failures(verified)] == ["PCR2"]
 
 
+def test_nitro_cli_15_hash_algorithm_label_is_accepted(verified) -> None:  # type: ignore[no-untyped-def]
+    build = {"Measurements": {"HashAlgorithm": "Sha512_384 { .. }", "PCR0": PCRS[0].hex()}}
+    assert policy_from_mapping(build).failures(verified) == ()
+
+
 def test_nitro_cli_describe_eif_json_is_a_policy(verified) -> None:  # type: ignore[no-untyped-def]
     describe = {
         "EifVersion": 4,
