@@ -25,7 +25,7 @@ def json_option(func: F) -> F:
 
 def emit_json(obj: Any) -> None:
     """Write one JSON object to stdout (indented like nitro-cli), newline-terminated."""
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

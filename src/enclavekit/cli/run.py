@@ -35,9 +35,7 @@ _state_dir_option = click.option(
 def _run_in_vm(ctx: click.Context) -> None:
     """Hand ``run-enclave --vm`` to the QEMU runner (``enclavekit.vm``) when it is installed.
 
-    Only the options both runners share are passed on; the QEMU runner's own options
-    (``--forward``, ``--listen``, ``--parent-role``, ...) are reached with ``python -m enclavekit.vm
-    run-enclave`` until the lead merges the two commands.
+    Options that only make sense for the local runner are refused.
     """
     try:
         commands = importlib.import_module("enclavekit.vm.commands")
@@ -74,6 +72,11 @@ def _run_in_vm(ctx: click.Context) -> None:
         enclave_name=params["enclave_name"],
         debug_mode=params["debug_mode"],
         attach_console=params["attach_console"],
+        parent_role=params["parent_role"],
+        parent_id=params["parent_id"],
+        forward=params["forward"],
+        listen=params["vm_listen"],
+        boot_timeout=commands.DEFAULT_BOOT_TIMEOUT,
         as_json=params["as_json"],
     )
 
@@ -187,7 +190,22 @@ def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
     is_flag=True,
     help="Bind this Python and enclavekit into the chroot ($ENCLAVEKIT_PYTHON); not measured.",
 )
-@click.option("--vm", is_flag=True, help="Boot the EIF in QEMU (enclavekit.vm) instead.")
+@click.option("--vm", is_flag=True, help="Boot the EIF in QEMU's nitro-enclave machine instead.")
+@click.option("--parent-role", metavar="ARN", help="--vm: IAM role ARN measured into PCR3.")
+@click.option("--parent-id", metavar="ID", help="--vm: instance id measured into PCR4.")
+@click.option(
+    "--forward",
+    multiple=True,
+    metavar="PORT=HOST:PORT",
+    help="--vm: guest connections to parent vsock PORT go to this local endpoint (repeatable).",
+)
+@click.option(
+    "--listen",
+    "vm_listen",
+    multiple=True,
+    metavar="HOST:PORT=PORT",
+    help="--vm: a local TCP listener tunnelled to guest vsock PORT (repeatable).",
+)
 @_state_dir_option
 @json_option
 @click.pass_context
@@ -206,13 +224,32 @@ def run_enclave_command(
     host_mounts: tuple[str, ...],
     host_python: bool,
     vm: bool,
+    parent_role: str | None,
+    parent_id: str | None,
+    forward: tuple[str, ...],
+    vm_listen: tuple[str, ...],
     state_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Run an EIF locally, as the enclave's init would (no hypervisor, no isolation)."""
+    """Run an EIF locally, as the enclave's init would (no hypervisor, no isolation).
+
+    With --vm, boot it in QEMU's nitro-enclave machine instead (see scripts/qemu-nitro/setup.sh).
+    """
     if vm:
         _run_in_vm(ctx)
         return
+    vm_only = [
+        flag
+        for flag, used in (
+            ("--parent-role", parent_role is not None),
+            ("--parent-id", parent_id is not None),
+            ("--forward", bool(forward)),
+            ("--listen", bool(vm_listen)),
+        )
+        if used
+    ]
+    if vm_only:
+        raise UsageError(f"{', '.join(vm_only)} apply to --vm only")
     ids = _cpu_ids(cpu_ids)
     if config_path is not None:
         given = [
@@ -283,7 +320,10 @@ def run_enclave_command(
 def describe_enclaves_command(metadata: bool, state_dir: Path | None, as_json: bool) -> None:
     """List the running local enclaves (nitro-cli's JSON array)."""
     records = runner.describe_enclaves(_store(state_dir))
-    emit_json([r.describe(with_metadata=metadata) for r in records])
+    emit_json(
+        [r.describe(with_metadata=metadata) for r in records]
+        + [r.describe_json() for r in _vm_records()]
+    )
 
 
 @click.command("console")
@@ -305,6 +345,13 @@ def console_command(
     """Print an enclave's console output and follow it."""
     if (enclave_id is None) == (enclave_name is None):
         raise UsageError("give exactly one of --enclave-id and --enclave-name")
+    vm_record = _vm_record(enclave_id, enclave_name)
+    if vm_record is not None:
+        commands = importlib.import_module("enclavekit.vm.commands")
+        click.get_current_context().invoke(
+            commands.console, enclave_id=vm_record.enclave_id, disconnect_timeout=disconnect_timeout
+        )
+        return
     store = _store(state_dir)
     record = runner.find_enclave(store, enclave_id=enclave_id, name=enclave_name)
     if not record.debug_mode:
@@ -336,6 +383,23 @@ def terminate_enclave_command(
     if chosen != 1:
         raise UsageError("give exactly one of --enclave-id, --enclave-name and --all")
     store = _store(state_dir)
+    vm_targets = (
+        _vm_records() if terminate_all else [r for r in [_vm_record(enclave_id, enclave_name)] if r]
+    )
+    if vm_targets:
+        from enclavekit.vm.runner import terminate_recorded
+
+        for vm_record in vm_targets:
+            done = terminate_recorded(vm_record.enclave_id)
+            emit_json(
+                {
+                    "EnclaveName": vm_record.enclave_name,
+                    "EnclaveID": vm_record.enclave_id,
+                    "Terminated": done,
+                }
+            )
+        if not terminate_all:
+            return
     if terminate_all:
         targets = runner.describe_enclaves(store)
     else:
@@ -347,6 +411,24 @@ def terminate_enclave_command(
                 f"Enclave {record.enclave_id} {'terminated' if done else 'NOT terminated'}."
             )
         emit_json({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": done})
+
+
+def _vm_records() -> list[Any]:
+    """Enclaves running in QEMU (``run-enclave --vm``), when the VM runner is part of this build."""
+    try:
+        state = importlib.import_module("enclavekit.vm.state")
+    except ModuleNotFoundError:
+        return []
+    return list(state.list_records())
+
+
+def _vm_record(enclave_id: str | None, name: str | None) -> Any | None:
+    for record in _vm_records():
+        if (enclave_id is not None and record.enclave_id == enclave_id) or (
+            name is not None and record.enclave_name == name
+        ):
+            return record
+    return None
 
 
 def register(group: click.Group) -> None:

@@ -185,3 +185,52 @@ def test_relative_state_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", "st", "--json")
     assert json.loads(out)["Terminated"] is True
     assert eif.exists()
+
+
+def test_vm_only_options_are_refused_without_vm(tmp_path: Path) -> None:
+    eif = make_eif(tmp_path / "novm.eif", cmd=["/bin/true"])
+    code, _, err = _invoke("run-enclave", "--eif-path", str(eif), "--forward", "8000=127.0.0.1:1")
+    assert code == 2
+    assert "--forward apply to --vm only" in err
+
+
+def test_describe_and_terminate_see_enclaves_running_in_qemu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VM enclaves (run-enclave --vm) show up next to local ones, with nitro-cli's shapes."""
+    import subprocess
+
+    from enclavekit.vm.state import EnclaveRecord, write_record
+
+    monkeypatch.setenv("ENCLAVEKIT_STATE_DIR", str(tmp_path / "state"))
+    stand_in = subprocess.Popen(["sleep", "60"])  # stands in for the QEMU process
+    try:
+        write_record(
+            EnclaveRecord(
+                enclave_name="in-qemu",
+                enclave_id="i-0123456789abcdef0-enc0000000000000001",
+                process_id=stand_in.pid,
+                qemu_pid=stand_in.pid,
+                enclave_cid=17,
+                cpu_count=2,
+                memory_mib=512,
+                debug_mode=False,
+                eif_path="/x.eif",
+                console_log=None,
+            )
+        )
+        code, out, _ = _invoke("describe-enclaves")
+        assert code == 0
+        [described] = json.loads(out)
+        assert described["EnclaveName"] == "in-qemu"
+        assert described["EnclaveCID"] == 17
+        assert described["Flags"] == "NONE"
+        code, _, err = _invoke("console", "--enclave-name", "in-qemu")
+        assert code == 2
+        assert "no console" in err
+        code, out, _ = _invoke("terminate-enclave", "--enclave-name", "in-qemu")
+        assert code == 0
+        assert json.loads(out)["EnclaveID"] == "i-0123456789abcdef0-enc0000000000000001"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
