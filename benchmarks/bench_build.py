@@ -281,7 +281,7 @@ def main() -> None:
     print(f"ratio build/baseline:      {build_rate / base_rate:8.2f}  (target >= 0.7)")
     print(
         f"build phases:              {child['index']:8.2f} s reading layers (digests, index), "
-        f"{child['write']:.2f} s writing the EIF (ramdisk, PCR0+PCR2, CRC, fsync)"
+        f"{child['write']:.2f} s writing the EIF (ramdisk, PCR0+PCR2, CRC)"
     )
     print(f"build peak RSS:            {child['rss'] / 2**20:8.1f} MiB (target < 300 MiB at 1 GiB)")
 

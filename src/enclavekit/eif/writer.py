@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ def _chunks(data: SectionData) -> Iterator[bytes | bytearray | memoryview]:
             yield chunk
 
 
+#: Chunks handed to the PCR2/CRC worker and not yet collected (bounds the memory held: 1 MiB each).
+_IN_FLIGHT = 4
+
+
 def _pcr2_and_crc(pcr2: PcrHasher, chunk: bytes | bytearray | memoryview) -> int:
     pcr2.update(chunk)
     return zlib.crc32(chunk)
@@ -133,14 +138,27 @@ class EifWriter:
         crc = 0
         size = 0
         pcr2 = self.measurer.pcr2_hasher() if self.measurer.feeds_pcr2() else None
+        # PCR2 and the CRC of big chunks run on a worker thread while this thread writes and hashes PCR0;
+        # up to _IN_FLIGHT chunks are pipelined (the worker takes them in order, so PCR2 stays sequential).
+        pending: deque[tuple[Future[int], int]] = deque()
         for chunk in _chunks(data):
             if pcr2 is not None and self._parallel and len(chunk) >= _PARALLEL_MIN:
-                # PCR2 and the CRC on the worker while this thread writes and hashes PCR0.
-                future = self._worker_pool().submit(_pcr2_and_crc, pcr2, chunk)
+                if not isinstance(chunk, bytes):
+                    chunk = bytes(
+                        chunk
+                    )  # the producer may reuse its buffer; the worker reads later
+                pending.append((self._worker_pool().submit(_pcr2_and_crc, pcr2, chunk), len(chunk)))
                 self._stream.write(chunk)
                 self.measurer.update_pcr0_only(chunk)
-                crc = crc32_combine(crc, future.result(), len(chunk))
+                while len(pending) > _IN_FLIGHT:
+                    future, length = pending.popleft()
+                    crc = crc32_combine(crc, future.result(), length)
             else:
+                while (
+                    pending
+                ):  # this thread is about to feed PCR2 itself: let the worker finish first
+                    future, length = pending.popleft()
+                    crc = crc32_combine(crc, future.result(), length)
                 self._stream.write(chunk)
                 self.measurer.update(chunk)
                 crc = zlib.crc32(chunk, crc)
@@ -148,6 +166,9 @@ class EifWriter:
             self._written += len(chunk)
             if self._progress is not None:
                 self._progress(self._written)
+        while pending:
+            future, length = pending.popleft()
+            crc = crc32_combine(crc, future.result(), length)
         header = SectionHeader(section_type, flags, size).pack()
         end = self._stream.tell()
         self._stream.seek(self._start + header_pos)
@@ -194,15 +215,21 @@ class EifWriter:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A temp file beside ``path`` that replaces ``path`` only if the block completes."""
+def atomic_output(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[BinaryIO]:
+    """A temp file beside ``path`` that replaces ``path`` only if the block completes.
+
+    Readers never see a partial file (the rename is atomic). ``durable=True`` also fsyncs before the
+    rename, so the new content survives a power loss; that costs about a quarter of a large build's time,
+    and an EIF can be rebuilt, so it is off by default.
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     try:
         with os.fdopen(fd, "w+b") as stream:
             yield stream
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.chmod(tmp, _mode_for(target))
         os.replace(tmp, target)
     except BaseException:
