@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.unit.build.factory import config, kernel_bytes, sha  # noqa: E402
+from tests.unit.build_enclave.factory import config, kernel_bytes, sha  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets" / "build"
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from enclavekit.eif.layers import ContentRef, EntryKind, MergedTree, Spool, read_layer_file
 from enclavekit.errors import MalformedInput
-from tests.unit.build.factory import F, layer
+from tests.unit.build_enclave.factory import F, layer
 
 Path_ = tuple[str, ...]
 

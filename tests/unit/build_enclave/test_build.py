@@ -26,7 +26,7 @@ from enclavekit.eif.ramdisk import HOSTS, bootstrap_ramdisk
 from enclavekit.eif.reader import Eif, measure_eif
 from enclavekit.eif.sign import EifSigner
 from enclavekit.errors import MalformedInput, UsageError
-from tests.unit.build.factory import (
+from tests.unit.build_enclave.factory import (
     F,
     base_layer,
     docker_archive,
@@ -262,7 +262,7 @@ def test_layer_digest_mismatch_is_refused_and_leaves_nothing(
 def test_diff_id_mismatch_is_refused(tmp_path: Path, blobs_dir: Path) -> None:
     """A docker-save layer that is not the one the config's diff_ids promise."""
     layers = _layers()
-    from tests.unit.build.factory import config, sha
+    from tests.unit.build_enclave.factory import config, sha
 
     wrong = config([sha(layers[0]), sha(b"something else")])
     image = docker_archive(tmp_path / "img.tar", layers, config_bytes=wrong)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclavekit.cli import cli
-from tests.unit.build.factory import F, base_layer, docker_archive, kernel_bytes, layer
+from tests.unit.build_enclave.factory import F, base_layer, docker_archive, kernel_bytes, layer
 
 
 def _signing_files(directory: Path) -> tuple[Path, Path]:

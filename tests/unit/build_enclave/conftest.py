@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.build.factory import kernel_bytes
+from tests.unit.build_enclave.factory import kernel_bytes
 
 
 @pytest.fixture(scope="session")

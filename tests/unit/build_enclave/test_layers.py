@@ -19,7 +19,7 @@ from enclavekit.eif.layers import (
     read_layer_file,
 )
 from enclavekit.errors import MalformedInput
-from tests.unit.build.factory import F, layer
+from tests.unit.build_enclave.factory import F, layer
 
 
 def _entries(data: bytes, spool: Spool) -> list[TarEntry]:

@@ -19,7 +19,15 @@ from enclavekit.eif.image import (
     parse_config,
 )
 from enclavekit.errors import Error, MalformedInput, UsageError
-from tests.unit.build.factory import F, base_layer, config, docker_archive, layer, oci_layout, sha
+from tests.unit.build_enclave.factory import (
+    F,
+    base_layer,
+    config,
+    docker_archive,
+    layer,
+    oci_layout,
+    sha,
+)
 
 
 @pytest.mark.parametrize("legacy", [True, False])

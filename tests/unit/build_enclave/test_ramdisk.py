@@ -22,7 +22,7 @@ from enclavekit.eif.ramdisk import (
     relative_link,
 )
 from enclavekit.errors import MalformedInput
-from tests.unit.build.factory import read_cpio
+from tests.unit.build_enclave.factory import read_cpio
 
 
 @pytest.fixture(scope="module")

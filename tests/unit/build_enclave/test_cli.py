@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from enclavekit.cli import cli
-from tests.unit.build.factory import F, base_layer, docker_archive, layer
+from tests.unit.build_enclave.factory import F, base_layer, docker_archive, layer
 
 
 @pytest.fixture
