@@ -71,9 +71,9 @@ def describe_eif_command(eif_path: Path, hash_algorithm_label: str, as_json: boo
     with Eif.open(eif_path) as eif, _progress(eif.file_size, "measuring") as progress:
         report = eif.verify(hash_algorithm=_HASH_LABELS[hash_algorithm_label], progress=progress)
     described = describe_report(report)
-    if as_json:
-        emit_json(described)
-    else:
+    # nitro-cli prints this JSON on stdout; the human summary (stderr) is skipped with --json.
+    emit_json(described)
+    if not as_json:
         _print_description(eif_path, described, "aarch64" if report.header.is_arm64 else "x86_64")
     problems = report.problems()
     if problems:
@@ -149,9 +149,8 @@ def pcr_command(
                 f"{iam_role!r}"
             )
         value, what = pcr3_of_iam_role(iam_role), f"IAM role {iam_role} (PCR3)"
-    if as_json:
-        emit_json({key: value.hex()})
-    else:
+    emit_json({key: value.hex()})  # nitro-cli's shape, always on stdout
+    if not as_json:
         stderr.print(f"{what}\n  {key}: {value.hex()}")
 
 
@@ -187,9 +186,8 @@ def sign_eif_command(
         eif_path, signer, output=output_file, hash_algorithm=_HASH_LABELS[hash_algorithm_label]
     )
     stderr.print("Enclave Image successfully signed.")
-    if as_json:
-        emit_json({"Measurements": measurements.to_json()})
-    else:
+    emit_json({"Measurements": measurements.to_json()})  # nitro-cli's shape, always on stdout
+    if not as_json:
         for key, value in measurements.to_json().items():
             stderr.print(f"  {key:<13} {value}")
 
