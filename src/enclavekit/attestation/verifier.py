@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as pkix
-from cryptography.x509.oid import SignatureAlgorithmOID
+from cryptography.x509.oid import PublicKeyAlgorithmOID, SignatureAlgorithmOID
 
 from enclavekit.attestation.document import AttestationDocument
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, VerificationError
@@ -311,8 +311,8 @@ class Verifier:
             _check_leaf_link(leaf, ca_path.chain[0], at)
         else:
             bundle = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
-            for i, cert in enumerate(bundle):
-                _require_p384(cert, f"cabundle[{i}]")
+            for i, (cert, der) in enumerate(zip(bundle, doc.cabundle, strict=True)):
+                _require_p384_ca(cert, der, f"cabundle[{i}]")
             chain = self._validate_path(leaf, bundle[1:], at)
             if not any(_has_constraints(c) for c in chain[1:]):
                 self._ca_paths.put(bundle_key, _CachedChain.of(chain[1:]))
@@ -382,6 +382,28 @@ def _require_p384(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKe
     return key
 
 
+#: DER of a P-384 SubjectPublicKeyInfo up to the point: SEQUENCE { SEQUENCE { id-ecPublicKey, secp384r1 },
+#: BIT STRING (98 bytes, 0 unused bits, uncompressed point 0x04 …) }.
+_P384_SPKI_HEADER = bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004")
+
+
+def _require_p384_ca(cert: x509.Certificate, der: bytes, name: str) -> None:
+    """:func:`_require_p384` for CA certificates without parsing their keys (pyca parses them again to
+    verify, and key parsing is a noticeable part of a cold verification): the key algorithm must be EC and
+    the DER must hold a P-384 SubjectPublicKeyInfo; the signature algorithm must be ecdsa-with-SHA384."""
+    if (
+        cert.public_key_algorithm_oid != PublicKeyAlgorithmOID.EC_PUBLIC_KEY
+        or _P384_SPKI_HEADER not in der
+    ):
+        _require_p384(cert, name)  # slow path: parse the key and explain what was found
+        return
+    if cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
+        raise VerificationError(
+            f"{name} is signed with {cert.signature_algorithm_oid.dotted_string}; "
+            "expected ecdsa-with-SHA384"
+        )
+
+
 def _check_leaf(leaf: x509.Certificate) -> None:
     try:
         bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -401,8 +423,16 @@ def _check_leaf(leaf: x509.Certificate) -> None:
         raise VerificationError("the leaf certificate's keyUsage lacks digitalSignature")
 
 
+#: DER of the OIDs of NameConstraints (2.5.29.30), PolicyConstraints (2.5.29.36) and InhibitAnyPolicy
+#: (2.5.29.54). A certificate whose DER contains none of them cannot carry those extensions.
+_CONSTRAINT_OIDS = (b"\x06\x03\x55\x1d\x1e", b"\x06\x03\x55\x1d\x24", b"\x06\x03\x55\x1d\x36")
+
+
 def _has_constraints(cert: x509.Certificate) -> bool:
     """Constraints a CA imposes on what it issues; paths with them are never short-cut by the CA cache."""
+    der = cert.public_bytes(Encoding.DER)
+    if not any(oid in der for oid in _CONSTRAINT_OIDS):
+        return False  # fast path: parsing a fresh certificate's extensions costs more than a signature check
     for ext_type in (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy):
         try:
             cert.extensions.get_extension_for_class(ext_type)

@@ -496,3 +496,28 @@ def test_pem_root_loading(tmp_path: object, pki: TestPki) -> None:
     with pytest.raises(MalformedInput):
         load_pem_roots(Path(str(tmp_path)) / "bad.pem")
     assert isinstance(aws_root(), x509.Certificate)
+
+
+def test_ca_with_a_p256_key_in_the_chain_is_refused() -> None:
+    """Every certificate of the chain must be P-384, CA certificates included."""
+    from datetime import timedelta as _td
+
+    from tests.unit.attestation.factory import LEAF_LIFETIME, _cert
+
+    pki = TestPki()
+    zonal, zonal_key = pki.cas[1]
+    weak_key = ec.generate_private_key(ec.SECP256R1())
+    weak_ca = _cert(
+        "instance.test", weak_key, zonal, zonal_key, NOW - _td(days=1), NOW + _td(days=1),
+        ca=True, path_len=0,
+    )  # fmt: skip
+    leaf = _cert(
+        "leaf", pki.leaf_key, weak_ca, weak_key, pki.leaf_not_before,
+        pki.leaf_not_before + LEAF_LIFETIME, ca=False,
+    )  # fmt: skip
+    bundle = pki.cabundle()[:3] + [weak_ca.public_bytes(Encoding.DER)]
+    raw = make_document(pki, certificate=leaf.public_bytes(Encoding.DER), cabundle=bundle)
+    with pytest.raises(
+        VerificationError, match=r"cabundle\[3\] has a secp256r1 key; expected EC P-384"
+    ):
+        verifier_for(pki).verify(raw, UnsafeNoOp(), at=NOW)
