@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclavekit._fs import write_atomic
 from enclavekit.atls.extension import attestation_extension
 from enclavekit.atls.store import CertificateRecord, ConsumeResult, Event, Store
 from enclavekit.attestation.policy import MaxAge
@@ -334,11 +335,7 @@ def create_ca_keys(common_name: str = "enclavekit attestation CA", *, now: datet
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600, durable=True)
 
 
 def init_state_dir(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import click
 from cryptography.hazmat.primitives import serialization
 
+from enclavekit._fs import write_atomic
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.nsm.client import ENV_VAR, Nsm
@@ -124,15 +124,9 @@ def _read_public_key(path: Path) -> bytes:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with tmp.open("xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data, mode=0o666, durable=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
+from enclavekit._fs import write_atomic
 from enclavekit.atls.seal import load_private_key, load_recipient_key, seal, unseal
 from enclavekit.attestation.document import read_document_bytes
 from enclavekit.attestation.policy import AllOf, NotDebug, load_policy
-from enclavekit.cli._atls_common import nsm_verifier, write_atomic
+from enclavekit.cli._atls_common import nsm_verifier
 from enclavekit.cli._render import stderr
 from enclavekit.errors import UsageError
 
@@ -36,7 +37,7 @@ def _write(data: bytes, output: str | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
-        write_atomic(output, data, 0o600)
+        write_atomic(output, data, mode=0o600)
 
 
 @click.command("seal")

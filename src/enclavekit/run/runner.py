@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from enclavekit._fs import write_atomic
 from enclavekit.errors import Error, UsageError
 from enclavekit.nsm.emulator import new_module_id
 from enclavekit.run import state as st
@@ -213,7 +214,7 @@ def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) ->
             "ENCLAVEKIT_PYTHON": sys.executable,
         },
     }
-    st.write_atomic(directory / LAUNCH_FILE, json.dumps(launch, indent=2).encode())
+    write_atomic(directory / LAUNCH_FILE, json.dumps(launch, indent=2).encode())
     record = st.EnclaveRecord(
         name=options.enclave_name or eif_path.stem,
         enclave_id=enclave_id,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclavekit._fs import write_atomic
 from enclavekit.errors import MalformedInput, UsageError
 
 RECORD_FILE = "record.json"
@@ -111,19 +112,6 @@ def instance_id(root: Path) -> str:
     value = "i-0" + secrets.token_hex(8)
     write_atomic(path, value.encode() + b"\n")
     return value
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True, slots=True)

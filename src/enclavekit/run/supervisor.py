@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from enclavekit._fs import write_atomic
 from enclavekit.nsm.emulator import NsmEmulator
 from enclavekit.nsm.server import serve_in_background
 from enclavekit.pki.emulated import EmulatedAwsPki
@@ -92,7 +93,7 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
             "env": env_items,
         }
         spec_path = directory / "enter.json"
-        st.write_atomic(spec_path, json.dumps(spec).encode(), mode=0o600)
+        write_atomic(spec_path, json.dumps(spec).encode(), mode=0o600)
         argv = [sys.executable, "-m", "enclavekit.run.enter", str(spec_path)]
         env = dict(os.environ)
         cwd = str(directory)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclavekit._fs import write_atomic
 from enclavekit.errors import MalformedInput
 
 __all__ = ["EnclaveRecord", "list_records", "remove_record", "state_dir", "write_record"]
@@ -89,14 +89,7 @@ def write_record(record: EnclaveRecord, folder: Path | None = None) -> Path:
     folder = folder or state_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = _path(folder, record.enclave_id)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".rec.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(record), out, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, json.dumps(asdict(record), indent=2).encode(), mode=0o600)
     return target
 
 
