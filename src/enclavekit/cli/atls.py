@@ -9,7 +9,7 @@ import sys
 import click
 
 from enclavekit.attestation.policy import load_policy
-from enclavekit.cli._atls_common import host_port, nsm_verifier
+from enclavekit.cli._common import host_port, nsm_verifier
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 

@@ -18,7 +18,7 @@ from enclavekit.atls.ca import (
     revoke_certificate,
 )
 from enclavekit.atls.store import open_store
-from enclavekit.cli._atls_common import host_port, nsm_verifier
+from enclavekit.cli._common import host_port, nsm_verifier
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint

@@ -12,7 +12,7 @@ from enclavekit._fs import write_atomic
 from enclavekit.atls.seal import load_private_key, load_recipient_key, seal, unseal
 from enclavekit.attestation.document import read_document_bytes
 from enclavekit.attestation.policy import AllOf, NotDebug, load_policy
-from enclavekit.cli._atls_common import nsm_verifier
+from enclavekit.cli._common import nsm_verifier
 from enclavekit.cli._render import stderr
 from enclavekit.errors import UsageError
 

@@ -23,10 +23,11 @@ from enclavekit.attestation.policy import (
     parse_pcr_index,
     parse_pcr_value,
 )
-from enclavekit.attestation.verifier import VerifiedAttestation, Verifier, _parse_cert
+from enclavekit.attestation.verifier import VerifiedAttestation, _parse_cert
+from enclavekit.cli._common import nsm_verifier
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
-from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+from enclavekit.pki.roots import fingerprint
 
 #: Text encodings (hex/base64) of a 16 KiB document stay far below this; bounds what we read.
 MAX_INPUT = 1024 * 1024
@@ -193,13 +194,7 @@ def verify(
     """
     raw = read_document(doc)
     decoded = AttestationDocument.from_cbor(raw)
-    trust = [c for path in roots for c in load_pem_roots(path)] if roots else [aws_root()]
-    verifier = Verifier(trust)
-    if not verifier.trusts_only_aws:
-        names = ", ".join(f"{c.subject.rfc4514_string()} ({fingerprint(c)[:16]}…)" for c in trust)
-        warn(
-            f"trusting non-AWS root(s): {names}. Documents signed by them are NOT from AWS Nitro hardware."
-        )
+    verifier = nsm_verifier(roots)
     at = parse_at(at_value, decoded)
 
     parts: list[Policy] = []

@@ -1,4 +1,4 @@
-"""Helpers shared by the ``ca``, ``atls`` and ``seal`` command modules."""
+"""Helpers shared by command modules (trust roots, HOST:PORT)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
 
 
 def nsm_verifier(roots: tuple[str, ...]) -> Verifier:
-    """A verifier for the given PEM roots (default: AWS); warns loudly about any non-AWS root."""
+    """A verifier for the given PEM roots (``--root``; default: AWS); warns loudly about any non-AWS root."""
     trust = [c for path in roots for c in load_pem_roots(path)] if roots else [aws_root()]
     verifier = Verifier(trust)
     if not verifier.trusts_only_aws:
         names = ", ".join(f"{c.subject.rfc4514_string()} ({fingerprint(c)[:16]}…)" for c in trust)
         warn(
-            f"trusting non-AWS NSM root(s): {names}. Documents signed by them are NOT from AWS"
-            " Nitro hardware (emulator or test PKI)."
+            f"trusting non-AWS root(s): {names}. Documents signed by them are NOT from AWS Nitro"
+            " hardware (emulator or test PKI)."
         )
     return verifier
 
