@@ -222,15 +222,17 @@ class Verifier:
         when = _utc(at) if at is not None else datetime.now(UTC)
         n = workers or os.cpu_count() or 1
         roots = [r.public_bytes(Encoding.DER) for r in self._roots]
-        if n <= 1 or len(docs) < 2:
-            outcomes = [_verify_in_worker(d, when, self) for d in docs]
-        else:
-            chunk = max(1, len(docs) // (n * 4))
-            with ProcessPoolExecutor(n, initializer=_init_worker, initargs=(roots,)) as pool:
-                outcomes = list(
-                    pool.map(_verify_in_worker, docs, [when] * len(docs), chunksize=chunk)
-                )
         results: list[VerifiedAttestation | Error] = []
+        if n <= 1 or len(docs) < 2:
+            for raw in docs:  # no worker processes: verify here, with this verifier's cache
+                try:
+                    results.append(self.verify(raw, policy, at=when))
+                except Error as exc:
+                    results.append(exc)
+            return results
+        chunk = max(1, len(docs) // (n * 4))
+        with ProcessPoolExecutor(n, initializer=_init_worker, initargs=(roots,)) as pool:
+            outcomes = list(pool.map(_verify_in_worker, docs, [when] * len(docs), chunksize=chunk))
         for raw, outcome in zip(docs, outcomes, strict=True):
             if outcome[0] != "ok":
                 results.append(
@@ -469,11 +471,9 @@ def _init_worker(roots: list[bytes]) -> None:
     _worker_verifier = Verifier([x509.load_der_x509_certificate(d) for d in roots])
 
 
-def _verify_in_worker(
-    raw: bytes, at: datetime, verifier: Verifier | None = None
-) -> tuple[str | bytes, ...]:
+def _verify_in_worker(raw: bytes, at: datetime) -> tuple[str | bytes, ...]:
     """Run steps 1-5 in a worker: ("ok", chain DER...) or (error class name, message)."""
-    active = verifier or _worker_verifier
+    active = _worker_verifier
     assert active is not None
     try:
         verified = active._verify_crypto(raw, at)

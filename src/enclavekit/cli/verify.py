@@ -217,10 +217,10 @@ def verify(
     verified: VerifiedAttestation | None = None
     error: Error | None = None
     try:
-        verified = verifier.verify(raw, policy, at=at)
-    except PolicyViolation as exc:
-        error = exc
         verified = verifier.verify_signature_and_chain(raw, at=at)
+        failures = policy.failures(verified)
+        if failures:
+            error = PolicyViolation(failures)
     except Error as exc:
         error = exc
 

@@ -471,11 +471,14 @@ def test_verified_attestation_cannot_be_forged() -> None:
         )
 
 
-def test_batch_verification_reports_each_document(pki: TestPki) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batch_verification_reports_each_document(pki: TestPki, workers: int) -> None:
     good = make_document(pki)
     bad = make_document(pki) + b"\x00"
     debug = make_document(pki, pcrs=default_pcrs(debug=True))
-    results = verifier_for(pki).verify_many([good, bad, debug, good], NotDebug(), at=NOW, workers=2)
+    results = verifier_for(pki).verify_many(
+        [good, bad, debug, good], NotDebug(), at=NOW, workers=workers
+    )
     assert [type(r).__name__ for r in results] == [
         "VerifiedAttestation",
         "MalformedInput",
