@@ -6,11 +6,10 @@ stderr unless ``--json`` is given.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +17,9 @@ from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.run import runner
 from enclavekit.run.state import EnclaveStore
+
+if TYPE_CHECKING:
+    from enclavekit.vm.state import EnclaveRecord as VmRecord
 
 
 def _store(state_dir: Path | None) -> EnclaveStore:
@@ -33,19 +35,13 @@ _state_dir_option = click.option(
 
 
 def _run_in_vm(ctx: click.Context) -> None:
-    """Hand ``run-enclave --vm`` to the QEMU runner (``enclavekit.vm``) when it is installed.
+    """Hand ``run-enclave --vm`` to the QEMU runner (``enclavekit.vm``, imported only when used).
 
     Options that only make sense for the local runner are refused.
     """
-    try:
-        commands = importlib.import_module("enclavekit.vm.commands")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("enclavekit.vm", "enclavekit.vm.commands"):
-            raise
-        raise UsageError(
-            "--vm needs the QEMU runner (enclavekit.vm), which is not part of this build; drop"
-            " --vm to run the EIF locally"
-        ) from None
+    from enclavekit.vm import commands
+    from enclavekit.vm.runner import DEFAULT_BOOT_TIMEOUT
+
     params = ctx.params
     local_only = [
         flag
@@ -76,7 +72,7 @@ def _run_in_vm(ctx: click.Context) -> None:
         parent_id=params["parent_id"],
         forward=params["forward"],
         listen=params["vm_listen"],
-        boot_timeout=commands.DEFAULT_BOOT_TIMEOUT,
+        boot_timeout=DEFAULT_BOOT_TIMEOUT,
         as_json=params["as_json"],
     )
 
@@ -347,7 +343,8 @@ def console_command(
         raise UsageError("give exactly one of --enclave-id and --enclave-name")
     vm_record = _vm_record(enclave_id, enclave_name)
     if vm_record is not None:
-        commands = importlib.import_module("enclavekit.vm.commands")
+        from enclavekit.vm import commands
+
         click.get_current_context().invoke(
             commands.console, enclave_id=vm_record.enclave_id, disconnect_timeout=disconnect_timeout
         )
@@ -413,16 +410,14 @@ def terminate_enclave_command(
         emit_json({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": done})
 
 
-def _vm_records() -> list[Any]:
-    """Enclaves running in QEMU (``run-enclave --vm``), when the VM runner is part of this build."""
-    try:
-        state = importlib.import_module("enclavekit.vm.state")
-    except ModuleNotFoundError:
-        return []
-    return list(state.list_records())
+def _vm_records() -> list[VmRecord]:
+    """Enclaves running in QEMU (``run-enclave --vm``)."""
+    from enclavekit.vm.state import list_records
+
+    return list_records()
 
 
-def _vm_record(enclave_id: str | None, name: str | None) -> Any | None:
+def _vm_record(enclave_id: str | None, name: str | None) -> VmRecord | None:
     for record in _vm_records():
         if (enclave_id is not None and record.enclave_id == enclave_id) or (
             name is not None and record.enclave_name == name
