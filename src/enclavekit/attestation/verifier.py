@@ -162,6 +162,9 @@ class Verifier:
         self._roots = roots
         self._root_der = {r.public_bytes(Encoding.DER) for r in roots}
         self._store = pkix.Store(list(roots))
+        self._roots_constrain = any(
+            _has_constraints(r, r.public_bytes(Encoding.DER)) for r in roots
+        )
         # Full paths keyed by (leaf, cabundle); CA paths keyed by the cabundle alone.
         self._paths = _WindowCache(CHAIN_CACHE_SIZE)
         self._ca_paths = _WindowCache(CHAIN_CACHE_SIZE)
@@ -291,7 +294,12 @@ class Verifier:
         self, doc: AttestationDocument, at: datetime, bundle_key: bytes
     ) -> _CachedChain:
         # 2. Parse; restrict algorithms (the CA certificates only when their path is not cached).
-        leaf = _parse_cert(doc.certificate, "certificate")
+        ca_path = self._ca_paths.get(bundle_key, at)
+        if ca_path is None:
+            leaf, *bundle = _parse_certs((doc.certificate, *doc.cabundle))
+        else:
+            (leaf,) = _parse_certs((doc.certificate,))
+            bundle = []
         leaf_key = _require_p384(leaf, "certificate")
 
         # 3. The bundle's root is compared with the pinned roots, never trusted.
@@ -307,19 +315,26 @@ class Verifier:
         # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material. When this cabundle's
         #    CA path was already validated (by pyca, for another leaf) for a window containing `at`, only the
         #    leaf's own link is checked here: its signature by the cached issuer, its validity, its profile.
-        ca_path = self._ca_paths.get(bundle_key, at)
         if ca_path is not None:
             chain = (leaf, *ca_path.chain)
             _check_leaf_link(leaf, ca_path.chain[0], at)
         else:
-            bundle = [_parse_cert(der, f"cabundle[{i}]") for i, der in enumerate(doc.cabundle)]
             for i, (cert, der) in enumerate(zip(bundle, doc.cabundle, strict=True)):
                 _require_p384_ca(cert, der, f"cabundle[{i}]")
             chain = self._validate_path(leaf, bundle[1:], at)
-            if not any(_has_constraints(c) for c in chain[1:]):
-                self._ca_paths.put(bundle_key, _CachedChain.of(chain[1:]))
+            ca_path = _CachedChain.of(chain[1:])
+            # Conservative: every offered certificate and every pinned root, not only those on the path.
+            if not self._roots_constrain and not any(
+                _has_constraints(c, der) for c, der in zip(bundle, doc.cabundle, strict=True)
+            ):
+                self._ca_paths.put(bundle_key, ca_path)
         _check_leaf(leaf)
-        return _CachedChain.of(chain, leaf_key)
+        return _CachedChain(
+            chain,
+            max(ca_path.not_before, leaf.not_valid_before_utc),
+            min(ca_path.not_after, leaf.not_valid_after_utc),
+            leaf_key,
+        )
 
     def _validate_path(
         self, leaf: x509.Certificate, intermediates: list[x509.Certificate], at: datetime
@@ -357,13 +372,26 @@ def _utc(at: datetime) -> datetime:
 
 
 def _parse_cert(der: bytes, name: str) -> x509.Certificate:
-    try:
-        # RFC 5280 violations that pyca only warns about (e.g. a non-positive serial) are refused.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", CryptographyDeprecationWarning)
-            return x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
-        raise MalformedInput(f"{name} is not a valid DER X.509 certificate: {exc}") from None
+    return _parse_certs((der,), (name,))[0]
+
+
+def _parse_certs(
+    ders: Sequence[bytes], names: Sequence[str] | None = None
+) -> list[x509.Certificate]:
+    """Parse DER certificates (``names`` label them in errors: default the leaf, then the cabundle)."""
+    labels = names or ("certificate", *(f"cabundle[{i}]" for i in range(len(ders) - 1)))
+    certs: list[x509.Certificate] = []
+    # RFC 5280 violations that pyca only warns about (e.g. a non-positive serial) are refused.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        for der, name in zip(ders, labels, strict=True):
+            try:
+                certs.append(x509.load_der_x509_certificate(der))
+            except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+                raise MalformedInput(
+                    f"{name} is not a valid DER X.509 certificate: {exc}"
+                ) from None
+    return certs
 
 
 def _require_p384(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
@@ -430,9 +458,10 @@ def _check_leaf(leaf: x509.Certificate) -> None:
 _CONSTRAINT_OIDS = (b"\x06\x03\x55\x1d\x1e", b"\x06\x03\x55\x1d\x24", b"\x06\x03\x55\x1d\x36")
 
 
-def _has_constraints(cert: x509.Certificate) -> bool:
-    """Constraints a CA imposes on what it issues; paths with them are never short-cut by the CA cache."""
-    der = cert.public_bytes(Encoding.DER)
+def _has_constraints(cert: x509.Certificate, der: bytes) -> bool:
+    """Constraints a CA imposes on what it issues; paths with them are never short-cut by the CA cache.
+
+    ``der`` is ``cert``'s DER encoding (passed in: re-encoding costs as much as the check)."""
     if not any(oid in der for oid in _CONSTRAINT_OIDS):
         return False  # fast path: parsing a fresh certificate's extensions costs more than a signature check
     for ext_type in (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy):
