@@ -3,13 +3,15 @@
 Steps (each input byte is read once, each output byte written once):
 
 1. Find the blobs (kernel, cmdline, init, nsm.ko) and refuse early if any is missing.
-2. Stream every layer once: check its digest and diff_id while reading, index its entries into a
-   :class:`~enclavekit.eif.layers.MergedTree` (contents of compressed layers go to a spool file beside
-   the output; uncompressed layers are referenced in place).
+2. Index every layer's entries into a :class:`~enclavekit.eif.layers.MergedTree`. Gzip layers are
+   streamed once, hashed (digest, diff_id) while unpacked into a spool file beside the output;
+   uncompressed layers are referenced in place, their headers parsed here while worker threads hash
+   them (:class:`DigestChecks`, waited for before the EIF is committed).
 3. Add what ``docker create`` adds (its init layer), so the listing matches ``docker export``.
 4. Write the EIF with :func:`enclavekit.eif.writer.write_eif_file`: the bootstrap ramdisk (``dev``,
    ``init``, ``nsm.ko``) and the customer ramdisk streamed from the merged tree, measured as they are
-   written. The output appears atomically; on any error no ``.eif`` is left behind.
+   written. The output appears atomically; on any error (a layer digest mismatch included) no ``.eif``
+   is left behind.
 
 Reproducible: nothing depends on the clock, umask, time zone or host; ``BuildTime`` comes from
 ``SOURCE_DATE_EPOCH`` (passed in), else the image's ``created`` time, else the Unix epoch.
@@ -23,10 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -257,12 +262,67 @@ def _check(label: str, what: str, expected: str | None, hasher: Any) -> None:
         )
 
 
-def layer_entries(layer: LayerBlob, spool: Spool) -> Iterator[TarEntry]:
+class DigestChecks:
+    """Digest checks of uncompressed layers, run on worker threads while the build goes on.
+
+    The build parses the layer's headers and writes the EIF's temp file meanwhile; :meth:`wait` is
+    called before the output is committed, so a layer whose bytes are not what the image promises
+    still leaves no ``.eif`` behind. Parsing before the check widens nothing: whoever can change a layer
+    can also change the config that holds its digest, so the tar parser is hardened for hostile input
+    either way; the check is for corruption and mismatched exports.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers or min(2, os.cpu_count() or 1), thread_name_prefix="layer-digest"
+        )
+        self._futures: list[Future[None]] = []
+        self._stop = threading.Event()
+
+    def submit(self, layer: LayerBlob, location: ContentRef) -> None:
+        """Hash ``location`` (the layer's bytes) and compare with its digest and diff_id."""
+        self._futures.append(self._pool.submit(_check_uncompressed, layer, location, self._stop))
+
+    def wait(self) -> None:
+        """Block until every check ran; raise the first failure (in layer order)."""
+        for future in self._futures:
+            future.result()
+
+    def close(self) -> None:
+        """Stop outstanding checks (an error elsewhere ended the build) and the threads."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> DigestChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_uncompressed(layer: LayerBlob, location: ContentRef, stop: threading.Event) -> None:
+    blob_hasher = _hasher(layer.digest)
+    # An uncompressed layer is its own diff: one pass checks both digests.
+    diff_hasher = blob_hasher if layer.digest == layer.diff_id else _hasher(layer.diff_id)
+    hashers = list({id(h): h for h in (blob_hasher, diff_hasher) if h}.values())
+    if not hashers:
+        return
+    _hash_region(location, hashers, stop)
+    if stop.is_set():
+        return
+    _check(layer.label, "layer digest", layer.digest, blob_hasher)
+    _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
+
+
+def layer_entries(
+    layer: LayerBlob, spool: Spool, checks: DigestChecks | None = None
+) -> Iterator[TarEntry]:
     """The entries of one layer; its digest and diff_id are checked.
 
-    Uncompressed layers are hashed first (one sequential read) and then only their headers are
-    parsed; gzip layers are hashed while they are decompressed and parsed, and their contents copied
-    to ``spool``.
+    Uncompressed layers: with ``checks``, hashed on a worker thread while only their headers are parsed
+    here (the caller must call ``checks.wait()`` before trusting the result); without, hashed first.
+    Gzip layers are hashed while they are decompressed and parsed, and their contents copied to
+    ``spool``.
     """
     location = layer.location
     with open(location.path, "rb") as handle:
@@ -273,18 +333,21 @@ def layer_entries(layer: LayerBlob, spool: Spool) -> Iterator[TarEntry]:
             f"{layer.label}: zstd-compressed layers are not supported; convert the image to gzip "
             "layers (e.g. skopeo copy --dest-compress-format gzip)"
         )
-    blob_hasher = _hasher(layer.digest)
     if not magic.startswith(_GZIP_MAGIC):
-        # An uncompressed layer is its own diff: check both digests before parsing anything.
-        diff_hasher = blob_hasher if layer.digest == layer.diff_id else _hasher(layer.diff_id)
-        hashers = list({id(h): h for h in (blob_hasher, diff_hasher) if h}.values())
-        _hash_region(location, hashers)
-        _check(layer.label, "layer digest", layer.digest, blob_hasher)
-        _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
-        yield from read_layer_file(location, label=layer.label, spool=spool)
+        if checks is None:
+            _check_uncompressed(layer, location, threading.Event())
+            yield from read_layer_file(location, label=layer.label, spool=spool)
+            return
+        checks.submit(layer, location)
+        try:
+            yield from read_layer_file(location, label=layer.label, spool=spool)
+        except MalformedInput:
+            checks.wait()  # a digest mismatch explains a damaged tar better than the damage does
+            raise
         return
     # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
     # parsed in place like an uncompressed one.
+    blob_hasher = _hasher(layer.digest)
     diff_hasher = _hasher(layer.diff_id)
     with open(location.path, "rb") as handle:
         handle.seek(location.offset)
@@ -303,13 +366,13 @@ def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def _hash_region(location: ContentRef, hashers: Sequence[Any]) -> None:
+def _hash_region(location: ContentRef, hashers: Sequence[Any], stop: threading.Event) -> None:
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     remaining = location.size
     with open(location.path, "rb", buffering=0) as handle:
         handle.seek(location.offset)
-        while remaining:
+        while remaining and not stop.is_set():
             n = handle.readinto(view[: min(_CHUNK, remaining)])
             if not n:
                 raise MalformedInput(
@@ -356,9 +419,13 @@ class BuildResult:
 
 
 def index_image(
-    source: Image | RootfsDir, spool: Spool, progress: Progress | None = None
+    source: Image | RootfsDir,
+    spool: Spool,
+    progress: Progress | None = None,
+    checks: DigestChecks | None = None,
 ) -> MergedTree:
-    """Every layer applied in order (plus Docker's init layer for images)."""
+    """Every layer applied in order (plus Docker's init layer for images). With ``checks``, digests of
+    uncompressed layers are checked there (call ``checks.wait()``) rather than before each is parsed."""
     tree = MergedTree()
     if isinstance(source, RootfsDir):
         tree.begin_layer(f"{source.path}")
@@ -372,7 +439,7 @@ def index_image(
                 f"{layer.location.size / 1e6:.1f} MB)"
             )
         tree.begin_layer(layer.label)
-        for entry in layer_entries(layer, spool):
+        for entry in layer_entries(layer, spool, checks):
             tree.apply(entry)
     tree.begin_layer("docker init layer")
     for entry in docker_init_layer():
@@ -455,16 +522,20 @@ def build_enclave(
         raise UsageError(f"the output directory {output.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         spool = Spool(str(Path(scratch) / "spool"))
+        checks = DigestChecks()
         try:
-            # 2-3. Index the layers.
-            tree = index_image(source, spool, progress)
+            # 2-3. Index the layers (uncompressed layers' digests are checked meanwhile, on worker threads).
+            tree = index_image(source, spool, progress, checks)
             spool.flush()
             # 4. Write the EIF, streaming the customer ramdisk.
             if progress is not None:
                 progress("Writing the Enclave Image File...")
             with ContentReader() as reader:
-                chunks = customer_ramdisk_chunks(
-                    tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
+                chunks = _then(
+                    customer_ramdisk_chunks(
+                        tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
+                    ),
+                    checks.wait,  # before the EIF is committed: a bad layer leaves no output
                 )
                 result = write_eif_file(
                     output,
@@ -478,8 +549,15 @@ def build_enclave(
                     progress=written,
                 )
         finally:
+            checks.close()
             spool.close()
     return BuildResult(output, result.measurements, result.size, metadata)
+
+
+def _then(chunks: Iterator[bytes], last: Callable[[], None]) -> Iterator[bytes]:
+    """``chunks``, then ``last()`` (which may raise) once they are exhausted."""
+    yield from chunks
+    last()
 
 
 def _metadata(

@@ -244,7 +244,8 @@ def test_source_date_epoch_sets_build_time(tmp_path: Path, blobs_dir: Path) -> N
 def test_layer_digest_mismatch_is_refused_and_leaves_nothing(
     tmp_path: Path, blobs_dir: Path
 ) -> None:
-    """A layer whose bytes do not hash to its manifest digest is refused before anything is written."""
+    """A layer whose bytes do not hash to its manifest digest is refused (the digest mismatch is reported
+    rather than the tar damage it causes), and no output is left."""
     (tmp_path / "oci").mkdir()
     oci_layout(tmp_path / "oci", _layers(), compress=False)
     blobs = tmp_path / "oci" / "blobs" / "sha256"
@@ -255,6 +256,26 @@ def test_layer_digest_mismatch_is_refused_and_leaves_nothing(
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(MalformedInput, match="digest mismatch"):
+        _build(tmp_path / "oci", out_dir / "app.eif", blobs_dir)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_layer_content_swapped_after_export_is_refused_and_leaves_nothing(
+    tmp_path: Path, blobs_dir: Path
+) -> None:
+    """Content changed deep inside a file (the tar still parses): the digest check, which runs while the
+    EIF is being written, refuses the build before the output is committed, and nothing is left."""
+    big = F("app/blob", bytes(range(256)) * 4096)  # 1 MiB
+    (tmp_path / "oci").mkdir()
+    oci_layout(tmp_path / "oci", [base_layer(), layer(F("app", kind="dir"), big)], compress=False)
+    blobs = tmp_path / "oci" / "blobs" / "sha256"
+    victim = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside app/blob's contents
+    victim.write_bytes(bytes(data))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(MalformedInput, match="layer digest mismatch"):
         _build(tmp_path / "oci", out_dir / "app.eif", blobs_dir)
     assert list(out_dir.iterdir()) == []
 
