@@ -16,12 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509 import verification as pkix
 
 from enclavekit.attestation import AttestationDocument, Verifier
 from enclavekit.attestation.policy import AllOf, PcrsEqual
+from enclavekit.pki.roots import aws_root
 
 DOC = Path(__file__).resolve().parents[1] / "tests/assets/attestation/real/marlin-2024-08-prod.cbor"
 
@@ -45,8 +48,6 @@ def main() -> int:
     at = doc.timestamp
     policy = AllOf([PcrsEqual({0: doc.pcrs[0], 1: doc.pcrs[1], 2: doc.pcrs[2]})])
 
-    from cryptography import x509
-
     key = x509.load_der_x509_certificate(doc.certificate).public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     der_sig = encode_dss_signature(
@@ -61,16 +62,42 @@ def main() -> int:
         cold.clear_cache()  # a long-lived verifier meeting a chain it has never seen
         cold.verify(raw, policy, at=at)
 
+    # The floor of a cold verification: only the cryptography it cannot skip, with nothing around it —
+    # pyca's RFC 5280 validation of freshly parsed certificates (four links, each with a key loaded for
+    # the first time) and the COSE verification with the leaf's freshly loaded key.
+    store = pkix.Store([aws_root()])
+
+    def cold_floor_once() -> None:
+        leaf = x509.load_der_x509_certificate(doc.certificate)
+        bundle = [x509.load_der_x509_certificate(d) for d in doc.cabundle[1:]]
+        (
+            pkix.PolicyBuilder()
+            .store(store)
+            .time(at.replace(tzinfo=None))
+            .extension_policies(
+                ca_policy=pkix.ExtensionPolicy.webpki_defaults_ca(),
+                ee_policy=pkix.ExtensionPolicy.permit_all(),
+            )
+            .build_client_verifier()
+            .verify(leaf, bundle)
+        )
+        leaf_key = leaf.public_key()
+        assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+        leaf_key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384()))
+
     # The machine may be shared: interleave short rounds of baseline and candidates, and use the median of
     # the per-round ratios, so that load drifting during the run affects both sides of each ratio alike.
     rounds = max(3, int(args.seconds * 3))
-    raws, warms, colds = [], [], []
+    raws, warms, colds, floors = [], [], [], []
     for _ in range(rounds):
         raws.append(rate(lambda: key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384())), 0.3))
         warms.append(rate(lambda: warm.verify(raw, policy, at=at), 0.3))
         colds.append(rate(cold_once, 0.3))
+        floors.append(rate(cold_floor_once, 0.3))
     warm_ratio = statistics.median(w / r for w, r in zip(warms, raws, strict=True))
     cold_ratio = statistics.median(c / (r / 5) for c, r in zip(colds, raws, strict=True))
+    floor_ratio = statistics.median(f / (r / 5) for f, r in zip(floors, raws, strict=True))
+    of_floor = statistics.median(c / f for c, f in zip(colds, floors, strict=True))
     raw_rate, warm_rate, cold_rate = (statistics.median(x) for x in (raws, warms, colds))
 
     batch_docs = [raw] * 400
@@ -81,11 +108,14 @@ def main() -> int:
 
     print(f"raw P-384 ECDSA verify:      {raw_rate:9.1f} /s  (baseline)")
     print(
-        f"warm verify (chain cached):  {warm_rate:9.1f} docs/s  ratio {warm_rate / raw_rate:.2f}  (target >= 0.80)"
+        f"warm verify (chain cached):  {warm_rate:9.1f} docs/s  ratio {warm_ratio:.2f}  (target >= 0.80)"
     )
-    cold_target = raw_rate / 5
     print(
-        f"cold verify (full chain):    {cold_rate:9.1f} docs/s  ratio to raw/5 {cold_rate / cold_target:.2f}  (target >= 0.80)"
+        f"cold verify (full chain):    {cold_rate:9.1f} docs/s  ratio to raw/5 {cold_ratio:.2f}  (target >= 0.80)"
+    )
+    print(
+        f"cold floor (crypto only):    {statistics.median(floors):9.1f} docs/s  ratio to raw/5 {floor_ratio:.2f}  "
+        f"(pyca path validation + COSE verify, fresh keys; cold verify reaches {of_floor:.2f} of it)"
     )
     print(
         f"batch verify_many (all CPUs):{batch_rate:9.1f} docs/s  ratio {batch_rate / raw_rate:.2f} (includes process start-up)"
