@@ -19,6 +19,7 @@ from types import FrameType
 
 import click
 
+from enclavekit.cli._common import host_port
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import Error, UsageError
 from enclavekit.transport.virtio_vsock import Endpoint
@@ -26,23 +27,24 @@ from enclavekit.vm.runner import DEFAULT_BOOT_TIMEOUT, run_enclave_vm, terminate
 from enclavekit.vm.state import list_records
 
 
+def _vsock_port(text: str, option: str, item: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 2**32:
+        raise UsageError(
+            f"{option}: the vsock port must be 0..4294967295, found {text!r} in {item!r}"
+        )
+    return int(text)
+
+
 def _parse_forward(items: tuple[str, ...]) -> dict[int, Endpoint]:
     out: dict[int, Endpoint] = {}
     for item in items:
         port, sep, target = item.partition("=")
-        if not sep or not port.isdigit():
+        if not sep:
             raise UsageError(
                 f"--forward expects VSOCK_PORT=HOST:PORT or VSOCK_PORT=/unix/path, found {item!r}"
             )
-        if target.startswith("/"):
-            out[int(port)] = target
-        else:
-            host, _, tcp = target.rpartition(":")
-            if not host or not tcp.isdigit():
-                raise UsageError(
-                    f"--forward target must be HOST:PORT or a unix path, found {target!r}"
-                )
-            out[int(port)] = (host.strip("[]"), int(tcp))
+        vsock_port = _vsock_port(port, "--forward", item)
+        out[vsock_port] = target if target.startswith("/") else host_port(target, "--forward")
     return out
 
 
@@ -50,10 +52,9 @@ def _parse_listen(items: tuple[str, ...]) -> dict[tuple[str, int], int]:
     out: dict[tuple[str, int], int] = {}
     for item in items:
         address, sep, port = item.rpartition("=")
-        host, _, tcp = address.rpartition(":")
-        if not sep or not port.isdigit() or not host or not tcp.isdigit():
+        if not sep:
             raise UsageError(f"--listen expects HOST:PORT=VSOCK_PORT, found {item!r}")
-        out[(host.strip("[]"), int(tcp))] = int(port)
+        out[host_port(address, "--listen")] = _vsock_port(port, "--listen", item)
     return out
 
 

@@ -78,6 +78,12 @@ def test_forward_and_listen_parsing() -> None:
         _parse_forward(("x=1",))
     with pytest.raises(UsageError):
         _parse_listen(("5005",))
+    for bad_forward in ("8000=127.0.0.1:70000", "8000=:9000", "-1=127.0.0.1:9000", "8000=host"):
+        with pytest.raises(UsageError):
+            _parse_forward((bad_forward,))
+    for bad_listen in ("127.0.0.1:99999=5005", "127.0.0.1:5005=x", "127.0.0.1:5005=4294967296"):
+        with pytest.raises(UsageError):
+            _parse_listen((bad_listen,))
 
 
 def test_module_reports_user_errors_without_traceback(tmp_path: Path) -> None:
