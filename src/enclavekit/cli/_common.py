@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import click
+
 from enclavekit.attestation.verifier import Verifier
 from enclavekit.cli._render import warn
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
+#: ``--root PEM`` (repeatable), read by :func:`nsm_verifier`; shared by every command that verifies NSM
+#: attestations, so the option means the same everywhere.
+root_option = click.option(
+    "--root",
+    "roots",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
+)
 
 
 def nsm_verifier(roots: tuple[str, ...]) -> Verifier:

@@ -9,7 +9,7 @@ import sys
 import click
 
 from enclavekit.attestation.policy import load_policy
-from enclavekit.cli._common import host_port, nsm_verifier
+from enclavekit.cli._common import host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 
@@ -66,13 +66,7 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
     help="What the enclave must be (JSON/YAML or nitro-cli measurements); default: not debug.",
 )
 @click.option("--fresh", is_flag=True, help="Also demand a new document for our own nonce.")
-@click.option(
-    "--root",
-    "roots",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
-)
+@root_option
 @click.option(
     "--crl",
     "crl_source",

@@ -18,7 +18,7 @@ from enclavekit.atls.ca import (
     revoke_certificate,
 )
 from enclavekit.atls.store import open_store
-from enclavekit.cli._common import host_port, nsm_verifier
+from enclavekit.cli._common import host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
@@ -81,13 +81,7 @@ def root(state_dir: Path, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="CA policy (YAML/JSON): services, their DNS names and PCR allowlists.",
 )
-@click.option(
-    "--root",
-    "roots",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
-)
+@root_option
 @_database
 def serve(
     listen: str, state_dir: Path, policy_file: Path, roots: tuple[str, ...], database: str | None

@@ -12,7 +12,7 @@ from enclavekit._fs import write_atomic
 from enclavekit.atls.seal import load_private_key, load_recipient_key, seal, unseal
 from enclavekit.attestation.document import read_document_bytes
 from enclavekit.attestation.policy import AllOf, NotDebug, load_policy
-from enclavekit.cli._common import nsm_verifier
+from enclavekit.cli._common import nsm_verifier, root_option
 from enclavekit.cli._render import stderr
 from enclavekit.errors import UsageError
 
@@ -55,13 +55,7 @@ def _write(data: bytes, output: str | None) -> None:
     type=click.Path(dir_okay=False),
     help="What the enclave must be (JSON/YAML policy or nitro-cli measurements).",
 )
-@click.option(
-    "--root",
-    "roots",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="PEM NSM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
-)
+@root_option
 @click.option("-i", "--input", "input_path", help="Plaintext file (default: stdin).")
 @click.option("-o", "--output", help="Sealed output file (default: stdout).")
 def seal_command(

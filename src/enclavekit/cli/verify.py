@@ -24,7 +24,7 @@ from enclavekit.attestation.policy import (
     parse_pcr_value,
 )
 from enclavekit.attestation.verifier import VerifiedAttestation, _parse_cert
-from enclavekit.cli._common import nsm_verifier
+from enclavekit.cli._common import nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
 from enclavekit.pki.roots import fingerprint
@@ -145,13 +145,7 @@ def _print_document(doc: AttestationDocument, title: str) -> None:
 
 @click.command()
 @click.argument("doc", metavar="DOC")
-@click.option(
-    "--root",
-    "roots",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="PEM trust root (repeatable). Default: the pinned AWS Nitro root G1.",
-)
+@root_option
 @click.option(
     "--at",
     "at_value",
