@@ -322,7 +322,9 @@ def main() -> None:
         f"hashing floor:             {base_seconds / floor_seconds:8.2f}  best ratio reachable on "
         f"{os.cpu_count()} CPU(s): the required SHA-256 + 2 x SHA-384 + CRC-32 alone, all threads, no I/O"
     )
-    print(f"build / floor:             {floor_seconds / child['seconds']:8.2f}  of what these CPUs allow")
+    print(
+        f"build / floor:             {floor_seconds / child['seconds']:8.2f}  of what these CPUs allow"
+    )
     print(
         f"build phases:              {child['index']:8.2f} s reading layers (digests, index), "
         f"{child['write']:.2f} s writing the EIF (ramdisk, PCR0+PCR2, CRC)"
