@@ -6,8 +6,10 @@ region) and translates guest-physical and front-end user addresses into offsets 
 §2.7, split layout).
 
 Checked: every address and length against the mapped regions, descriptor chain length against the queue size
-(a looping chain is refused), index bounds. Not supported: packed virtqueues, indirect descriptors and
-VIRTIO_F_EVENT_IDX (the back-end offers none of them), buffers that straddle two memory regions.
+(a looping chain is refused), index bounds, the distance of the available index from the chains already taken
+(at most the queue size, see `SplitVirtqueue.available`). Not supported: packed virtqueues, indirect
+descriptors and VIRTIO_F_EVENT_IDX (the back-end offers none of them), buffers that straddle two memory
+regions.
 """
 
 from __future__ import annotations
@@ -161,8 +163,28 @@ class SplitVirtqueue:
     def _avail_idx(self) -> int:
         return _load_u16(self._avail, self._avail_off + 2)
 
+    def available(self) -> int:
+        """How many chains the driver has made available that have not been popped yet.
+
+        Invariant (virtio 1.x §2.7.6): ``avail->idx`` is a free-running 16-bit counter, and the driver can
+        never have more than ``size`` chains outstanding (each holds at least one of the ``size``
+        descriptors), so ``(avail->idx - next_avail) mod 2**16 <= size``. A larger distance means the index
+        is not the driver's (seen when a guest restarts through its firmware without resetting the device
+        and reuses the ring's memory): the slots past ``next_avail`` hold no heads, and popping them would
+        make us write used elements into memory the guest now uses for something else. So refuse before
+        reading any slot.
+        """
+        avail_idx = self._avail_idx()
+        pending = (avail_idx - self.next_avail) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(
+                f"available index {avail_idx} is {pending} entries past the {self.next_avail} already "
+                f"taken, more than a queue of {self.size} can hold (the ring is not the driver's)"
+            )
+        return pending
+
     def has_available(self) -> bool:
-        return self._avail_idx() != self.next_avail
+        return self.available() > 0
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None when the driver has made none available."""

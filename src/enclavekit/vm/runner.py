@@ -9,6 +9,12 @@ is only available in debug mode.
 Differences from a real Nitro enclave (QEMU's, not ours): the CPU is emulated (TCG, a boot takes seconds),
 PCRs are not zeroed in debug mode, attestation documents are unsigned (empty signature and certificate:
 `enclavekit verify` refuses them), the EIF signature is not verified (only the certificate is parsed).
+
+An enclave ends when its kernel reboots, as on Nitro. ``-no-reboot`` covers the resets QEMU sees, but not a
+restart through the firmware: with the usual ``reboot=k`` the guest kernel finds no keyboard controller on
+this microvm-based machine and falls back to jumping to the firmware's reset vector, which may boot the EIF
+again without QEMU noticing. The enclave's init heartbeat tells: a second one means a second boot, and the VM
+is ended then (`VmEnclave.restarted` is set).
 """
 
 from __future__ import annotations
@@ -50,6 +56,28 @@ class EnclaveBootError(Error):
     """QEMU refused the EIF or the enclave did not boot (no heartbeat)."""
 
     exit_code = 1
+
+
+class _Boots:
+    """Counts the enclave's boots by its init heartbeats (called in the vhost-user back-end's thread)."""
+
+    def __init__(self) -> None:
+        self.booted = threading.Event()
+        self.restarted = threading.Event()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def heartbeat(self) -> None:
+        if not self.booted.is_set():
+            self.booted.set()
+            return
+        self.restarted.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            log.warning(
+                "the enclave booted a second time (its kernel restarted through the firmware): "
+                "ending the VM, as Nitro ends an enclave whose kernel reboots"
+            )
+            process.terminate()  # no waiting here: QEMU's shutdown needs this thread to answer it
 
 
 class _ConsoleTail(threading.Thread):
@@ -94,6 +122,7 @@ class VmEnclave:
         workdir: Path,
         console_tail: _ConsoleTail | None,
         records: Path | None,
+        restarted: threading.Event | None = None,
     ) -> None:
         self.record = record
         self.process = process
@@ -102,6 +131,8 @@ class VmEnclave:
         self._tail = console_tail
         self._records = records
         self._closed = False
+        #: Set when the enclave booted a second time; the VM was ended then (see the module notes).
+        self.restarted = restarted if restarted is not None else threading.Event()
 
     @property
     def console_log(self) -> Path | None:
@@ -249,13 +280,13 @@ def run_enclave_vm(
     name = enclave_name or eif.stem
     workdir = Path(tempfile.mkdtemp(prefix="ek-vm-"))
     console_log = workdir / "console.log" if debug_mode else None
-    booted = threading.Event()
+    boots = _Boots()
     backend = VhostUserVsockBackend(
         workdir / "vsock.sock",
         guest_cid=cid,
         forward=forward,
         listen=listen,
-        on_heartbeat=booted.set,
+        on_heartbeat=boots.heartbeat,
     ).start()
     argv = qemu_command(
         QemuConfig(
@@ -284,6 +315,7 @@ def run_enclave_vm(
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+    boots.process = process
     sink = _sink(console) if debug_mode else None
     tail = _ConsoleTail(console_log, sink) if console_log and sink else None
     if tail is not None:
@@ -301,12 +333,12 @@ def run_enclave_vm(
         console_log=str(console_log) if console_log else None,
         measurements=measurements,
     )
-    enclave = VmEnclave(record, process, backend, workdir, tail, records)
+    enclave = VmEnclave(record, process, backend, workdir, tail, records, boots.restarted)
     if not wait_for_heartbeat:
         write_record(record, records)
         return enclave
     deadline = time.monotonic() + boot_timeout
-    while not booted.wait(0.1):
+    while not boots.booted.wait(0.1):
         if process.poll() is not None or time.monotonic() > deadline:
             timed_out = process.poll() is None
             status = process.poll()

@@ -15,10 +15,7 @@ import pytest
 from enclavekit.eif.describe import describe_eif
 from enclavekit.vm.runner import run_enclave_vm
 
-# Known intermittent failure (needed a rerun in 2 of 5 full CI runs; passes alone 5/5): the Python vhost-user back-end
-# reads an out-of-range descriptor index from the TX ring ("stopping the rings"), vsock stalls and the guest
-# never powers off. Under investigation; until then up to two reruns keep CI meaningful; a third failure fails.
-pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.flaky(reruns=2)]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 
 @pytest.fixture

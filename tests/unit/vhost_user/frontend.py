@@ -116,6 +116,35 @@ class FakeFrontend:
                 self.request(18, struct.pack("<II", q, 1))
         return {"features": features, "protocol": protocol, "cid": cid}
 
+    def restart_rings(self) -> None:
+        """What QEMU does when a new guest kernel resets and sets up the device again: stop the rings (their
+        bases come back), then start them afresh from index 0. The guest driver's state starts over too."""
+        u64 = struct.Struct("<Q")
+        for q in range(2):
+            self.request(18, struct.pack("<II", q, 0))  # SET_VRING_ENABLE 0
+        for q in range(2):
+            self.request(11, struct.pack("<II", q, 0), expect_reply=True)  # GET_VRING_BASE
+        self.avail_idx = [0, 0, 0]
+        self.free_desc = [list(range(QSIZE)) for _ in range(3)]
+        self.last_used = [0, 0, 0]
+        self.bufs.clear()
+        for q in range(2):
+            base = self.rings[q]
+            self.mem[base : base + 0x1000] = bytes(0x1000)
+            desc, avail, used = base, base + 16 * QSIZE, base + 0x800
+            self.request(8, struct.pack("<II", q, QSIZE))
+            self.request(10, struct.pack("<II", q, 0))
+            self.request(
+                9,
+                struct.pack(
+                    "<IIQQQQ", q, 0, USER_BASE + desc, USER_BASE + used, USER_BASE + avail, 0
+                ),
+            )
+            self.request(12, u64.pack(q), [self.kick[q]])
+            self.request(13, u64.pack(q), [self.call[q]])
+        for q in range(2):
+            self.request(18, struct.pack("<II", q, 1))
+
     # -- guest driver -------------------------------------------------------------------------------------
 
     def _desc_off(self, q: int, i: int) -> int:

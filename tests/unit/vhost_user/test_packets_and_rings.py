@@ -50,14 +50,18 @@ QSIZE = 4
 USER = 0x7000_0000
 
 
-def ring(layout: list[tuple[int, int, int, int]], heads: list[int]) -> SplitVirtqueue:
+def ring(
+    layout: list[tuple[int, int, int, int]], heads: list[int], *, next_avail: int = 0
+) -> SplitVirtqueue:
+    """A queue of QSIZE whose driver made ``heads`` available from ring position ``next_avail`` on."""
     mem = mmap.mmap(-1, 0x4000)
     for i, (addr, length, flags, nxt) in enumerate(layout):
         struct.pack_into("<QIHH", mem, 16 * i, addr, length, flags, nxt)
     avail = 0x100
-    for slot, head in enumerate(heads):
-        struct.pack_into("<H", mem, avail + 4 + 2 * slot, head)
-    struct.pack_into("<H", mem, avail + 2, len(heads))
+    for n, head in enumerate(heads):
+        struct.pack_into("<H", mem, avail + 4 + 2 * ((next_avail + n) % QSIZE), head)
+    struct.pack_into("<H", mem, avail + 2, (next_avail + len(heads)) & 0xFFFF)
+    struct.pack_into("<H", mem, 0x200 + 2, next_avail)  # used idx: all earlier chains returned
     memory = GuestMemory.from_buffers([(MemoryRegion(0, 0x4000, USER, 0), mem)])
     return SplitVirtqueue(
         memory,
@@ -65,7 +69,13 @@ def ring(layout: list[tuple[int, int, int, int]], heads: list[int]) -> SplitVirt
         desc_user_addr=USER,
         avail_user_addr=USER + avail,
         used_user_addr=USER + 0x200,
+        next_avail=next_avail,
     )
+
+
+def guest_bytes(q: SplitVirtqueue) -> bytes:
+    mapping, offset = q.memory.user_to_guest_view(USER, 0x4000)
+    return bytes(mapping[offset : offset + 0x4000])
 
 
 def test_descriptor_loop_is_refused() -> None:
@@ -117,3 +127,46 @@ def test_queue_size_must_be_a_power_of_two(size: int) -> None:
         SplitVirtqueue(
             memory, size=size, desc_user_addr=USER, avail_user_addr=USER, used_user_addr=USER
         )
+
+
+def test_a_full_queue_is_popped_across_the_16_bit_wrap() -> None:
+    """avail->idx is free-running: QSIZE chains from position 65534 end at index 2 (wrapped)."""
+    q = ring([(0x1000 + 0x100 * i, 44, 0, 0) for i in range(QSIZE)], [2, 0, 3, 1], next_avail=65534)
+    heads = []
+    while (chain := q.pop()) is not None:
+        heads.append(chain.head)
+        q.push(chain, 0)
+    assert heads == [2, 0, 3, 1]
+    assert q.next_avail == 2
+
+
+def test_available_index_no_driver_could_have_written_is_refused_before_anything_is_used() -> None:
+    """What the QEMU flake showed: the guest restarted through its firmware without resetting the device,
+    its new kernel reused the old ring's memory, and the back-end (15 chains taken) then read an available
+    index of 0. (0 - 15) mod 2**16 chains cannot be outstanding in a queue of QSIZE: the ring is not the
+    driver's. Without the check the back-end popped the stale slots as heads and wrote used elements (and
+    a new used index) into memory the new kernel owned, and later hit a wild 'next' index."""
+    q = ring([(0x1000, 44, 0, 0), (0x1100, 44, 0, 0)], [0, 1], next_avail=13)
+    for _ in range(2):
+        chain = q.pop()
+        assert chain is not None
+        q.push(chain, 0)
+    mapping, offset = q.memory.user_to_guest_view(USER, 0x4000)
+    mapping[offset : offset + 0x4000] = bytes(0x4000)  # the guest's new kernel zeroed the page
+    before = guest_bytes(q)
+    with pytest.raises(VirtqueueError, match="not the driver's"):
+        q.pop()
+    assert guest_bytes(q) == before  # nothing was written into the guest's memory
+    assert q.next_avail == 15
+
+
+def test_available_index_moving_backwards_is_refused() -> None:
+    q = ring([(0x1000, 44, 0, 0)], [0, 0, 0], next_avail=40)
+    for _ in range(3):
+        chain = q.pop()
+        assert chain is not None
+        q.push(chain, 0)
+    mapping, offset = q.memory.user_to_guest_view(USER + 0x100, 4)
+    struct.pack_into("<H", mapping, offset + 2, 6)  # 43 taken, the index now says 6
+    with pytest.raises(VirtqueueError, match="6 is 65499 entries past the 43"):
+        q.has_available()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +101,36 @@ def test_heartbeat_is_echoed(backend_factory) -> None:
     fe.send(request(CID, 1025, HEARTBEAT_PORT, Op.SHUTDOWN, flags=SHUTDOWN_RCV | SHUTDOWN_SEND))
     (rst,) = fe.received()
     assert rst.op == Op.RST
+
+
+def test_rings_whose_memory_a_restarted_guest_reused_are_stopped_untouched_then_set_up_again(
+    backend_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The QEMU flake, end to end: the guest restarts through its firmware without resetting the device and
+    its new kernel reuses the old rings' memory (here: zeroed, so the TX available index reads 0 after 2
+    chains were taken). The back-end must stop the rings without writing into that memory; when the new
+    kernel sets the device up again the rings work, and its init heartbeat (the runner's sign of a second
+    boot) gets through."""
+    backend, fe = backend_factory()
+    fe.add_rx_buffers(4)
+    fe.send(request(CID, 1025, HEARTBEAT_PORT))
+    fe.send(request(CID, 1025, HEARTBEAT_PORT, Op.RW, bytes([HEARTBEAT_BYTE])))
+    assert [p.op for p in fe.received(count=2)] == [Op.RESPONSE, Op.RW]
+    assert fe.tx_used() == 2
+    for q in range(2):
+        fe.mem[fe.rings[q] : fe.rings[q] + 0x1000] = bytes(0x1000)
+    os.eventfd_write(fe.kick[1], 1)
+    deadline = time.monotonic() + 5
+    while "stopping the rings" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "is 65534 entries past the 2 already taken" in caplog.text
+    assert fe.tx_used() == 0  # no used element was written into the reused memory
+    fe.restart_rings()
+    fe.add_rx_buffers(4)
+    fe.send(request(CID, 1026, HEARTBEAT_PORT))
+    fe.send(request(CID, 1026, HEARTBEAT_PORT, Op.RW, bytes([HEARTBEAT_BYTE])))
+    assert [p.op for p in fe.received(count=2)] == [Op.RESPONSE, Op.RW]
+    assert backend.parent.heartbeats == 2
 
 
 def test_guest_connection_is_forwarded_to_a_local_endpoint(backend_factory, echo_server) -> None:

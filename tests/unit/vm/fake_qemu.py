@@ -2,7 +2,8 @@
 behaves like the enclave's init (heartbeat on port 9000), prints to the serial console (stdout) and waits.
 
 Modes (FAKE_QEMU_MODE): "boot" (default), "refuse" (exit 1 like QEMU refusing an EIF), "silent" (never
-sends the heartbeat), "exit" (boots, then the enclave ends at once).
+sends the heartbeat), "exit" (boots, then the enclave ends at once), "reboot" (boots, then boots again
+without QEMU seeing a reset, as a guest kernel restarting through the firmware does: a second heartbeat).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main() -> int:
     if mode == "exit":
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if mode == "reboot":
+        print("[    5.000000] reboot: Restarting system", flush=True)
+        print("[    0.000000] Linux version 6.12 (fake)", flush=True)
+        fe.send(request(cid, 1026, HEARTBEAT_PORT))
+        fe.send(request(cid, 1026, HEARTBEAT_PORT, Op.RW, bytes([HEARTBEAT_BYTE])))
     while True:
         time.sleep(0.1)
 

@@ -59,6 +59,7 @@ def test_boot_heartbeat_console_record_and_terminate(
     )
     try:
         assert enclave.backend.heartbeat_seen.is_set()
+        assert not enclave.restarted.is_set()
         (record,) = list_records(tmp_path / "records")
         assert record.enclave_id.startswith("i-0123456789abcdef0-enc")
         assert record.describe_json()["Flags"] == "DEBUG_MODE"
@@ -100,6 +101,22 @@ def test_enclave_end_is_seen_by_wait(
     monkeypatch.setenv("FAKE_QEMU_MODE", "exit")
     enclave = run(eif, fake_qemu, tmp_path)
     assert enclave.wait(10) == 0
+    assert list_records(tmp_path / "records") == []
+
+
+def test_a_second_boot_ends_the_vm(
+    eif: Path, fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The QEMU vsock test's hang: the guest kernel restarted through the firmware (QEMU's -no-reboot never
+    saw a reset), booted the EIF again and waited forever. Its second init heartbeat now ends the VM, as
+    Nitro ends an enclave whose kernel reboots."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "reboot")
+    enclave = run(eif, fake_qemu, tmp_path)
+    try:
+        assert enclave.wait(10) == 0  # without the check: TimeoutExpired, the fake waits for ever
+    finally:
+        enclave.terminate()
+    assert enclave.restarted.is_set()
     assert list_records(tmp_path / "records") == []
 
 
