@@ -60,6 +60,8 @@ CHAIN_CACHE_SIZE = 1024
 MAX_CHAIN_DEPTH = 8
 
 _CONSTRUCT = object()  # only this module can build a VerifiedAttestation
+#: The COSE ES384 signature algorithm (immutable; built once, its constructor imports on every call).
+_ES384 = ec.ECDSA(hashes.SHA384())
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +280,7 @@ class Verifier:
         r = int.from_bytes(doc.signature[:48], "big")
         s = int.from_bytes(doc.signature[48:], "big")
         try:
-            leaf_key.verify(
-                encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384())
-            )
+            leaf_key.verify(encode_dss_signature(r, s), doc.sig_structure(), _ES384)
         except InvalidSignature:
             raise VerificationError(
                 "the COSE signature does not verify with the leaf certificate's key: the payload or "
