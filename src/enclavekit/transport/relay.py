@@ -91,6 +91,15 @@ class _Direction:
         self.start = self.end = 0
         self.eof = self.shut = True
 
+    def _pass_eof(self) -> bool:
+        """Everything read was written and the source ended: shut the destination's write side, once.
+        Returns True (nothing more to do until the other direction or a close)."""
+        if not self.shut:
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            self.shut = True
+        return True
+
     def pump(self) -> bool:
         """Move data until an operation would block (return True) or the burst ends (False)."""
         for _ in range(_BURST):
@@ -114,13 +123,8 @@ class _Direction:
                 else:
                     self.end = received
                     self.since = _now()
-            elif not self.shut:
-                with contextlib.suppress(OSError):
-                    self.dst.shutdown(socket.SHUT_WR)
-                self.shut = True
-                return True
             else:
-                return True
+                return self._pass_eof()
         return False
 
 
@@ -203,13 +207,8 @@ class _SpliceDirection(_Direction):
                 else:
                     self.in_pipe = received
                     self.since = _now()
-            elif not self.shut:
-                with contextlib.suppress(OSError):
-                    self.dst.shutdown(socket.SHUT_WR)
-                self.shut = True
-                return True
             else:
-                return True
+                return self._pass_eof()
         return False
 
 
