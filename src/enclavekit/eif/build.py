@@ -314,13 +314,11 @@ def _check_uncompressed(layer: LayerBlob, location: ContentRef, stop: threading.
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
 
 
-def layer_entries(
-    layer: LayerBlob, spool: Spool, checks: DigestChecks | None = None
-) -> Iterator[TarEntry]:
+def layer_entries(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Iterator[TarEntry]:
     """The entries of one layer; its digest and diff_id are checked.
 
-    Uncompressed layers: with ``checks``, hashed on a worker thread while only their headers are parsed
-    here (the caller must call ``checks.wait()`` before trusting the result); without, hashed first.
+    Uncompressed layers are hashed on a worker thread of ``checks`` while only their headers are parsed
+    here (the caller must call ``checks.wait()`` before trusting the result).
     Gzip layers are hashed while they are decompressed and parsed, and their contents copied to
     ``spool``.
     """
@@ -334,10 +332,6 @@ def layer_entries(
             "layers (e.g. skopeo copy --dest-compress-format gzip)"
         )
     if not magic.startswith(_GZIP_MAGIC):
-        if checks is None:
-            _check_uncompressed(layer, location, threading.Event())
-            yield from read_layer_file(location, label=layer.label, spool=spool)
-            return
         checks.submit(layer, location)
         try:
             yield from read_layer_file(location, label=layer.label, spool=spool)
@@ -421,11 +415,11 @@ class BuildResult:
 def index_image(
     source: Image | RootfsDir,
     spool: Spool,
+    checks: DigestChecks,
     progress: Progress | None = None,
-    checks: DigestChecks | None = None,
 ) -> MergedTree:
-    """Every layer applied in order (plus Docker's init layer for images). With ``checks``, digests of
-    uncompressed layers are checked there (call ``checks.wait()``) rather than before each is parsed."""
+    """Every layer applied in order (plus Docker's init layer for images). Digests of uncompressed layers
+    are checked on ``checks`` while this goes on: call ``checks.wait()`` before trusting the tree."""
     tree = MergedTree()
     if isinstance(source, RootfsDir):
         tree.begin_layer(f"{source.path}")
@@ -522,34 +516,34 @@ def build_enclave(
         raise UsageError(f"the output directory {output.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         spool = Spool(str(Path(scratch) / "spool"))
-        checks = DigestChecks()
         try:
-            # 2-3. Index the layers (uncompressed layers' digests are checked meanwhile, on worker threads).
-            tree = index_image(source, spool, progress, checks)
-            spool.flush()
-            # 4. Write the EIF, streaming the customer ramdisk.
-            if progress is not None:
-                progress("Writing the Enclave Image File...")
-            with ContentReader() as reader:
-                chunks = _then(
-                    customer_ramdisk_chunks(
-                        tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
-                    ),
-                    checks.wait,  # before the EIF is committed: a bad layer leaves no output
-                )
-                result = write_eif_file(
-                    output,
-                    kernel=blobs.kernel,
-                    cmdline=blobs.cmdline,
-                    ramdisks=[bootstrap, chunks],
-                    metadata=metadata,
-                    signer=signer,
-                    arch="aarch64" if arch == "aarch64" else "x86_64",
-                    hash_algorithm=hash_algorithm,
-                    progress=written,
-                )
+            with DigestChecks() as checks:
+                # 2-3. Index the layers (uncompressed layers' digests are checked meanwhile, on worker
+                #      threads).
+                tree = index_image(source, spool, checks, progress)
+                spool.flush()
+                # 4. Write the EIF, streaming the customer ramdisk.
+                if progress is not None:
+                    progress("Writing the Enclave Image File...")
+                with ContentReader() as reader:
+                    chunks = _then(
+                        customer_ramdisk_chunks(
+                            tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
+                        ),
+                        checks.wait,  # before the EIF is committed: a bad layer leaves no output
+                    )
+                    result = write_eif_file(
+                        output,
+                        kernel=blobs.kernel,
+                        cmdline=blobs.cmdline,
+                        ramdisks=[bootstrap, chunks],
+                        metadata=metadata,
+                        signer=signer,
+                        arch="aarch64" if arch == "aarch64" else "x86_64",
+                        hash_algorithm=hash_algorithm,
+                        progress=written,
+                    )
         finally:
-            checks.close()
             spool.close()
     return BuildResult(output, result.measurements, result.size, metadata)
 
