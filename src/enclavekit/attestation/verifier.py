@@ -162,10 +162,11 @@ class Verifier:
             if not isinstance(root, x509.Certificate):
                 raise TypeError(f"trust roots must be x509.Certificate, got {type(root).__name__}")
         self._roots = roots
-        self._root_der = {r.public_bytes(Encoding.DER) for r in roots}
+        root_ders = [r.public_bytes(Encoding.DER) for r in roots]
+        self._root_der = set(root_ders)
         self._store = pkix.Store(list(roots))
         self._roots_constrain = any(
-            _has_constraints(r, r.public_bytes(Encoding.DER)) for r in roots
+            _has_constraints(r, der) for r, der in zip(roots, root_ders, strict=True)
         )
         # Full paths keyed by (leaf, cabundle); CA paths keyed by the cabundle alone.
         self._paths = _WindowCache(CHAIN_CACHE_SIZE)
