@@ -20,11 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509 import verification as pkix
 
 from enclavekit.attestation import AttestationDocument, Verifier
 from enclavekit.attestation.policy import AllOf, PcrsEqual
-from enclavekit.pki.roots import aws_root
 
 DOC = Path(__file__).resolve().parents[1] / "tests/assets/attestation/real/marlin-2024-08-prod.cbor"
 
@@ -63,24 +61,15 @@ def main() -> int:
         cold.verify(raw, policy, at=at)
 
     # The floor of a cold verification: only the cryptography it cannot skip, with nothing around it —
-    # pyca's RFC 5280 validation of freshly parsed certificates (four links, each with a key loaded for
-    # the first time) and the COSE verification with the leaf's freshly loaded key.
-    store = pkix.Store([aws_root()])
+    # pyca's RFC 5280 validation (the verifier's own, same policy) of freshly parsed certificates (four
+    # links, each with a key loaded for the first time) and the COSE verification with the leaf's freshly
+    # loaded key.
+    path_validator = Verifier.aws()
 
     def cold_floor_once() -> None:
         leaf = x509.load_der_x509_certificate(doc.certificate)
         bundle = [x509.load_der_x509_certificate(d) for d in doc.cabundle[1:]]
-        (
-            pkix.PolicyBuilder()
-            .store(store)
-            .time(at.replace(tzinfo=None))
-            .extension_policies(
-                ca_policy=pkix.ExtensionPolicy.webpki_defaults_ca(),
-                ee_policy=pkix.ExtensionPolicy.permit_all(),
-            )
-            .build_client_verifier()
-            .verify(leaf, bundle)
-        )
+        path_validator._validate_path(leaf, bundle, at)
         leaf_key = leaf.public_key()
         assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
         leaf_key.verify(der_sig, tbs, ec.ECDSA(hashes.SHA384()))
