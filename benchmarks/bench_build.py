@@ -21,13 +21,17 @@ import hashlib
 import io
 import json
 import os
+import queue
 import resource
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,32 +190,33 @@ def _baseline(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def _hash_floor(files: list[Path]) -> float:
-    """Seconds for the hashing every build must do over the image bytes, spread over all CPUs with no
-    I/O at all: SHA-256 (layer digests), SHA-384 twice (PCR0 and PCR2 both cover the customer ramdisk,
-    from different starting states) and CRC-32 (the EIF header). No builder on this machine can beat it;
-    its ratio to the baseline is the best ratio reachable here."""
-    import threading
-    import zlib
+def _required_feeds() -> list[Callable[[bytes], object]]:
+    """One feed per hash every build must compute over the image bytes: SHA-384 for PCR0, SHA-384 for
+    PCR2 (both cover the customer ramdisk, from different starting states), SHA-256 for the layer digests
+    and CRC-32 for the EIF header. Each feed is sequential: give it its own thread."""
+    crc = [0]
 
+    def crc_update(chunk: bytes) -> None:
+        crc[0] = zlib.crc32(chunk, crc[0])
+
+    return [hashlib.sha384().update, hashlib.sha384().update, hashlib.sha256().update, crc_update]
+
+
+def _hash_floor(files: list[Path]) -> float:
+    """Seconds for the hashing every build must do over the image bytes (:func:`_required_feeds`), spread
+    over all CPUs with no I/O at all. No builder on this machine can beat it; its ratio to the baseline is
+    the best ratio reachable here."""
     chunks: list[bytes] = []
     for path in files:  # read outside the timed part (the floor counts hashing only)
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
                 chunks.append(chunk)
 
-    def digest(name: str) -> None:
-        hasher = hashlib.new(name)
+    def feed_all(feed: Callable[[bytes], object]) -> None:
         for chunk in chunks:
-            hasher.update(chunk)
+            feed(chunk)
 
-    def crc() -> None:
-        value = 0
-        for chunk in chunks:
-            value = zlib.crc32(chunk, value)
-
-    jobs = [lambda: digest("sha384"), lambda: digest("sha384"), lambda: digest("sha256"), crc]
-    threads = [threading.Thread(target=job) for job in jobs]
+    threads = [threading.Thread(target=feed_all, args=(feed,)) for feed in _required_feeds()]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -224,20 +229,10 @@ def _copy_reference(files: list[Path], output: Path) -> float:
     """Seconds to read the image bytes once, write them to ``output`` and feed the required hashes, each on
     its own thread through a queue (the main thread reads and writes): a plain pipeline without any parsing,
     ramdisk or EIF logic. A reference, not a floor: a better-balanced pipeline can beat it."""
-    import queue
-    import threading
-    import zlib
-
-    hashers = [hashlib.sha384(), hashlib.sha384(), hashlib.sha256()]
-    crc = [0]
-
-    def crc_update(chunk: bytes) -> None:
-        crc[0] = zlib.crc32(chunk, crc[0])
-
-    feeds = [h.update for h in hashers] + [crc_update]
+    feeds = _required_feeds()
     queues: list[queue.Queue[bytes | None]] = [queue.Queue(4) for _ in feeds]
 
-    def drain(q: queue.Queue[bytes | None], feed: Any) -> None:
+    def drain(q: queue.Queue[bytes | None], feed: Callable[[bytes], object]) -> None:
         while (chunk := q.get()) is not None:
             feed(chunk)
 
