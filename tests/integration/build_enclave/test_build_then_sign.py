@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavekit.cli import cli
-from tests.unit.build_enclave.factory import F, base_layer, docker_archive, kernel_bytes, layer
-
-
-def _signing_files(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "integration signer")])
-    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(3)
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA384())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+from tests.unit.build_enclave.factory import (
+    F,
+    base_layer,
+    docker_archive,
+    kernel_bytes,
+    layer,
+    write_signing_files,
+)
 
 
 def test_build_then_sign_eif_equals_signed_build(tmp_path: Path, assets: Path) -> None:
@@ -51,7 +27,7 @@ def test_build_then_sign_eif_equals_signed_build(tmp_path: Path, assets: Path) -
         shutil.copy(assets / "build" / name, blobs / name)
     (blobs / "bzImage").write_bytes(kernel_bytes())
     image = docker_archive(tmp_path / "img.tar", [base_layer(), layer(F("app", b"payload"))])
-    cert, key = _signing_files(tmp_path)
+    cert, key = write_signing_files(tmp_path)
     runner = CliRunner()
     base = ["build-enclave", "--image", str(image), "--blobs", str(blobs)]
 

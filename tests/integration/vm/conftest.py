@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavekit.vm.qemu import find_cache_dir, supports_nitro_enclave
 from enclavekit.vm.state import list_records
+from tests.unit.build_enclave.factory import write_signing_files
 
 from .guest import HOST_PYTHON, build_test_eif
 
@@ -76,29 +73,9 @@ def vm_qemu(vm_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def signing_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("signing")
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclavekit vm test signer")])
+    # Valid now: run-enclave checks the signing certificate's validity at launch.
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA384())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return write_signing_files(folder, not_before=now - datetime.timedelta(days=1), days=31)
 
 
 @pytest.fixture(scope="session")

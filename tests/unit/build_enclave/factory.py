@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import hashlib
 import io
@@ -10,6 +11,11 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 MTIME = 1_700_000_000
 
@@ -246,3 +252,38 @@ def read_cpio(archive: bytes) -> list[CpioMember]:
 def kernel_bytes() -> bytes:
     """A synthetic kernel: deterministic, not bootable."""
     return hashlib.sha512(b"synthetic kernel").digest() * 128
+
+
+def write_signing_files(
+    directory: Path,
+    *,
+    curve: ec.EllipticCurve | None = None,
+    not_before: datetime.datetime = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+    days: int = 3650,
+) -> tuple[Path, Path]:
+    """A self-signed EIF signing certificate and its key as ``cert.pem`` / ``key.pem`` in ``directory``
+    (P-384 with SHA-384 by default; a P-256 ``curve`` is signed with SHA-256, as nitro-cli users do)."""
+    curve = curve or ec.SECP384R1()
+    key = ec.generate_private_key(curve)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclavekit test signer")])
+    digest = hashes.SHA256() if isinstance(curve, ec.SECP256R1) else hashes.SHA384()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .sign(key, digest)
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

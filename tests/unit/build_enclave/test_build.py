@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import hashlib
 import json
@@ -12,10 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclavekit.eif.build import BuildResult, build_enclave, build_time, kernel_config_info
 from enclavekit.eif.format import SectionType
@@ -34,6 +29,7 @@ from tests.unit.build_enclave.factory import (
     layer,
     oci_layout,
     read_cpio,
+    write_signing_files,
 )
 
 
@@ -363,28 +359,7 @@ def test_rootfs_directory_build(tmp_path: Path, blobs_dir: Path) -> None:
 
 
 def test_signed_build_adds_pcr8(tmp_path: Path, blobs_dir: Path) -> None:
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test signer")])
-    now = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA384())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    signer = EifSigner.from_files(tmp_path / "cert.pem", tmp_path / "key.pem")
+    signer = EifSigner.from_files(*write_signing_files(tmp_path))
     result = _build(
         docker_archive(tmp_path / "img.tar", _layers()),
         tmp_path / "s.eif",

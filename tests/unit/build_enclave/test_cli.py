@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclavekit.cli import cli
-from tests.unit.build_enclave.factory import F, base_layer, docker_archive, layer
+from tests.unit.build_enclave.factory import (
+    F,
+    base_layer,
+    docker_archive,
+    layer,
+    write_signing_files,
+)
 
 
 @pytest.fixture
@@ -147,34 +154,7 @@ def test_docker_uri_without_docker_says_what_to_do(
 def test_custom_metadata_and_signing_options(
     tmp_path: Path, blobs_dir: Path, runner: CliRunner
 ) -> None:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cli signer")])
-    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(7)
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path, key_path = write_signing_files(tmp_path, curve=ec.SECP256R1())
     (tmp_path / "meta.json").write_text('{"team": "enclaves", "build": 7}')
     image = docker_archive(tmp_path / "img.tar", [base_layer()])
     out = tmp_path / "s.eif"
@@ -189,9 +169,9 @@ def test_custom_metadata_and_signing_options(
             "--blobs",
             str(blobs_dir),
             "--signing-certificate",
-            str(tmp_path / "c.pem"),
+            str(cert_path),
             "--private-key",
-            str(tmp_path / "k.pem"),
+            str(key_path),
             "--metadata",
             str(tmp_path / "meta.json"),
         ],
