@@ -80,8 +80,8 @@ def _chunks(data: SectionData) -> Iterator[bytes | bytearray | memoryview]:
             yield chunk
 
 
-#: Chunks handed to the PCR2/CRC worker and not yet collected (bounds the memory held: 1 MiB each).
-_IN_FLIGHT = 4
+#: Chunks handed to the workers and not yet collected (bounds the memory held: 1 MiB each).
+_IN_FLIGHT = 8
 
 
 def _pcr2_and_crc(pcr2: PcrHasher, chunk: bytes | bytearray | memoryview) -> int:
@@ -112,6 +112,7 @@ class EifWriter:
         self._stream = stream
         self._parallel = parallel
         self._pool: ThreadPoolExecutor | None = None
+        self._writes: ThreadPoolExecutor | None = None
         self._default_mem = default_mem
         self._default_cpus = default_cpus
         self._version = version
@@ -138,27 +139,29 @@ class EifWriter:
         crc = 0
         size = 0
         pcr2 = self.measurer.pcr2_hasher() if self.measurer.feeds_pcr2() else None
-        # PCR2 and the CRC of big chunks run on a worker thread while this thread writes and hashes PCR0;
-        # up to _IN_FLIGHT chunks are pipelined (the worker takes them in order, so PCR2 stays sequential).
-        pending: deque[tuple[Future[int], int]] = deque()
+        # Big chunks of a PCR2 section are pipelined over three threads: this one produces them and hashes
+        # PCR0, one worker hashes PCR2 and takes the CRC, another writes them out (each worker takes its
+        # chunks in order, so PCR2, the CRC and the file stay sequential). Up to _IN_FLIGHT chunks are in
+        # the pipe; the writer thread has no other work, so the slower of the two hashing threads sets
+        # the pace on a machine with two CPUs.
+        pending: deque[tuple[Future[int], Future[int], int]] = deque()
         for chunk in _chunks(data):
             if pcr2 is not None and self._parallel and len(chunk) >= _PARALLEL_MIN:
                 if not isinstance(chunk, bytes):
                     chunk = bytes(
                         chunk
-                    )  # the producer may reuse its buffer; the worker reads later
-                pending.append((self._worker_pool().submit(_pcr2_and_crc, pcr2, chunk), len(chunk)))
-                self._stream.write(chunk)
+                    )  # the producer may reuse its buffer; the workers read later
+                hashed = self._worker_pool().submit(_pcr2_and_crc, pcr2, chunk)
+                written = self._writer_pool().submit(self._stream.write, chunk)
+                pending.append((hashed, written, len(chunk)))
                 self.measurer.update_pcr0_only(chunk)
                 while len(pending) > _IN_FLIGHT:
-                    future, length = pending.popleft()
-                    crc = crc32_combine(crc, future.result(), length)
+                    crc = self._collect(pending, crc)
             else:
                 while (
                     pending
-                ):  # this thread is about to feed PCR2 itself: let the worker finish first
-                    future, length = pending.popleft()
-                    crc = crc32_combine(crc, future.result(), length)
+                ):  # this thread is about to feed PCR2 and write: let the workers finish
+                    crc = self._collect(pending, crc)
                 self._stream.write(chunk)
                 self.measurer.update(chunk)
                 crc = zlib.crc32(chunk, crc)
@@ -167,8 +170,7 @@ class EifWriter:
             if self._progress is not None:
                 self._progress(self._written)
         while pending:
-            future, length = pending.popleft()
-            crc = crc32_combine(crc, future.result(), length)
+            crc = self._collect(pending, crc)
         header = SectionHeader(section_type, flags, size).pack()
         end = self._stream.tell()
         self._stream.seek(self._start + header_pos)
@@ -182,16 +184,29 @@ class EifWriter:
         self._pos = header_pos + SECTION_HEADER_SIZE + size
         return size
 
+    @staticmethod
+    def _collect(pending: deque[tuple[Future[int], Future[int], int]], crc: int) -> int:
+        """Wait for the oldest pipelined chunk (raising what either worker raised); the running CRC."""
+        hashed, written, length = pending.popleft()
+        written.result()
+        return crc32_combine(crc, hashed.result(), length)
+
     def _worker_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-write-pcr2")
         return self._pool
 
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writes is None:
+            self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-write-out")
+        return self._writes
+
     def close(self) -> None:
-        """Stop the hashing thread (idempotent; :meth:`finish` calls it)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the worker threads (idempotent; :meth:`finish` calls it)."""
+        for pool in (self._pool, self._writes):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._writes = None
 
     def finish(self) -> EifHeader:
         """Write the final header (offset table, sizes, CRC) and return it."""

@@ -127,6 +127,42 @@ def test_sequential_writer_writes_the_same_bytes() -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_pipelined_and_inline_chunks_keep_their_order() -> None:
+    """Big chunks go through the hashing and writing threads, small ones are written inline: the file and
+    PCR2 must still see them in order."""
+    sizes = [1 << 20, 10, 200_000, 3, 3, (1 << 20) + 1, 70_000, 1]
+    parts = [section_bytes(f"p{i}", n) for i, n in enumerate(sizes)]
+    outputs = []
+    for parallel in (True, False):
+        stream = io.BytesIO()
+        writer = EifWriter(stream, parallel=parallel)
+        writer.add_section(SectionType.KERNEL, b"k")
+        writer.add_section(SectionType.CMDLINE, b"c")
+        writer.add_section(SectionType.RAMDISK, b"r0")
+        writer.add_section(SectionType.RAMDISK, iter(parts))
+        writer.finish()
+        outputs.append((stream.getvalue(), writer.measurer.result()))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1].pcr2 == independent_pcr(b"".join(parts))
+
+
+def test_disk_full_on_the_writing_thread_is_raised_and_stops_the_workers() -> None:
+    class FillsUp(io.BytesIO):
+        def write(self, data: object) -> int:
+            if self.tell() > (2 << 20):
+                raise OSError(28, "No space left on device")
+            return super().write(data)  # type: ignore[arg-type]
+
+    writer = EifWriter(FillsUp())
+    writer.add_section(SectionType.KERNEL, b"k")
+    writer.add_section(SectionType.CMDLINE, b"c")
+    writer.add_section(SectionType.RAMDISK, b"r0")
+    with pytest.raises(OSError, match="No space left"):
+        writer.add_section(SectionType.RAMDISK, section_bytes("r1", 8 << 20))
+    writer.close()
+    writer.close()  # idempotent
+
+
 def test_sections_from_paths_streams_and_chunk_iterables(tmp_path: Path) -> None:
     kernel_path = tmp_path / "bzImage"
     kernel_path.write_bytes(section_bytes("k", 10_000))
