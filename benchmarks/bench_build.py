@@ -8,9 +8,11 @@ Prints the image size, the baseline rate (read the image files + SHA-384, 1 MiB 
 for 1 GiB). The build runs in a child process so its RSS is measured alone.
 
 Also prints the *hashing floor*: the time of the hashing any build must do (SHA-256 of the layers,
-SHA-384 for PCR0 and again for PCR2, CRC-32) on all CPUs without any I/O, as a ratio to the baseline.
-That is the best ratio any builder can reach on this machine. And a *copy reference*: a plain pipeline
-that reads the bytes once, writes them out and feeds those hashes on threads, with no parsing or EIF logic.
+SHA-384 for PCR0 and again for PCR2, CRC-32) on all CPUs without any I/O, as a ratio to the baseline;
+the *ceiling*: the same work plus reading the bytes once and writing them to a new file, each timed
+alone and spread perfectly over the CPUs (the best ratio any builder that writes its output can reach
+here); and a *copy reference*: a plain pipeline that reads the bytes once, writes them out and feeds
+those hashes on threads, with no parsing or EIF logic.
 """
 
 from __future__ import annotations
@@ -225,6 +227,44 @@ def _hash_floor(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def _work_alone(files: list[Path], output: Path, size: int) -> dict[str, float]:
+    """Seconds of each piece of work a build must do, each timed alone on one thread: reading the image
+    bytes once, every required hash feed over them (fed from the buffer just read, as a pipeline does),
+    and writing ``size`` bytes to a new file that then replaces ``output`` (as the build writes the EIF)."""
+    names = ("SHA-384", "SHA-384 ", "SHA-256", "CRC-32")
+    feeds = _required_feeds()
+    times = dict.fromkeys(("read", *names), 0.0)
+    buffer = bytearray(1 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while True:
+                start = time.perf_counter()
+                n = handle.readinto(buffer)
+                times["read"] += time.perf_counter() - start
+                if not n:
+                    break
+                view = memoryview(buffer)[:n]
+                for name, feed in zip(names, feeds, strict=True):
+                    start = time.perf_counter()
+                    feed(view)  # type: ignore[arg-type]
+                    times[name] += time.perf_counter() - start
+    temp = output.with_name(output.name + ".tmp")
+    start = time.perf_counter()
+    with open(temp, "wb", buffering=0) as out:
+        left = size
+        while left > 0:
+            left -= out.write(memoryview(buffer)[: min(left, len(buffer))])
+    os.replace(temp, output)
+    times["write"] = time.perf_counter() - start
+    return times
+
+
+def _ceiling(work: dict[str, float]) -> float:
+    """Seconds of a perfect build: all of ``work`` spread over every CPU, but no single sequential hash
+    stream split (each runs on one CPU)."""
+    return max(sum(work.values()) / (os.cpu_count() or 1), max(work.values()))
+
+
 def _copy_reference(files: list[Path], output: Path) -> float:
     """Seconds to read the image bytes once, write them to ``output`` and feed the required hashes, each on
     its own thread through a queue (the main thread reads and writes): a plain pipeline without any parsing,
@@ -327,11 +367,15 @@ def main() -> None:
         _baseline(files)  # warm the page cache for both measurements
         # Interleave baseline and build runs and keep the best of each: the machine is shared.
         base_seconds, floor_seconds, copy_seconds = float("inf"), float("inf"), float("inf")
+        pieces: dict[str, float] = {}
         children = []
         for _ in range(args.repeat):
             total, seconds = _baseline(files)
             base_seconds = min(base_seconds, seconds)
             floor_seconds = min(floor_seconds, _hash_floor(files))
+            alone = _work_alone(files, work / "alone.bin", total)
+            pieces = {k: min(v, pieces.get(k, v)) for k, v in alone.items()}
+            (work / "alone.bin").unlink()
             copy_seconds = min(copy_seconds, _copy_reference(files, work / "copy.bin"))
             done = subprocess.run(
                 [
@@ -366,6 +410,14 @@ def main() -> None:
     print(
         f"build / floor:             {floor_seconds / child['seconds']:8.2f}  of what these CPUs allow"
     )
+    per_mb = ", ".join(f"{k.strip()} {v / total * 1e9:.2f}" for k, v in pieces.items())
+    print(f"work alone, ns per byte:   {per_mb}")
+    ceiling = _ceiling(pieces)
+    print(
+        f"ceiling:                   {base_seconds / ceiling:8.2f}  best ratio of a build that writes its output: "
+        f"that work spread perfectly over {os.cpu_count()} CPU(s)"
+    )
+    print(f"build / ceiling:           {ceiling / child['seconds']:8.2f}")
     print(
         f"copy reference:            {base_seconds / copy_seconds:8.2f}  plain read + write + those hashes on "
         f"threads, no parsing (the build runs at {copy_seconds / child['seconds']:.2f} of its speed)"
