@@ -309,19 +309,48 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _sample_thread_cpu(stop: threading.Event, seen: dict[int, float]) -> None:
+    """Until ``stop``: every 20 ms, the CPU seconds each thread of this process has used so far (from
+    /proc, so threads that end are still counted with their last sample). Linux only; else nothing."""
+    me = threading.get_native_id()
+    tick = os.sysconf("SC_CLK_TCK")
+    while True:
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                if int(tid) == me:
+                    continue
+                with open(f"/proc/self/task/{tid}/stat", "rb") as stat:
+                    fields = stat.read().rpartition(b")")[2].split()
+                seen[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+        if stop.wait(0.02):
+            return
+
+
 def _child(image: str, output: str, blobs: str) -> None:
     from enclavekit.eif.build import build_enclave
     from enclavekit.eif.image import open_source
 
     marks: dict[str, float] = {}
+    threads: dict[int, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_thread_cpu, args=(stop, threads), daemon=True)
 
     def progress(message: str) -> None:
         if message.startswith("Writing"):
             marks["write"] = time.perf_counter()
 
+    before = time.thread_time()  # this thread's CPU before the build (start-up, imports)
+    sampler.start()
     start = time.perf_counter()
     result = build_enclave(open_source(image), output, blobs_dir=Path(blobs), progress=progress)
     end = time.perf_counter()
+    stop.set()
+    sampler.join()
+    main_thread = threading.get_native_id()
+    if main_thread in threads:
+        threads[main_thread] -= before
     rss = _peak_rss()
     print(
         json.dumps(
@@ -331,6 +360,7 @@ def _child(image: str, output: str, blobs: str) -> None:
                 "write": end - marks["write"],
                 "rss": rss,
                 "size": result.size,
+                "threads": sorted(threads.values(), reverse=True),
             }
         )
     )
@@ -418,6 +448,12 @@ def main() -> None:
         f"that work spread perfectly over {os.cpu_count()} CPU(s)"
     )
     print(f"build / ceiling:           {ceiling / child['seconds']:8.2f}")
+    busy = [t for t in child["threads"] if t >= 0.01]
+    if busy:
+        print(
+            f"build threads, CPU s:      {', '.join(f'{t:.2f}' for t in busy)} (of {child['seconds']:.2f} s "
+            f"wall); with a CPU for each, the busiest would set a ratio of ~{base_seconds / busy[0]:.2f}"
+        )
     print(
         f"copy reference:            {base_seconds / copy_seconds:8.2f}  plain read + write + those hashes on "
         f"threads, no parsing (the build runs at {copy_seconds / child['seconds']:.2f} of its speed)"
