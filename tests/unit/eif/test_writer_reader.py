@@ -248,6 +248,20 @@ def test_failed_write_leaves_no_partial_output(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.eif"]
 
 
+def test_source_failing_mid_pipeline_leaves_no_partial_output(tmp_path: Path) -> None:
+    """Same, with chunks big enough to be in the worker threads' pipe when the source fails."""
+    target = tmp_path / "out.eif"
+
+    def failing() -> Iterator[bytes]:
+        for i in range(5):
+            yield section_bytes(f"c{i}", 1 << 20)
+        raise OSError("layer vanished")
+
+    with pytest.raises(OSError, match="layer vanished"):
+        write_eif(target, kernel=b"k", cmdline="c", ramdisks=[b"b", failing()], metadata=b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_low_level_writer_header_and_crc_on_any_stream() -> None:
     stream = io.BytesIO()
     stream.write(b"prefix")
