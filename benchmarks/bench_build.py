@@ -214,9 +214,8 @@ def _hash_floor(files: list[Path], total: int) -> float:
     over all CPUs with no I/O at all, each feed cycling through a small ring of the image's first chunks.
     No builder on this machine can beat it; its ratio to the baseline is the best ratio reachable here."""
     ring: list[bytes] = []
-    with open(
-        files[0], "rb"
-    ) as handle:  # read outside the timed part (the floor counts hashing only)
+    # Read outside the timed part (the floor counts hashing only).
+    with open(files[0], "rb") as handle:
         while len(ring) < _FLOOR_RING and (chunk := handle.read(1 << 20)):
             ring.append(chunk)
     sizes = [len(c) for c in ring]

@@ -7,6 +7,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -113,7 +114,9 @@ def test_write_returns_the_measurements_the_reader_finds(tmp_path: Path) -> None
     assert written.pcr2 == independent_pcr(ramdisk)  # hashed on the writer's second thread
 
 
-def test_sequential_writer_writes_the_same_bytes() -> None:
+def _written_both_ways(last_ramdisk: Callable[[], Any]) -> list[tuple[bytes, Any]]:
+    """The bytes and measurements of the same small EIF written by the parallel and the sequential writer;
+    ``last_ramdisk()`` gives the data of its second ramdisk (called once per writer)."""
     outputs = []
     for parallel in (True, False):
         stream = io.BytesIO()
@@ -121,9 +124,14 @@ def test_sequential_writer_writes_the_same_bytes() -> None:
         writer.add_section(SectionType.KERNEL, b"k")
         writer.add_section(SectionType.CMDLINE, b"c")
         writer.add_section(SectionType.RAMDISK, b"r0")
-        writer.add_section(SectionType.RAMDISK, section_bytes("r1", (3 << 20) + 5))
+        writer.add_section(SectionType.RAMDISK, last_ramdisk())
         writer.finish()
         outputs.append((stream.getvalue(), writer.measurer.result()))
+    return outputs
+
+
+def test_sequential_writer_writes_the_same_bytes() -> None:
+    outputs = _written_both_ways(lambda: section_bytes("r1", (3 << 20) + 5))
     assert outputs[0] == outputs[1]
 
 
@@ -132,16 +140,7 @@ def test_pipelined_and_inline_chunks_keep_their_order() -> None:
     PCR2 must still see them in order."""
     sizes = [1 << 20, 10, 200_000, 3, 3, (1 << 20) + 1, 70_000, 1]
     parts = [section_bytes(f"p{i}", n) for i, n in enumerate(sizes)]
-    outputs = []
-    for parallel in (True, False):
-        stream = io.BytesIO()
-        writer = EifWriter(stream, parallel=parallel)
-        writer.add_section(SectionType.KERNEL, b"k")
-        writer.add_section(SectionType.CMDLINE, b"c")
-        writer.add_section(SectionType.RAMDISK, b"r0")
-        writer.add_section(SectionType.RAMDISK, iter(parts))
-        writer.finish()
-        outputs.append((stream.getvalue(), writer.measurer.result()))
+    outputs = _written_both_ways(lambda: iter(parts))
     assert outputs[0] == outputs[1]
     assert outputs[0][1].pcr2 == independent_pcr(b"".join(parts))
 
