@@ -127,39 +127,55 @@ def test_warm_verifier_refusal_says_what_a_fresh_verifier_says(pki: TestPki) -> 
     assert "does not validate" in messages[0]
 
 
-def test_attack_warm_verifier_accepts_document_whose_leaf_spills_into_the_cabundle(
+def test_attack_warm_verifier_accepts_document_whose_cabundle_spills_into_the_leaf(
     pki: TestPki,
 ) -> None:
-    """The cache key must encode (leaf, cabundle) injectively.
+    """The cache key must encode (cabundle, leaf) injectively.
 
-    Document A has the ordinary chain plus a fifth, self-signed P-384 certificate ``c`` at the end of its
-    cabundle (valid: it is only unused path material). Document B has the ordinary cabundle and, as its
-    "certificate", the bytes ``len(c) ‖ c ‖ leaf`` — not a certificate at all. Keyed by the concatenation of
-    length-prefixed bundle entries followed by the bare leaf, both documents had the same cache key, and B
-    was accepted with A's leaf.
+    Document A is ordinary: cabundle ``[root, regional, zonal, instance]`` and a (small) leaf. Document B has
+    the cabundle ``[root, regional, zonal]`` and, as its "certificate", the bytes ``len(instance) ‖ instance ‖
+    leaf`` — not a certificate at all. Keyed by the concatenation of length-prefixed cabundle entries followed
+    by the bare leaf, both documents had the same cache key, and B was accepted with A's chain.
     """
-    junk_key = ec.derive_private_key(14, ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "j")])
-    junk = (
+    instance, instance_key = pki.cas[-1]
+    small_leaf = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(junk_key.public_key())
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "l")]))
+        .issuer_name(instance.subject)
+        .public_key(pki.leaf_key.public_key())
         .serial_number(1)
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=1))
-        .sign(junk_key, hashes.SHA384())
+        .not_valid_before(pki.leaf_not_before)
+        .not_valid_after(pki.leaf_not_before + LEAF_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=False,
+        )
+        .sign(instance_key, hashes.SHA384())
         .public_bytes(Encoding.DER)
     )
-    leaf = pki.leaf.public_bytes(Encoding.DER)
-    doc_a = make_document(pki, cabundle=[*pki.cabundle(), junk])
-    spliced = len(junk).to_bytes(2, "big") + junk + leaf
-    doc_b = make_document(pki, certificate=spliced)
+    instance_der = instance.public_bytes(Encoding.DER)
+    spliced = len(instance_der).to_bytes(2, "big") + instance_der + small_leaf
+    assert len(spliced) <= 1024  # within the decoder's certificate size limit
+    doc_a = make_document(pki, certificate=small_leaf)
+    doc_b = make_document(pki, certificate=spliced, cabundle=pki.cabundle()[:-1])
     assert _verdict(Verifier([pki.root]), doc_a) == "ok"
     assert _verdict(Verifier([pki.root]), doc_b) == "MalformedInput"
     warm = Verifier([pki.root])
     warm.verify(doc_a, UnsafeNoOp(), at=NOW)
     assert _verdict(warm, doc_b) == "MalformedInput"
+
+
+def test_extra_certificate_in_the_cabundle_is_not_cached_yet_verifies(pki: TestPki) -> None:
+    """A cabundle that is more than the path is valid but never cached: its path search is not provably
+    the cached one at another instant (pyca's search budget, other candidates)."""
+    extra = TestPki().root.public_bytes(Encoding.DER)
+    raw = make_document(pki, cabundle=[*pki.cabundle(), extra])
+    verifier = Verifier([pki.root])
+    for _ in range(2):
+        verifier.verify(raw, UnsafeNoOp(), at=NOW)
+    assert not verifier._paths._entries
+    assert not verifier._ca_paths._entries
 
 
 # -- item 3: decisions on parsed structure --------------------------------------------------------------
