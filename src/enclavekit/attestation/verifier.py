@@ -279,13 +279,9 @@ class Verifier:
         # 2-4. Chain: from the cache when this exact chain was validated for a window containing `at`.
         #      The keys encode (cabundle) and (cabundle, leaf) injectively: every certificate, the leaf too, is
         #      prefixed with its 4-byte length, so no leaf can spill into the cabundle or back.
-        bundle_key = hashlib.sha256()
-        for der in doc.cabundle:
-            bundle_key.update(len(der).to_bytes(4, "big"))
-            bundle_key.update(der)
+        bundle_key = hashlib.sha256(b"".join([len(c).to_bytes(4, "big") + c for c in doc.cabundle]))
         path_key = bundle_key.copy()
-        path_key.update(len(doc.certificate).to_bytes(4, "big"))
-        path_key.update(doc.certificate)
+        path_key.update(len(doc.certificate).to_bytes(4, "big") + doc.certificate)
         cached = self._paths.get(path_key.digest(), at)
         if cached is None:
             try:
