@@ -374,8 +374,8 @@ class Verifier:
             )
 
         # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material.
-        for i, cert in enumerate(bundle):
-            _require_p384_ca(cert, f"cabundle[{i}]")
+        for i, (cert, der) in enumerate(zip(bundle, doc.cabundle, strict=True)):
+            _require_p384_ca(cert, der, f"cabundle[{i}]")
         chain = self._validate_path(leaf, bundle[1:], at)
         _check_leaf(leaf)
         simple = self._is_simple(chain, bundle)
@@ -400,10 +400,13 @@ class Verifier:
     ) -> bool:
         """The cabundle is exactly the validated path, root first, with distinct subjects, and small enough
         that pyca's search over it cannot run out of budget (see :meth:`_validate_chain`)."""
+        # pyca returns the certificate objects it was given: identity (cheap) stands for equality, and a
+        # miss only means "not cached". The root on the path is the pinned root's object, not bundle[0]'s.
         return (
             len(chain) == len(bundle) + 1
             and len(bundle) * (1 + len(self._roots)) < PYCA_SIGNATURE_BUDGET
-            and all(a == b for a, b in zip(chain[1:], reversed(bundle), strict=True))
+            and all(a is b for a, b in zip(chain[1:-1], bundle[:0:-1], strict=True))
+            and chain[-1] == bundle[0]
             and len({c.subject for c in bundle}) == len(bundle)
         )
 
@@ -501,17 +504,18 @@ _P384_SPKI_PREFIX = bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620
 _P384_SPKI_SIZE = len(_P384_SPKI_PREFIX) + 96
 
 
-def _require_p384_ca(cert: x509.Certificate, name: str) -> None:
+def _require_p384_ca(cert: x509.Certificate, der: bytes, name: str) -> None:
     """:func:`_require_p384` for CA certificates without loading their keys (pyca loads them again to verify,
     and a first key load is a noticeable part of a cold verification).
 
-    Decides on the certificate's own SubjectPublicKeyInfo field (:func:`_subject_public_key_info`), never on
-    bytes found elsewhere in the certificate: it must have the P-384 shape above, and the signature algorithm must be
-    ecdsa-with-SHA384. Any other SubjectPublicKeyInfo goes to :func:`_require_p384`, which loads the key and
-    accepts it only if it is P-384 (so the shortcut can only send a certificate to the slower check). Not
-    checked here: that the point is on the curve — pyca checks that when the key verifies a signature, which
-    the key of every certificate on the validated path does."""
-    spki = _subject_public_key_info(cert)
+    Decides on the certificate's own SubjectPublicKeyInfo field (:func:`_subject_public_key_info`, read from
+    ``der``, the bytes pyca parsed into ``cert``), never on bytes found elsewhere in the certificate: it must
+    have the P-384 shape above, and the signature algorithm must be ecdsa-with-SHA384. Any other
+    SubjectPublicKeyInfo goes to :func:`_require_p384`, which loads the key and accepts it only if it is P-384
+    (so the shortcut can only send a certificate to the slower check). Not checked here: that the point is on
+    the curve — pyca checks that when the key verifies a signature, as the key of every certificate on the
+    validated path does."""
+    spki = _subject_public_key_info(der)
     if (
         spki is None
         or len(spki) != _P384_SPKI_SIZE
@@ -536,30 +540,33 @@ def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
     return tag, pos + 2 + count, pos + 2 + count + length
 
 
-def _subject_public_key_info(cert: x509.Certificate) -> bytes | None:
-    """The DER of the certificate's subjectPublicKeyInfo field, found by walking the TBSCertificate's fields
-    (RFC 5280 §4.1: [0] version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo).
+def _subject_public_key_info(der: bytes) -> bytes | None:
+    """The DER of a certificate's subjectPublicKeyInfo field, found by walking the structure (RFC 5280 §4.1:
+    Certificate = SEQUENCE { tbsCertificate, ... }; tbsCertificate = SEQUENCE { [0] version, serialNumber,
+    signature, issuer, validity, subject, subjectPublicKeyInfo, ... }).
 
-    pyca has already parsed the TBSCertificate strictly (DER), so the walk meets only well-formed elements;
-    anything unexpected returns None (and the caller falls back to loading the key)."""
-    tbs = cert.tbs_certificate_bytes
+    ``der`` must be bytes pyca has parsed as a certificate (strict DER, nothing after it), so the walk meets
+    only well-formed elements; anything unexpected returns None (and the caller loads the key instead)."""
     try:
-        tag, pos, end = _der_element(tbs, 0)
-        if tag != 0x30 or end != len(tbs):
+        tag, pos, end = _der_element(der, 0)  # Certificate
+        if tag != 0x30 or end != len(der):
             return None
-        if tbs[pos] == 0xA0:  # [0] EXPLICIT version
-            pos = _der_element(tbs, pos)[2]
+        tag, pos, end = _der_element(der, pos)  # tbsCertificate
+        if tag != 0x30:
+            return None
+        if der[pos] == 0xA0:  # [0] EXPLICIT version
+            pos = _der_element(der, pos)[2]
         # serialNumber, signature, issuer, validity, subject
         for expected in (0x02, 0x30, 0x30, 0x30, 0x30):
-            tag, _, pos = _der_element(tbs, pos)
+            tag, _, pos = _der_element(der, pos)
             if tag != expected:
                 return None
-        tag, _, stop = _der_element(tbs, pos)
+        tag, _, stop = _der_element(der, pos)
     except IndexError:
         return None
     if tag != 0x30 or stop > end:
         return None
-    return tbs[pos:stop]
+    return der[pos:stop]
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:
