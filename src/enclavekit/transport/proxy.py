@@ -1,6 +1,6 @@
 """The parent-side vsock proxy: nitro-cli ``vsock-proxy`` semantics in Python.
 
-The target (``remote_host:remote_port``) is checked against the allowlist once, at construction; a target
+The target (``remote_host:remote_port``) is checked against the allowlist at construction; a target
 that is not listed raises :class:`~enclavekit.transport.errors.TargetNotAllowed` and nothing listens.
 Each connection then re-resolves the target at most every ``dns_refresh`` seconds (the system resolver
 exposes no TTL) within the chosen address family, and relays bytes opaquely (TLS stays end to end
