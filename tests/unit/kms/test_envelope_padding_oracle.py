@@ -19,10 +19,12 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclavekit.cli import cli
 from enclavekit.errors import Error, MalformedInput
-from enclavekit.kms.envelope import Envelope, UndecryptableEnvelope
+from enclavekit.kms.envelope import UNDECRYPTABLE_MESSAGE, Envelope, UndecryptableEnvelope
 from enclavekit.kms.recipient import RecipientKey
 
 PLAINTEXT = b"Hello, World"
@@ -205,3 +207,28 @@ def test_pkcs1v15_recipient_is_refused_before_any_private_key_operation(
 
     with pytest.raises(MalformedInput, match="RSAES-OAEP"):
         Envelope.from_ber(_mutate(genuine, add))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=31),
+    st.integers(min_value=1, max_value=255),
+    st.booleans(),
+)
+def test_any_change_to_iv_or_ciphertext_gives_the_one_error_or_the_known_length(
+    genuine: bytes, recipient: RecipientKey, position: int, flip: int, truncate: bool
+) -> None:
+    """Property: the attacker's whole view of a changed IV/ciphertext byte is 'ok, 12 bytes' or the
+    one UndecryptableEnvelope — never anything naming the defect."""
+
+    def change(info: Any) -> None:
+        data = bytearray(_iv(info) + bytes(_eci(info)["encrypted_content"].native))
+        data[position] ^= flip
+        if truncate:
+            data = data[:-1]
+        _set_iv(info, bytes(data[:16]))
+        _eci(info)["encrypted_content"] = bytes(data[16:])
+
+    blob = _mutate(genuine, change)
+    kind, message = _outcome(lambda: recipient.unwrap(blob, expected_length=len(PLAINTEXT)))
+    assert (kind, message) in {("ok", ""), (UndecryptableEnvelope.__name__, UNDECRYPTABLE_MESSAGE)}
