@@ -16,8 +16,8 @@ in :meth:`Verifier._verify_crypto`):
 
 Verified chains are cached per verifier, and the caches may only skip work whose result they provably have
 (the full argument is in :meth:`Verifier._validate_chain`): a chain is cached only when its cabundle is exactly
-the validated path, root first, with distinct subject names, so that pyca's path building over it is a single
-walk whose outcome at any instant inside the path's validity window is the cached one. Two levels:
+the validated path, root first, with distinct subject encodings, so that pyca's path building over it is a
+single walk whose outcome at any instant inside the path's validity window is the cached one. Two levels:
 
 - the full path by (leaf, cabundle), usable at any ``at`` inside the window where every certificate of the path
   is valid: a stream of documents from one enclave costs one ECDSA verification each;
@@ -374,11 +374,12 @@ class Verifier:
             )
 
         # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material.
-        for i, (cert, der) in enumerate(zip(bundle, doc.cabundle, strict=True)):
-            _require_p384_ca(cert, der, f"cabundle[{i}]")
+        fields = [_certificate_fields(der) for der in doc.cabundle]
+        for i, (cert, found) in enumerate(zip(bundle, fields, strict=True)):
+            _require_p384_ca(cert, found[1] if found else None, f"cabundle[{i}]")
         chain = self._validate_path(leaf, bundle[1:], at)
         _check_leaf(leaf)
-        simple = self._is_simple(chain, bundle)
+        simple = self._is_simple(chain, bundle, [found[0] if found else None for found in fields])
         if (
             simple
             and not self._roots_constrain
@@ -396,10 +397,17 @@ class Verifier:
         )
 
     def _is_simple(
-        self, chain: tuple[x509.Certificate, ...], bundle: list[x509.Certificate]
+        self,
+        chain: tuple[x509.Certificate, ...],
+        bundle: list[x509.Certificate],
+        subjects: list[bytes | None],
     ) -> bool:
         """The cabundle is exactly the validated path, root first, with distinct subjects, and small enough
-        that pyca's search over it cannot run out of budget (see :meth:`_validate_chain`)."""
+        that pyca's search over it cannot run out of budget (see :meth:`_validate_chain`).
+
+        ``subjects`` are the DER of the cabundle's subject names: pyca matches an issuer name to a subject by
+        its encoding (a PrintableString "a" is not a UTF8String "a"), so distinct encodings mean distinct
+        candidates."""
         # pyca returns the certificate objects it was given: identity (cheap) stands for equality, and a
         # miss only means "not cached". The root on the path is the pinned root's object, not bundle[0]'s.
         return (
@@ -407,7 +415,8 @@ class Verifier:
             and len(bundle) * (1 + len(self._roots)) < PYCA_SIGNATURE_BUDGET
             and all(a is b for a, b in zip(chain[1:-1], bundle[:0:-1], strict=True))
             and chain[-1] == bundle[0]
-            and len({c.subject for c in bundle}) == len(bundle)
+            and None not in subjects
+            and len(set(subjects)) == len(subjects)
         )
 
     def _validate_path(
@@ -504,18 +513,17 @@ _P384_SPKI_PREFIX = bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620
 _P384_SPKI_SIZE = len(_P384_SPKI_PREFIX) + 96
 
 
-def _require_p384_ca(cert: x509.Certificate, der: bytes, name: str) -> None:
+def _require_p384_ca(cert: x509.Certificate, spki: bytes | None, name: str) -> None:
     """:func:`_require_p384` for CA certificates without loading their keys (pyca loads them again to verify,
     and a first key load is a noticeable part of a cold verification).
 
-    Decides on the certificate's own SubjectPublicKeyInfo field (:func:`_subject_public_key_info`, read from
-    ``der``, the bytes pyca parsed into ``cert``), never on bytes found elsewhere in the certificate: it must
+    Decides on the certificate's own SubjectPublicKeyInfo field ``spki`` (:func:`_certificate_fields`, read
+    from the bytes pyca parsed into ``cert``), never on bytes found elsewhere in the certificate: it must
     have the P-384 shape above, and the signature algorithm must be ecdsa-with-SHA384. Any other
     SubjectPublicKeyInfo goes to :func:`_require_p384`, which loads the key and accepts it only if it is P-384
     (so the shortcut can only send a certificate to the slower check). Not checked here: that the point is on
     the curve — pyca checks that when the key verifies a signature, as the key of every certificate on the
     validated path does."""
-    spki = _subject_public_key_info(der)
     if (
         spki is None
         or len(spki) != _P384_SPKI_SIZE
@@ -540,13 +548,14 @@ def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
     return tag, pos + 2 + count, pos + 2 + count + length
 
 
-def _subject_public_key_info(der: bytes) -> bytes | None:
-    """The DER of a certificate's subjectPublicKeyInfo field, found by walking the structure (RFC 5280 §4.1:
-    Certificate = SEQUENCE { tbsCertificate, ... }; tbsCertificate = SEQUENCE { [0] version, serialNumber,
-    signature, issuer, validity, subject, subjectPublicKeyInfo, ... }).
+def _certificate_fields(der: bytes) -> tuple[bytes, bytes] | None:
+    """The DER of a certificate's subject and subjectPublicKeyInfo fields, found by walking the structure
+    (RFC 5280 §4.1: Certificate = SEQUENCE { tbsCertificate, ... }; tbsCertificate = SEQUENCE { [0] version,
+    serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ... }).
 
     ``der`` must be bytes pyca has parsed as a certificate (strict DER, nothing after it), so the walk meets
-    only well-formed elements; anything unexpected returns None (and the caller loads the key instead)."""
+    only well-formed elements; anything unexpected returns None (the caller then loads the key, and does not
+    cache)."""
     try:
         tag, pos, end = _der_element(der, 0)  # Certificate
         if tag != 0x30 or end != len(der):
@@ -556,17 +565,18 @@ def _subject_public_key_info(der: bytes) -> bytes | None:
             return None
         if der[pos] == 0xA0:  # [0] EXPLICIT version
             pos = _der_element(der, pos)[2]
-        # serialNumber, signature, issuer, validity, subject
-        for expected in (0x02, 0x30, 0x30, 0x30, 0x30):
+        # serialNumber, signature, issuer, validity
+        for expected in (0x02, 0x30, 0x30, 0x30):
             tag, _, pos = _der_element(der, pos)
             if tag != expected:
                 return None
-        tag, _, stop = _der_element(der, pos)
+        tag, _, subject_end = _der_element(der, pos)
+        spki_tag, _, spki_end = _der_element(der, subject_end)
     except IndexError:
         return None
-    if tag != 0x30 or stop > end:
+    if tag != 0x30 or spki_tag != 0x30 or spki_end > end:
         return None
-    return der[pos:stop]
+    return der[pos:subject_end], der[subject_end:spki_end]
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:

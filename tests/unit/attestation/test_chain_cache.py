@@ -222,3 +222,57 @@ def test_p384_ca_without_the_key_header_elsewhere_is_accepted(pki: TestPki) -> N
     raw = make_document(pki)
     assert _verdict(Verifier([pki.root]), raw) == "ok"
     assert _verdict(_warm(pki), raw) == "ok"
+
+
+def test_pyca_matches_issuer_names_by_their_encoding() -> None:
+    """Canary for the caches' soundness argument (verifier.Verifier._validate_chain): pyca offers a
+    certificate as an issuer candidate only when its subject's DER equals the child's issuer DER, so a
+    cabundle whose subject encodings are distinct has one candidate per level. If a pyca upgrade starts
+    matching names loosely (here: the same text as PrintableString and as UTF8String), this fails and
+    ``Verifier._is_simple`` must compare names as pyca does."""
+    from cryptography.x509 import verification as pkix
+    from cryptography.x509.name import _ASN1Type
+
+    key = ec.derive_private_key(141, ec.SECP384R1())
+
+    def name(kind: _ASN1Type, value: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value, _type=kind)])
+
+    printable = name(_ASN1Type.PrintableString, "ca")
+    root = _cert_with(printable, printable, key, ca=True)
+    leaf = _cert_with(
+        name(_ASN1Type.UTF8String, "leaf"), name(_ASN1Type.UTF8String, "ca"), key, ca=False
+    )
+    assert root.subject == leaf.issuer  # equal for Python's Name, yet not for pyca's path building
+    verifier = (
+        pkix.PolicyBuilder()
+        .store(pkix.Store([root]))
+        .time(NOW.replace(tzinfo=None))
+        .extension_policies(
+            ca_policy=pkix.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=pkix.ExtensionPolicy.permit_all(),
+        )
+        .build_client_verifier()
+    )
+    with pytest.raises(pkix.VerificationError, match="candidates exhausted"):
+        verifier.verify(leaf, [])
+
+
+def _cert_with(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, *, ca: bool
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(1 if ca else 2)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+    return builder.sign(key, hashes.SHA384())
