@@ -119,7 +119,7 @@ class _CachedChain:
     #: A CA path: a pyca store holding only ``chain[0]``, the CA that issued the path's leaf (kept so that pyca
     #: loads that CA's key once, not once per leaf).
     issuer_store: pkix.Store | None = None
-    #: A full path over a simple cabundle (see :meth:`Verifier._validate_chain`): the full-path cache may keep it.
+    #: A full path over a simple cabundle (:meth:`Verifier._validate_chain`): the full-path cache may keep it.
     cacheable: bool = False
 
     @classmethod
@@ -316,27 +316,28 @@ class Verifier:
         """Steps 2-4; the result says whether the caches may keep it.
 
         Why the caches are sound. pyca's path building is a depth-first search: from the leaf (depth 0), try
-        every pinned root and every offered intermediate whose subject is the working certificate's issuer name,
-        in turn; a candidate that passes the CA profile at that depth and whose key verifies the working
-        certificate is recursed into; a pinned root ends the search. It gives up after
-        :data:`PYCA_SIGNATURE_BUDGET` signature checks. A path is cached only when it is *simple*: the cabundle is
-        exactly the path, root first (``cabundle == reversed(chain[1:])``), its subjects are distinct, and
-        ``len(cabundle) × (1 + roots) < budget``. Over a simple cabundle each depth has one intermediate
-        candidate (the path's certificate) besides pinned roots, each of which ends the search, so the search
-        costs at most ``len(cabundle) × (1 + roots)`` signature checks; it never runs out of budget, and at any
-        instant where every certificate of the path is valid it accepts (along the path, or earlier at a pinned
-        root). Signatures, names and extension profiles do not depend on the time; so the verdict for the same
-        (leaf, cabundle) at any instant of the window is "accept": that is the full-path cache.
+        every pinned root and every offered intermediate whose subject encoding equals the working
+        certificate's issuer, in turn; a candidate that passes the CA profile at that depth and whose key
+        verifies the working certificate is recursed into; a pinned root ends the search. It gives up after
+        :data:`PYCA_SIGNATURE_BUDGET` signature checks. A path is cached only when it is *simple*: the
+        cabundle is exactly the path, root first (``cabundle == reversed(chain[1:])``), its subject encodings
+        are distinct, and ``len(cabundle) × (1 + roots) < budget``. Over a simple cabundle each depth has one
+        intermediate candidate (the path's certificate) besides pinned roots, each of which ends the search,
+        so the search costs at most ``len(cabundle) × (1 + roots)`` signature checks; it never runs out of
+        budget, and at any instant where every certificate of the path is valid it accepts (along the path, or
+        earlier at a pinned root). Signatures, names and extension profiles do not depend on the time; so the
+        verdict for the same (leaf, cabundle) at any instant of the window is "accept": that is the full-path
+        cache.
 
-        The CA-path cache holds the simple CA path ``chain[1:]`` of a cabundle without name constraints, policy
-        constraints or inhibitAnyPolicy anywhere (nor in the pinned roots): the only checks of a path that
-        involve the leaf and a CA above its issuer. For a new leaf, pyca validates it with the same policy
-        against a store holding only the cached issuer ``chain[1]`` (= ``cabundle[-1]``): the leaf profile, the
-        issuer's CA profile at depth 0, the issuer's signature on the leaf, the validity of both. If it accepts,
-        a full search over the cabundle would reach the same issuer at depth 0 (the only intermediate with that
-        subject) with the same outcome, and continue from it exactly as for the leaf the path was cached for:
-        it accepts too. If it does not accept, the full validation below runs, so that the verdict and the
-        message are a fresh verifier's.
+        The CA-path cache holds the simple CA path ``chain[1:]`` of a cabundle without name constraints,
+        policy constraints or inhibitAnyPolicy anywhere (nor in the pinned roots): the only checks of a path
+        that involve both the leaf and a CA above its issuer. For a new leaf, pyca validates it with the same
+        policy against a store holding only the cached issuer ``chain[1]`` (= ``cabundle[-1]``): the leaf
+        profile, the issuer's CA profile at depth 0, the issuer's signature on the leaf, the validity of both.
+        If it accepts, a full search over the cabundle would reach the same issuer at depth 0 (the only
+        intermediate with that subject) with the same outcome, and continue from it exactly as for the leaf
+        the path was cached for: it accepts too. If it does not accept, the full validation below runs, so
+        that the verdict and the message are a fresh verifier's.
         """
         ca_path = self._ca_paths.get(bundle_key, at)
         if ca_path is not None:
