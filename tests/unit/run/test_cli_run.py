@@ -46,11 +46,9 @@ def test_lifecycle_through_the_cli(tmp_path: Path) -> None:
 
     code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", state, "--json")
     assert code == 0
-    assert json.loads(out) == {
-        "EnclaveName": "cli",
-        "EnclaveID": run_info["EnclaveID"],
-        "Terminated": True,
-    }
+    assert json.loads(out) == [
+        {"EnclaveName": "cli", "EnclaveID": run_info["EnclaveID"], "Terminated": True}
+    ]
     code, out, _ = _invoke("describe-enclaves", "--state-dir", state)
     assert json.loads(out) == []
 
@@ -183,7 +181,7 @@ def test_relative_state_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "RUNNING"
     )
     code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", "st", "--json")
-    assert json.loads(out)["Terminated"] is True
+    assert json.loads(out)[0]["Terminated"] is True
     assert eif.exists()
 
 
