@@ -212,7 +212,7 @@ _SERVICE_KEYS = frozenset(
 
 
 def ca_policy_from_mapping(obj: Any) -> CaPolicy:
-    """Build a :class:`CaPolicy` from parsed YAML/JSON (see the README for the schema)."""
+    """Build a :class:`CaPolicy` from parsed YAML/JSON (schema: docs/atls.md)."""
     if (
         not isinstance(obj, dict)
         or not isinstance(obj.get("services"), dict)
