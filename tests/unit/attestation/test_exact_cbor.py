@@ -70,7 +70,7 @@ def test_attack_true_and_one_are_one_key() -> None:
     value = _cbor.loads(bytes.fromhex("a2016161f56162"))
     assert value == {1: "a", _cbor.TypedKey(True): "b"}
     assert value[1] == "a"
-    assert value != {1: "a", 1.0: "b"}
+    assert len(value) == 2  # a Python dict literal {1: "a", True: "b"} would hold one entry
 
 
 def test_attack_float_key_equals_integer_key() -> None:
