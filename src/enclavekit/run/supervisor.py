@@ -97,6 +97,7 @@ def _wait_for_exec(app: subprocess.Popen[bytes], status: int) -> None:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                _stop(app)
                 raise AppStartError(f"the application was not started within {EXEC_TIMEOUT:.0f} s")
             ready, _, _ = select.select([status], [], [], left)
             if not ready:
@@ -158,6 +159,7 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
             raise
         finally:
             os.close(status_w)
+        _pin(app, launch)  # before the exec: the application inherits it
         _wait_for_exec(app, status)
     else:
         argv = list(launch["argv"])
@@ -174,11 +176,17 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
             )
         except OSError as exc:  # subprocess reports the child's failed execve here
             raise AppStartError(_process_exec_failure(launch["argv"][0], argv[0], exc)) from None
+        _pin(app, launch)
+    return app
+
+
+def _pin(app: subprocess.Popen[bytes], launch: dict[str, Any]) -> None:
+    """Pin the application to the enclave's CPUs (from here: preexec_fn is unsafe in this
+    multi-threaded process)."""
     cpu_ids = launch.get("cpu_ids") or []
-    if cpu_ids:  # set from here: preexec_fn is unsafe in this multi-threaded process
+    if cpu_ids:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(app.pid, cpu_ids)
-    return app
 
 
 def _stop(app: subprocess.Popen[bytes]) -> None:

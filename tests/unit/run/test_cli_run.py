@@ -232,3 +232,23 @@ def test_describe_and_terminate_see_enclaves_running_in_qemu(
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        ["--cpu-ids", "9998", "9999"],
+        ["--cpu-ids=9998", "9999"],
+        ["--cpu-ids", "9998 9999"],
+        ["--cpu-ids", "9998,9999"],
+    ],
+)
+def test_cpu_ids_take_several_values_without_eating_the_next_flag(
+    tmp_path: Path, form: list[str]
+) -> None:
+    eif = make_eif(tmp_path / "c.eif", cmd=["/bin/true"])
+    code, _, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), *form, "--memory", "64",
+        "--state-dir", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 2 and "not available: [9998, 9999]" in err
