@@ -280,13 +280,17 @@ class EnclaveStore:
                 continue
             if record is None:
                 continue
-            age = time.time() - entry.stat().st_mtime
-            starting = record.state == STATE_STARTING and age < STALE_STARTING_AGE
+            try:
+                # The enclave may end (and its supervisor remove the entry) while we look.
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            starting = record.state == STATE_STARTING and time.time() - mtime < STALE_STARTING_AGE
             if not starting and not pid_alive(record.pid):
                 self.record_end(record, error="its enclave process ended unexpectedly")
                 self.remove(record.enclave_id)
                 continue
-            found.append((entry.stat().st_mtime, record))
+            found.append((mtime, record))
         return [r for _, r in sorted(found, key=lambda item: item[0])]
 
     def remove(self, enclave_id: str, *, keep_console: bool = True) -> None:
