@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from enclavekit.atls.ca import CaKeys, Issuer, NitroEvidenceVerifier, init_state_dir
-from enclavekit.atls.limits import CaLimits
+from enclavekit.atls.limits import CaLimits, TokenBuckets, client_key
 from enclavekit.atls.service import create_app, start_in_thread
 from enclavekit.atls.store import SqliteStore, Store
 from enclavekit.errors import Error
@@ -99,7 +99,10 @@ def _stream_chunked(port: int, path: str, total: int) -> tuple[int, bytes]:
                         pending = frame(filler)
                         sent += len(filler)
                     else:
-                        pending, finished = frame(b'", "attestation_document": "AA"}') + b"0\r\n\r\n", True
+                        pending, finished = (
+                            frame(b'", "attestation_document": "AA"}') + b"0\r\n\r\n",
+                            True,
+                        )
     finally:
         sock.close()
     return sent, response
@@ -320,7 +323,7 @@ def test_attack_state_dir_and_database_readable_by_local_users(
 
 def _count(store: Store, table: str) -> int:
     with store._tx() as cur:  # type: ignore[attr-defined]
-        cur.execute(f"SELECT COUNT(*) FROM {table}")  # noqa: S608 - test constant
+        cur.execute(f"SELECT COUNT(*) FROM {table}")
         return int(cur.fetchone()[0])
 
 
@@ -338,3 +341,46 @@ def test_certificate_for_a_real_client_still_works(service: str, factory: Docume
     )
     assert r.status_code == 201, r.text
     assert x509.load_pem_x509_certificates(r.json()["chain"].encode())
+
+
+def test_attack_rate_limit_table_grows_with_every_address() -> None:
+    """Token buckets for a million addresses: the table stays at its bound; the total bucket
+    still limits everyone together."""
+    now = [0.0]
+    buckets = TokenBuckets(
+        burst=2, rate=1.0, burst_total=1000, rate_total=10.0, max_clients=100, clock=lambda: now[0]
+    )
+    allowed = sum(
+        buckets.acquire(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") == 0 for i in range(5000)
+    )
+    assert len(buckets) == 100
+    assert allowed == 1000
+    assert buckets.acquire("192.0.2.1") > 0
+    now[0] += 1.0
+    assert buckets.acquire("192.0.2.1") == 0
+
+
+def test_rate_limit_per_client() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(
+        burst=2, rate=0.5, burst_total=100, rate_total=100.0, max_clients=10, clock=lambda: now[0]
+    )
+    assert [buckets.acquire("a") == 0 for _ in range(3)] == [True, True, False]
+    assert buckets.acquire("a") == pytest.approx(2.0)
+    assert buckets.acquire("b") == 0
+    now[0] += 2.0
+    assert buckets.acquire("a") == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        (None, "unknown"),
+    ],
+)
+def test_client_key_groups_ipv6_by_64(host: str | None, key: str) -> None:
+    assert client_key(host) == key
