@@ -239,8 +239,8 @@ def test_attack_document_is_verified_before_its_nonce_is_checked(
     assert verifier.calls == 0
 
 
-def _amplifier(factory: DocumentFactory, nonce: bytes, public_key: bytes) -> bytes:
-    """The pinned root + nine self-issued CAs sharing one key, a leaf signed by that key."""
+def _amplifier(factory: DocumentFactory, nonce: bytes, public_key: bytes, count: int = 9) -> bytes:
+    """The pinned root + ``count`` self-issued CAs sharing one key, a leaf signed by that key."""
     key = ec.generate_private_key(ec.SECP384R1())
     cas = [
         _cert(
@@ -252,7 +252,7 @@ def _amplifier(factory: DocumentFactory, nonce: bytes, public_key: bytes) -> byt
             not_before=T0 - timedelta(days=1 + i),
             not_after=T0 + timedelta(days=1),
         )
-        for i in range(9)
+        for i in range(count)
     ]
     leaf_key = ec.generate_private_key(ec.SECP384R1())
     leaf = _cert(
@@ -286,14 +286,16 @@ def _amplifier(factory: DocumentFactory, nonce: bytes, public_key: bytes) -> byt
     return cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
 
 
+@pytest.mark.parametrize("count", [9, 4, 1])
 def test_attack_cabundle_amplifier_reaches_path_building(
-    counting: tuple[Issuer, CountingVerifier], factory: DocumentFactory
+    counting: tuple[Issuer, CountingVerifier], factory: DocumentFactory, count: int
 ) -> None:
-    """A live challenge, but a cabundle no NSM produces: refused before any path building."""
+    """A live challenge, but a cabundle no NSM produces (too long, or self-issued CAs sharing a
+    key): refused before any path building."""
     issuer, verifier = counting
     csr, key = make_csr()
     nonce = issuer.new_challenge("10.0.0.1").nonce
-    doc = _amplifier(factory, nonce, spki(key))
+    doc = _amplifier(factory, nonce, spki(key), count)
     with pytest.raises(Error, match="cabundle"):
         issuer.issue("web", csr, doc)
     assert verifier.calls == 0
@@ -384,3 +386,21 @@ def test_rate_limit_per_client() -> None:
 )
 def test_client_key_groups_ipv6_by_64(host: str | None, key: str) -> None:
     assert client_key(host) == key
+
+
+REAL = sorted(
+    p
+    for p in (Path(__file__).parents[2] / "assets/attestation/real").glob("*.cbor")
+    if "MOCKROOT" not in p.name
+)
+
+
+@pytest.mark.parametrize("path", REAL, ids=[p.name for p in REAL])
+def test_genuine_aws_cabundles_pass_the_shape_check(path: Path) -> None:
+    """The shape check only refuses what the NSM never sends: every genuine AWS document passes."""
+    from enclavekit.atls.ca import check_cabundle_shape
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.pki.roots import aws_root
+
+    doc = AttestationDocument.from_cbor(path.read_bytes())
+    check_cabundle_shape(doc, {aws_root().public_bytes(serialization.Encoding.DER)})
