@@ -57,7 +57,7 @@ def test_corpus_is_big_and_varied() -> None:
     families = {case.name.split("/")[0] for case in data.cases}
     assert families == {"payload", "leaf", "ca", "envelope", "cbor"}
     verdicts = {_fresh(i, 0)[0] for i in range(len(data.cases))}
-    assert verdicts == {"ok", "MalformedInput", "VerificationError"}
+    assert verdicts >= {"ok", "MalformedInput", "VerificationError"}
 
 
 def test_long_lived_verifier_agrees_with_fresh_ones_on_every_mutation() -> None:
