@@ -358,6 +358,10 @@ class Corpus:
         variants += [(f"extra-key={label}", {"extra": value}) for label, value in extras]
         variants.append(("tpm-pcrs", {"pcrs": MISSING, "nitrotpm_pcrs": _pcrs()}))
         variants.append(("both-pcr-maps", {"nitrotpm_pcrs": _pcrs()}))
+        tpm_module = f"{INSTANCES[0]}-tpm0000000000000001"
+        variants.append(
+            ("tpm-document", {"module_id": tpm_module, "pcrs": MISSING, "nitrotpm_pcrs": _pcrs()})
+        )
         for i, creds in enumerate(self.creds):
             for label, overrides in variants:
                 for indefinite in (True, False):
