@@ -102,8 +102,10 @@ class CaMetrics:
             self.refusals.labels(refusal_reason(exc)).inc()
 
     def _collect_challenges(self) -> Iterator[Any]:
-        pc = _prometheus()
-        family = pc.core.GaugeMetricFamily(
+        _prometheus()
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
             "enclavekit_ca_challenges", "Unconsumed challenges", labels=["state"]
         )
         count = getattr(self._store, "count_challenges", None)

@@ -124,7 +124,6 @@ def proxy(
         from enclavekit.atls.metrics import ProxyMetrics
 
         metrics = ProxyMetrics()
-    nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
     identity: EnclaveIdentity
     if acme_url is not None:
         if ca_cert or name:
@@ -134,6 +133,7 @@ def proxy(
         from enclavekit.atls.acme import AcmeIdentity, Http01Responder
 
         http_at = host_port(acme_http_listen, "--acme-http-listen")
+        nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
         responder = Http01Responder(*http_at).start()
         identity = AcmeIdentity(
             acme_url, domains, nsm, responder, ca_bundle=acme_ca_bundle, email=acme_email
@@ -144,7 +144,9 @@ def proxy(
             raise UsageError("--domain and --acme-* options go with --acme, not --ca")
         if not name:
             raise UsageError("--ca needs --name (the service name in the CA policy)")
-        identity = EnclaveIdentity(_ca_client(ca_url, ca_cert, "--ca-cert"), name, nsm)
+        ca_client = _ca_client(ca_url, ca_cert, "--ca-cert")
+        nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
+        identity = EnclaveIdentity(ca_client, name, nsm)
 
     def ready(host: str, port: int) -> None:
         cert = identity.current.certificate
