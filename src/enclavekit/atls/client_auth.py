@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ from enclavekit.errors import Error, PolicyViolation
 CLIENT_IDENTITY_HEADER = "X-Enclavekit-Client-Identity"
 #: PCRs named in the header (image, kernel, application, IAM role, instance, signing certificate).
 IDENTITY_PCRS = (0, 1, 2, 3, 4, 8)
+#: Client-certificate verdicts kept by :meth:`ClientAuthPolicy.check`.
+VERDICT_CACHE_SIZE = 1024
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _MODULE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -95,6 +98,8 @@ class ClientAuthPolicy:
         self.verifier = verifier
         self.policy = policy
         self.forward_identity = forward_identity
+        self._verdicts: dict[bytes, ClientIdentity | ClientRefused] = {}
+        self._lock = threading.Lock()
 
     def configure(self, ctx: ssl.SSLContext) -> None:
         """Ask for a client certificate and trust only ``client_ca`` for it.
@@ -111,7 +116,33 @@ class ClientAuthPolicy:
         )
 
     def check(self, certificate_der: bytes | None) -> ClientIdentity:
-        """The verified identity of a client whose handshake passed; :class:`ClientRefused` else."""
+        """The verified identity of a client whose handshake passed; :class:`ClientRefused` else.
+
+        Verdicts are cached by the certificate's exact DER (at most :data:`VERDICT_CACHE_SIZE`,
+        oldest dropped first): :meth:`verify_certificate` depends only on those bytes and this
+        policy — never on the current time (the document is checked at issuance time; expiry is
+        checked by OpenSSL in every handshake) — so a cached verdict is the verdict.
+        """
+        if not certificate_der:
+            return self.verify_certificate(certificate_der)
+        digest = hashlib.sha256(certificate_der).digest()
+        with self._lock:
+            cached = self._verdicts.get(digest)
+        if cached is None:
+            try:
+                cached = self.verify_certificate(certificate_der)
+            except ClientRefused as exc:
+                cached = exc
+            with self._lock:
+                self._verdicts[digest] = cached
+                while len(self._verdicts) > VERDICT_CACHE_SIZE:
+                    self._verdicts.pop(next(iter(self._verdicts)))
+        if isinstance(cached, ClientRefused):
+            raise ClientRefused(cached.reason, str(cached))
+        return cached
+
+    def verify_certificate(self, certificate_der: bytes | None) -> ClientIdentity:
+        """:meth:`check` without the cache."""
         if not certificate_der:
             raise ClientRefused(
                 "no_certificate",

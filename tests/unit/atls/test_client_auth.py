@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -147,3 +148,58 @@ def test_atls_proxy_needs_exactly_one_certificate_source() -> None:
     assert r.exit_code == 2 and "--acme-http-listen" in r.output
     r = CliRunner().invoke(cli, [*base, "--ca", "http://x", "--name", "w", "--client-policy", "p"])
     assert r.exit_code == 2 and "--client-ca" in r.output
+
+
+# ---- the verdict cache gives the uncached verdict ----------------------------------------------
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from enclavekit.atls.ca import CaPolicy, Issuer, NitroEvidenceVerifier, ServicePolicy  # noqa: E402
+from enclavekit.atls.client_auth import ClientAuthPolicy, ClientRefused  # noqa: E402
+from enclavekit.attestation.policy import PcrsEqual  # noqa: E402
+from tests.unit.atls.atls_support import PCRS, make_csr, spki  # noqa: E402
+
+OTHER = {0: b"\x99" * 48, 1: PCRS[1], 2: PCRS[2]}
+
+
+@pytest.fixture
+def client_certs(ca_keys, store, factory, clock):  # type: ignore[no-untyped-def]
+    allow = {0: PCRS[0], 1: PCRS[1], 2: PCRS[2]}
+    policy = CaPolicy(
+        services={
+            "caller": ServicePolicy("caller", (), (allow,), usage="client"),
+            "other": ServicePolicy("other", (), ({0: OTHER[0]},), usage="client"),
+            "web": ServicePolicy("web", ("localhost",), (allow,)),
+        }
+    )
+    issuer = Issuer(ca_keys, policy, store, NitroEvidenceVerifier(factory.verifier()), clock=clock)
+    out = {}
+    for service, pcrs in (("caller", PCRS), ("other", {**PCRS, **OTHER}), ("web", PCRS)):
+        csr, key = make_csr(cn=service)
+        doc = factory.make(public_key=spki(key), nonce=issuer.new_challenge().nonce, pcrs=pcrs)
+        out[service] = issuer.issue(service, csr, doc).certificate.public_bytes(
+            serialization.Encoding.DER
+        )
+    out["none"] = b""
+    return out
+
+
+def _verdict(fn, der):  # type: ignore[no-untyped-def]
+    try:
+        identity = fn(der)
+    except ClientRefused as exc:
+        return ("refused", exc.reason)
+    return ("ok", identity)
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.sampled_from(["caller", "other", "web", "none"]), max_size=12))
+def test_verdict_cache_gives_the_same_verdict_as_no_cache(client_certs, factory, ca_keys, order):  # type: ignore[no-untyped-def]
+    cached = ClientAuthPolicy([ca_keys.root], factory.verifier(), PcrsEqual({0: PCRS[0]}))
+    fresh = ClientAuthPolicy([ca_keys.root], factory.verifier(), PcrsEqual({0: PCRS[0]}))
+    for name in order:
+        der = client_certs[name]
+        assert _verdict(cached.check, der) == _verdict(fresh.verify_certificate, der)
+    assert _verdict(cached.check, client_certs["caller"])[0] == "ok"
+    assert _verdict(cached.check, client_certs["web"]) == ("refused", "usage")
+    assert _verdict(cached.check, client_certs["other"]) == ("refused", "policy")
