@@ -13,8 +13,8 @@ Endpoints (JSON unless noted):
 * ``GET /v1/crl`` → DER CRL (``application/pkix-crl``); ``GET /v1/root`` → the root, PEM
 * ``GET /healthz``
 
-Not provided: TLS for the CA endpoint itself (put it behind a TLS terminator, or on a private
-network) and rate limiting.
+TLS for the endpoint: :func:`start_in_thread` ``tls=`` / ``ca serve --tls`` (:mod:`.ca_tls`);
+metrics: :class:`.metrics.CaMetrics` adds ``GET /metrics``. Not provided: rate limiting.
 """
 
 from __future__ import annotations
