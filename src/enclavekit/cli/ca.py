@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -17,6 +17,7 @@ from enclavekit.atls.ca import (
     load_ca_policy,
     revoke_certificate,
 )
+from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
@@ -84,6 +85,20 @@ def root(state_dir: Path, as_json: bool) -> None:
 @root_option
 @_database
 @click.option(
+    "--audit-retention-days",
+    type=click.IntRange(1, 36500),
+    default=AUDIT_RETENTION.days,
+    show_default=True,
+    help="Delete audit events (and certificate records expired) older than this many days.",
+)
+@click.option(
+    "--audit-max-events",
+    type=click.IntRange(1000, 100_000_000),
+    default=AUDIT_MAX_EVENTS,
+    show_default=True,
+    help="Keep at most this many audit events (the newest).",
+)
+@click.option(
     "--tls",
     is_flag=True,
     help="Serve HTTPS with a certificate from the CA's own root (key in memory, new each start).",
@@ -106,13 +121,17 @@ def serve(
     policy_file: Path,
     roots: tuple[str, ...],
     database: str | None,
+    audit_retention_days: int,
+    audit_max_events: int,
     tls: bool,
     tls_names: tuple[str, ...],
     unsafe_plain_http: bool,
 ) -> None:
     """Serve the CA HTTP API (OpenAPI at /openapi.json, Prometheus at /metrics) until interrupted.
 
-    Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls.
+    Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
+    clients (body size, challenges, issuance rate, connections) are listed in the CA service
+    documentation.
     """
     import contextlib
 
@@ -141,8 +160,20 @@ def serve(
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
     tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
+    retention = timedelta(days=audit_retention_days)
+    limits = CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
     store = open_store(state_dir, database)
-    issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(verifier))
+    issuer = Issuer(
+        keys,
+        policy,
+        store,
+        NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
+        limits=limits,
+    )
     app = create_app(issuer, admin_token=load_admin_token(state_dir))
     CaMetrics().install(app, issuer)
     scheme = "https" if tls else "http"
@@ -161,6 +192,8 @@ def serve(
                 host=host,
                 port=port,
                 log_level="warning",
+                limit_concurrency=limits.max_connections,
+                timeout_keep_alive=5,
                 ssl_keyfile=keyfile,
                 ssl_certfile=certfile,
             )
