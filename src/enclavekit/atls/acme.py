@@ -249,6 +249,8 @@ class AcmeIdentity(EnclaveIdentity):
                     order = client.poll_and_finalize(order, deadline=deadline)
                 finally:
                     self.responder.clear()
+                    # Renewals are months apart: keep no idle connection to the ACME server.
+                    client.net.session.close()
                 chain = tuple(x509.load_pem_x509_certificates(order.fullchain_pem.encode()))
         except requests.RequestException as exc:
             raise UsageError(

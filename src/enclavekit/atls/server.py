@@ -506,6 +506,9 @@ class AttestedTlsProxy:
                 self._count("down", len(data))
         finally:
             up_writer.close()
+            # Wait for the close, so a stopping event loop leaves no upstream socket behind.
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
 
     def _count(self, direction: str, n: int) -> None:
         if self.metrics is not None:
@@ -575,6 +578,9 @@ class AttestedTlsProxy:
             await asyncio.gather(pump(reader, up_writer, "up"), pump(up_reader, writer, "down"))
         finally:
             up_writer.close()
+            # Wait for the close, so a stopping event loop leaves no upstream socket behind.
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         self._loop = asyncio.get_running_loop()

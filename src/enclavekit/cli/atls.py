@@ -290,16 +290,23 @@ def get(
         )
     elif nsm_url:
         raise UsageError("--nsm is for --identity-ca (the client's own attestation)")
-    client = AttestedClient(
-        root,
-        identity=identity,
-        verifier=nsm_verifier(roots),
-        policy=load_policy(policy_file) if policy_file else None,
-        fresh=fresh,
-        timeout=timeout,
-        crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,
-    )
-    peer, response = client.request("GET", url)
+    try:
+        client = AttestedClient(
+            root,
+            identity=identity,
+            verifier=nsm_verifier(roots),
+            policy=load_policy(policy_file) if policy_file else None,
+            fresh=fresh,
+            timeout=timeout,
+            crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,
+        )
+        peer, response = client.request("GET", url)
+    finally:
+        if identity is not None:  # the client certificate is in hand (or failed): done with both
+            identity.ca.close()
+            close = getattr(identity.nsm, "close", None)
+            if close is not None:
+                close()
     if as_json:
         report = peer.summary() | {
             "url": url,
