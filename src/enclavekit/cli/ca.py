@@ -20,7 +20,7 @@ from enclavekit.atls.ca import (
 from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import host_port, nsm_verifier, root_option
-from enclavekit.cli._render import emit_json, json_option, stderr
+from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
 
@@ -98,6 +98,23 @@ def root(state_dir: Path, as_json: bool) -> None:
     show_default=True,
     help="Keep at most this many audit events (the newest).",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve HTTPS with a certificate from the CA's own root (key in memory, new each start).",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="DNS name or IP address for the --tls certificate (repeatable; what clients connect to).",
+)
+@click.option(
+    "--unsafe-plain-http",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address (admin token and issuance in clear).",
+)
 def serve(
     listen: str,
     state_dir: Path,
@@ -106,20 +123,43 @@ def serve(
     database: str | None,
     audit_retention_days: int,
     audit_max_events: int,
+    tls: bool,
+    tls_names: tuple[str, ...],
+    unsafe_plain_http: bool,
 ) -> None:
-    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
+    """Serve the CA HTTP API (OpenAPI at /openapi.json, Prometheus at /metrics) until interrupted.
 
-    Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
-    service documentation.
+    Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
+    clients (body size, challenges, issuance rate, connections) are listed in the CA service
+    documentation.
     """
+    import contextlib
+
     import uvicorn
 
+    from enclavekit.atls.ca_tls import in_memory_pem_files, is_loopback, issue_ca_tls_certificate
+    from enclavekit.atls.metrics import CaMetrics
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
+    if tls_names and not tls:
+        raise UsageError("--tls-name goes with --tls")
+    if tls and unsafe_plain_http:
+        raise UsageError("--tls and --unsafe-plain-http contradict each other; choose one")
+    if not tls and not is_loopback(host):
+        if not unsafe_plain_http:
+            raise UsageError(
+                f"--listen {listen} is not a loopback address: plain HTTP would send the admin"
+                " token and issuance in clear. Use --tls --tls-name NAME (or --unsafe-plain-http)"
+            )
+        warn(
+            f"serving the CA over plain HTTP on {listen} (--unsafe-plain-http): the admin token,"
+            " challenges and certificates cross the network in clear"
+        )
     keys = load_ca_keys(state_dir)
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
+    tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
     retention = timedelta(days=audit_retention_days)
     limits = CaLimits(
         audit_retention=retention,
@@ -135,18 +175,28 @@ def serve(
         limits=limits,
     )
     app = create_app(issuer, admin_token=load_admin_token(state_dir))
+    CaMetrics().install(app, issuer)
+    scheme = "https" if tls else "http"
     stderr.print(
-        f"attestation CA on http://{host}:{port} (services: {', '.join(sorted(policy.services))})"
+        f"attestation CA on {scheme}://{host}:{port}"
+        f" (services: {', '.join(sorted(policy.services))})"
     )
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            limit_concurrency=limits.max_connections,
-            timeout_keep_alive=5,
-        )
+        with contextlib.ExitStack() as files:
+            keyfile = certfile = None
+            if tls_identity is not None:
+                key, cert = tls_identity
+                keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
+            uvicorn.run(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                limit_concurrency=limits.max_connections,
+                timeout_keep_alive=5,
+                ssl_keyfile=keyfile,
+                ssl_certfile=certfile,
+            )
     finally:
         store.close()
 
