@@ -77,8 +77,9 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
 )
 @click.option(
     "--private-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="PEM EC private key matching --signing-certificate.",
+    metavar="FILE|KMS-ARN",
+    help="PEM EC private key matching --signing-certificate, or the ARN of an AWS KMS key or "
+    "alias (arn:aws:kms:...) whose public key the certificate holds.",
 )
 @click.option(
     "--metadata",
@@ -119,7 +120,7 @@ def build_enclave_command(
     name: str | None,
     version: str | None,
     signing_certificate: Path | None,
-    private_key: Path | None,
+    private_key: str | None,
     metadata_file: Path | None,
     cmd: str | None,
     env: tuple[str, ...],
