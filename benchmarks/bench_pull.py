@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_build import ASSETS, _make_image  # noqa: E402
-
 from tests.unit.build_enclave.factory import kernel_bytes  # noqa: E402
 from tests.unit.registry.harness import skopeo_push, start_registry  # noqa: E402
 
@@ -54,7 +53,9 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=256, help="image contents (default 256)")
-    parser.add_argument("--repeat", type=int, default=2, help="interleaved runs of each (best kept)")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="interleaved runs of each (best kept)"
+    )
     args = parser.parse_args()
     for tool in ("docker-registry", "skopeo"):
         if shutil.which(tool) is None:

@@ -7,7 +7,6 @@ uniformity) and progress on stderr. Exit codes: 0 built; 2 bad usage, unreadable
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -184,18 +183,13 @@ def build_enclave_command(
     registry_ref = _registry_reference(image, docker_uri, pull)
     eif_arch = _EIF_ARCH[arch] if arch is not None else None
     _say("Start building the Enclave Image...")
+    pulled = _pull(registry_ref, arch, insecure_registries) if registry_ref is not None else None
     with (
         tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
-        _display(pulling=registry_ref is not None) as (layer_progress, written),
-        contextlib.ExitStack() as pulls,
+        _byte_progress() as written,
     ):
         source: Image | RootfsDir
-        if registry_ref is not None:
-            # The layers download while the build reads the ones already here; leaving this block
-            # (also on an error) stops the pull first.
-            pulled = pulls.enter_context(
-                _pull(registry_ref, arch, insecure_registries, layer_progress)
-            )
+        if pulled is not None:
             source, image_name = pulled.image, pulled.reference.familiar_repository
         elif docker_uri is not None:
             _say(f"Exporting {docker_uri} from the Docker daemon...")
@@ -258,42 +252,29 @@ def _repository_of(uri: str) -> str:
         return uri.split("@")[0].rsplit(":", 1)[0] if "/" not in uri.rsplit(":", 1)[-1] else uri
 
 
-def _pull(
-    reference: str, arch: str | None, insecure: tuple[str, ...], progress: BlobProgress | None
-) -> PulledImage:
+def _pull(reference: str, arch: str | None, insecure: tuple[str, ...]) -> PulledImage:
     ref = parse_reference(reference)
     _say(f"Pulling {ref} from {ref.api_host}...")
-    pulled = pull_image(
-        ref,
-        arch=arch,
-        insecure_registries=insecure,
-        progress=progress,
-        warn=warn,
-        background=True,
-    )
-    _say(f"Manifest {pulled.manifest_digest}")
+    with _layer_progress() as progress:
+        pulled = pull_image(
+            ref, arch=arch, insecure_registries=insecure, progress=progress, warn=warn
+        )
+    _say(f"Pulled {ref} ({pulled.manifest_digest}).")
     return pulled
 
 
 @contextmanager
-def _display(
-    *, pulling: bool
-) -> Iterator[tuple[BlobProgress | None, Callable[[int], None] | None]]:
-    """(per-layer pull progress, EIF bytes written): rich bars on a terminal (one display for both,
-    as the pull and the build overlap); otherwise one line per pulled layer."""
-    if not pulling:
-        with _byte_progress() as written:
-            yield None, written
-        return
+def _layer_progress() -> Iterator[BlobProgress]:
+    """One rich progress bar per layer on a terminal; otherwise one line per finished layer."""
     if not stderr.is_terminal:
         reported: set[str] = set()
 
         def line(label: str, done: int, total: int) -> None:
             if done == total and label not in reported:
                 reported.add(label)
-                _say(f"  pulled {label}: {total} bytes")
+                _say(f"  {label}: {total} bytes")
 
-        yield line, None
+        yield line
         return
     columns = (
         TextColumn("{task.description}"),
@@ -304,12 +285,12 @@ def _display(
     with Progress(*columns, console=stderr, transient=True) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def update(label: str, done: int, total: int | None) -> None:
+        def update(label: str, done: int, total: int) -> None:
             if label not in tasks:
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done)
 
-        yield update, lambda done: update("writing the EIF", done, None)
+        yield update
 
 
 def register(group: click.Group) -> None:

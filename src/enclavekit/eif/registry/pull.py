@@ -14,9 +14,7 @@ Not supported: schema 1 manifests, foreign/non-distributable layers, encrypted l
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,87 +63,11 @@ PLATFORMS = {
 BlobProgress = Callable[[str, int, int], None]
 
 
-class PullCancelled(UsageError):
-    """The pull was stopped (the build it fed failed or was interrupted)."""
-
-
-class _Downloader:
-    """Fetches layers in order on one thread; :meth:`wait` blocks until layer ``i`` is cached."""
-
-    def __init__(self, jobs: list[Callable[[threading.Event], Path]], client: RegistryClient):
-        self._jobs = jobs
-        self._client = client
-        self._done = threading.Condition()
-        self._completed = 0
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="enclavekit-pull", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for job in self._jobs:
-                job(self._stop)
-                with self._done:
-                    self._completed += 1
-                    self._done.notify_all()
-        except BaseException as exc:  # handed to the build that waits for the layer
-            with self._done:
-                self._error = exc
-                self._done.notify_all()
-        finally:
-            self._client.close()
-
-    def wait(self, index: int) -> None:
-        with self._done:
-            while self._completed <= index and self._error is None:
-                self._done.wait()
-            if self._completed <= index and self._error is not None:
-                raise self._error
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class ArrivingLayers(tuple[LayerBlob, ...]):
-    """The layers of a pull still in progress. Every element (and its cache path) is known up front;
-    iterating yields a layer only once its blob is in the cache, verified, and re-raises the pull's
-    error otherwise. So a build reads layer 1 while layer 2 downloads."""
-
-    _wait: Callable[[int], None]
-
-    def __new__(cls, layers: Sequence[LayerBlob], wait: Callable[[int], None]) -> ArrivingLayers:
-        self = super().__new__(cls, layers)
-        self._wait = wait
-        return self
-
-    def __iter__(self) -> Iterator[LayerBlob]:
-        for i, layer in enumerate(tuple.__iter__(self)):
-            self._wait(i)
-            yield layer
-
-
 @dataclass(frozen=True, slots=True)
 class PulledImage:
-    """A pulled image. With ``background=True`` its layers may still be arriving: iterating
-    ``image.layers`` waits for each (see :class:`ArrivingLayers`); :meth:`close` stops the pull."""
-
     image: Image
     reference: ImageReference
     manifest_digest: str
-    downloader: _Downloader | None = None
-
-    def close(self) -> None:
-        """Stop a background pull (partial blobs are removed) and wait for it to end."""
-        if self.downloader is not None:
-            self.downloader.cancel()
-
-    def __enter__(self) -> PulledImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def pull_image(
@@ -158,15 +80,10 @@ def pull_image(
     progress: BlobProgress | None = None,
     warn: Callable[[str], None] | None = None,
     client_options: Mapping[str, Any] | None = None,
-    background: bool = False,
 ) -> PulledImage:
     """Pull ``reference`` (Docker's syntax) for ``arch`` (``x86_64``/``amd64``, ``aarch64``/``arm64``,
     ``arm64/v8``; default amd64). Credentials default to Docker's sources (see
-    :mod:`~enclavekit.eif.registry.auth`).
-
-    ``background=True`` returns once the manifest and config are checked; the layers download on
-    a thread while the caller iterates ``image.layers`` (close the result, or use it as a context
-    manager, to stop the pull when the build fails)."""
+    :mod:`~enclavekit.eif.registry.auth`)."""
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     if arch is not None and arch not in PLATFORMS:
         raise UsageError(f"--arch {arch!r}: expected one of {', '.join(PLATFORMS)}")
@@ -175,10 +92,9 @@ def pull_image(
     if credentials is None:
         credentials = find_credentials(ref.registry)
     insecure = ref.registry in insecure_registries or ref.api_host in insecure_registries
-    client = RegistryClient(
+    with RegistryClient(
         ref, credentials=credentials, insecure=insecure, warn=warn, **(client_options or {})
-    )
-    try:
+    ) as client:
         top = client.manifest(ref.reference, MANIFEST_TYPES)
         manifest_obj, media_type, digest = _decode(top.data, top.media_type, f"{ref}")
         if media_type in (OCI_INDEX, DOCKER_LIST):
@@ -208,8 +124,7 @@ def pull_image(
                 f"{ref}: the manifest lists {len(layer_list)} layers but the config has "
                 f"{len(config.diff_ids)} diff_ids"
             )
-        layers: list[LayerBlob] = []
-        jobs: list[Callable[[threading.Event], Path]] = []
+        layers = []
         for i, (raw, diff_id) in enumerate(zip(layer_list, config.diff_ids, strict=True)):
             desc = _descriptor(raw, f"{ref}: layer {i}")
             if desc.media_type not in LAYER_TYPES:
@@ -218,21 +133,13 @@ def pull_image(
                     + ", ".join(sorted(LAYER_TYPES))
                 )
             label = f"layer {i} ({desc.digest[:19]})"
-            location = ContentRef(str(cache.path(desc.digest)), 0, desc.size)
-            layers.append(LayerBlob(location, label, desc.digest, diff_id))
-            jobs.append(functools.partial(_fetch_layer, client, cache, desc, label, progress))
-        tags = () if ref.digest else (f"{ref.familiar_repository}:{ref.tag}",)
-        if not background:
-            for job in jobs:
-                job(threading.Event())
-            client.close()
-            return PulledImage(Image(config, tuple(layers), f"docker://{ref}", tags), ref, digest)
-    except BaseException:
-        client.close()
-        raise
-    downloader = _Downloader(jobs, client)
-    arriving = ArrivingLayers(layers, downloader.wait)
-    return PulledImage(Image(config, arriving, f"docker://{ref}", tags), ref, digest, downloader)
+            path = _fetch_layer(client, cache, desc, label, progress)
+            layers.append(
+                LayerBlob(ContentRef(str(path), 0, desc.size), label, desc.digest, diff_id)
+            )
+    tags = () if ref.digest else (f"{ref.familiar_repository}:{ref.tag}",)
+    image = Image(config, tuple(layers), f"docker://{ref}", tags)
+    return PulledImage(image, ref, digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +234,6 @@ def _fetch_layer(
     desc: _Descriptor,
     label: str,
     progress: BlobProgress | None,
-    stop: threading.Event,
 ) -> Path:
     if progress is not None:
         progress(label, 0, desc.size)
@@ -339,21 +245,18 @@ def _fetch_layer(
 
     def attempt() -> Path:
         with client.blob_stream(desc.digest, label) as chunks:
-            counted = _counted(chunks, label, desc.size, progress, stop)
-            return cache.store(desc.digest, desc.size, counted, label)
+            return cache.store(
+                desc.digest, desc.size, _counted(chunks, label, desc.size, progress), label
+            )
 
     return client.retrying(attempt, label)
 
 
-def _counted(
-    chunks: Any, label: str, total: int, progress: BlobProgress | None, stop: threading.Event
-) -> Any:
+def _counted(chunks: Any, label: str, total: int, progress: BlobProgress | None) -> Any:
     done = 0
     if progress is not None:
         progress(label, 0, total)
     for chunk in chunks:
-        if stop.is_set():
-            raise PullCancelled(f"{label}: the pull was stopped")
         done += len(chunk)
         if progress is not None:
             progress(label, min(done, total), total)
