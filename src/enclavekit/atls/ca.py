@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from enclavekit._fs import write_atomic
 from enclavekit.atls.extension import attestation_extension
 from enclavekit.atls.store import CertificateRecord, ConsumeResult, Event, Store
-from enclavekit.attestation.policy import MaxAge
+from enclavekit.attestation.policy import MaxAge, parse_pcr_index
 from enclavekit.attestation.verifier import Verifier
 from enclavekit.errors import (
     Failure,
@@ -187,11 +187,10 @@ class CaPolicy:
 
 
 def _pcr_index(key: Any) -> int:
-    text = str(key)
-    text = text.removeprefix("PCR").removeprefix("pcr")
-    if not text.isdigit() or not 0 <= int(text) < 32:
-        raise UsageError(f"policy: PCR index must be 0..31 or PCRn, found {key!r}")
-    return int(text)
+    try:  # ASCII digits only: str.isdigit() accepts "²", which int() then refuses
+        return parse_pcr_index(key, "policy")
+    except UsageError:
+        raise UsageError(f"policy: PCR index must be 0..31 or PCRn, found {key!r}") from None
 
 
 def _pcr_value(value: Any) -> bytes:
@@ -213,7 +212,7 @@ _SERVICE_KEYS = frozenset(
 
 
 def ca_policy_from_mapping(obj: Any) -> CaPolicy:
-    """Build a :class:`CaPolicy` from parsed YAML/JSON (see the README for the schema)."""
+    """Build a :class:`CaPolicy` from parsed YAML/JSON (schema: docs/atls.md)."""
     if (
         not isinstance(obj, dict)
         or not isinstance(obj.get("services"), dict)
