@@ -413,3 +413,57 @@ def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError
         time.sleep(0.05)
+
+
+class FlakyFront:
+    """An HTTP front for a real registry that answers the first ``fail`` blob GETs with ``status``
+    (``Retry-After: 0``) and forwards everything else, to exercise the client's retries."""
+
+    def __init__(self, upstream: str, *, fail: int, status: int = 503) -> None:
+        import http.client
+
+        self.failures_left = fail
+        self.blob_requests = 0
+        self.lock = threading.Lock()
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if "/blobs/" in self.path:
+                    with front.lock:
+                        front.blob_requests += 1
+                        failing = front.failures_left > 0
+                        front.failures_left -= 1 if failing else 0
+                    if failing:
+                        self.send_response(status)
+                        self.send_header("Retry-After", "0")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                host, _, port = upstream.rpartition(":")
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                connection.request("GET", self.path, headers=headers)
+                answer = connection.getresponse()
+                body = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                connection.close()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -169,3 +169,71 @@ def test_concurrent_pulls_share_the_cache(pushed: Pushed, tmp_path: Path) -> Non
 
         data = Path(layer.location.path).read_bytes()
         assert layer.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_stale_temporary_files_of_killed_downloads_are_removed(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import time
+
+    from enclavekit.eif.registry.cache import STALE_TMP_SECONDS
+
+    cache = BlobCache(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    stale, fresh = tmp_path / "tmp" / "sha256-old.x", tmp_path / "tmp" / "sha256-new.y"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"another build's download in progress")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    data = b"blob"
+    cache.store("sha256:" + hashlib.sha256(data).hexdigest(), len(data), iter([data]), "blob")
+    assert not stale.exists()
+    assert fresh.exists()
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_transient_registry_errors_are_retried(status: int, pushed: Pushed, tmp_path: Path) -> None:
+    from tests.unit.registry.harness import FlakyFront
+
+    front = FlakyFront(pushed.registry.host, fail=2, status=status)
+    try:
+        pulled = pull_image(f"{front.host}/app:v1", cache=BlobCache(tmp_path / "blobs"))
+    finally:
+        front.stop()
+    assert len(pulled.image.layers) == 2
+    assert front.blob_requests == 2 + 3  # two refused, then config + two layers
+
+
+def test_registry_that_keeps_failing_is_exit_2(
+    pushed: Pushed, isolated: Path, tmp_path: Path, blobs_dir: Path
+) -> None:
+    from tests.unit.registry.harness import FlakyFront
+
+    front = FlakyFront(pushed.registry.host, fail=1000)
+    out = tmp_path / "x.eif"
+    try:
+        result = build(blobs_dir, out, "--image", f"docker://{front.host}/app:v1")
+    finally:
+        front.stop()
+    assert result.exit_code == 2, result.output
+    assert "HTTP 503" in result.stderr
+    assert not out.exists()
+
+
+def test_pull_never_without_a_daemon_is_exit_2(
+    pushed: Pushed,
+    isolated: Path,
+    tmp_path: Path,
+    blobs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    out = tmp_path / "x.eif"
+    result = build(
+        blobs_dir, out, "--docker-uri", f"{pushed.registry.host}/app:v1", "--pull", "never"
+    )
+    assert result.exit_code == 2, result.output
+    assert "docker client" in result.stderr
+    assert not out.exists()

@@ -6,7 +6,9 @@ two builds writing the same digest write the same bytes, so concurrent builds ar
 locks. A reader re-hashes a cached blob before using it (:meth:`BlobCache.lookup`) and evicts one that
 no longer matches (disk damage or tampering), so a bad entry costs one download, never a wrong build.
 
-Not done: size limits or eviction of old blobs (delete the folder to reclaim space).
+A build killed mid-download (SIGKILL) can leave a file in ``blobs/tmp/``; it is never read, and temporary
+files older than :data:`STALE_TMP_SECONDS` are removed by the next download. Not done: size limits or eviction
+of old blobs (delete the folder to reclaim space).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from enclavekit.errors import MalformedInput, UsageError
 
 _CHUNK = 1 << 20
+#: Temporary files this old belong to no running download (one blob never takes a day).
+STALE_TMP_SECONDS = 24 * 3600
 
 
 def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -68,6 +73,7 @@ class BlobCache:
         tmp_dir = self.root / "tmp"
         try:
             tmp_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale(tmp_dir)
             fd, name = tempfile.mkstemp(prefix=digest.replace(":", "-") + ".", dir=tmp_dir)
         except OSError as exc:
             raise UsageError(
@@ -115,3 +121,13 @@ class BlobCache:
 
 class BlobMismatch(MalformedInput):
     """A blob's bytes do not match the digest or size that named it (exit 2)."""
+
+
+def _remove_stale(tmp_dir: Path) -> None:
+    """Remove temporary files left by killed downloads (older than :data:`STALE_TMP_SECONDS`)."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    with contextlib.suppress(OSError), os.scandir(tmp_dir) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
