@@ -249,7 +249,7 @@ def _repository_of(uri: str) -> str:
     try:
         return parse_reference(uri).familiar_repository
     except UsageError:
-        return uri.split("@")[0].rsplit(":", 1)[0] if "/" not in uri.rsplit(":", 1)[-1] else uri
+        return uri  # not a reference Docker would accept either: recorded as given
 
 
 def _pull(reference: str, arch: str | None, insecure: tuple[str, ...]) -> PulledImage:

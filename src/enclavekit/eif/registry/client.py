@@ -295,17 +295,10 @@ class RegistryClient:
                 f"{self.reference}: the manifest is {len(data)} bytes; refusing more than "
                 f"{MAX_MANIFEST_BYTES}"
             )
-        algorithm = (
-            reference.partition(":")[0]
-            if reference.startswith("sha") and ":" in reference
-            else "sha256"
-        )
+        by_digest = reference.startswith(("sha256:", "sha512:"))  # tags never hold a ':'
+        algorithm = reference.partition(":")[0] if by_digest else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-        if (
-            ":" in reference
-            and reference.startswith(("sha256:", "sha512:"))
-            and digest != reference
-        ):
+        if by_digest and digest != reference:
             raise MalformedInput(
                 f"{self.reference}: the registry sent a manifest that hashes to {digest}, not to "
                 f"the requested {reference}; refused"
