@@ -220,9 +220,10 @@ def fixture_eif_with_kms(page: Page, ns: dict[str, Any]) -> None:
         aws_secret_access_key="docs",
     )
     arn = kms.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
-    kms.create_alias(AliasName="alias/eif-signer", TargetKeyId=arn)
+    alias = f"alias/eif-signer-{os.getpid()}-{time.monotonic_ns()}"  # moto's state is per process
+    kms.create_alias(AliasName=alias, TargetKeyId=arn)
     page.env["KMS_KEY_ARN"] = arn
-    page.env["KMS_ALIAS_ARN"] = arn.split(":key/")[0] + ":alias/eif-signer"
+    page.env["KMS_ALIAS_ARN"] = arn.split(":key/")[0] + ":" + alias
     _certificate_for(endpoint, arn, page.dir / "kms-cert.pem")
 
 

@@ -186,8 +186,9 @@ def test_sign_eif_with_kms_key_verifies_in_describe_eif_and_pyca(
 def test_kms_alias_arn_signs(aws_env: str, unsigned_eif: Path, tmp_path: Path) -> None:
     arn = _create_key(aws_env)
     account = arn.split(":")[4]
-    _kms(aws_env).create_alias(AliasName="alias/eif-signer", TargetKeyId=arn)
-    alias_arn = f"arn:aws:kms:{REGION}:{account}:alias/eif-signer"
+    alias = f"alias/eif-signer-{arn.rsplit('/', 1)[1]}"  # moto's state is shared in the process
+    _kms(aws_env).create_alias(AliasName=alias, TargetKeyId=arn)
+    alias_arn = f"arn:aws:kms:{REGION}:{account}:{alias}"
     cert = _certificate_for(aws_env, arn, tmp_path / "kms-cert.pem")
     out = tmp_path / "signed.eif"
     result = CliRunner().invoke(
