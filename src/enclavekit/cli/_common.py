@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from enclavekit.attestation.verifier import Verifier
 from enclavekit.cli._render import warn
 from enclavekit.errors import UsageError
-from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
+if TYPE_CHECKING:  # imported where used: command modules load fast for --help
+    from enclavekit.attestation.verifier import Verifier
 
 #: ``--root PEM`` (repeatable), read by :func:`nsm_verifier`; shared by every command that verifies NSM
 #: attestations, so the option means the same everywhere.
@@ -22,6 +25,9 @@ root_option = click.option(
 
 def nsm_verifier(roots: tuple[str, ...]) -> Verifier:
     """A verifier for the given PEM roots (``--root``; default: AWS); warns loudly about any non-AWS root."""
+    from enclavekit.attestation.verifier import Verifier
+    from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
     trust = [c for path in roots for c in load_pem_roots(path)] if roots else [aws_root()]
     verifier = Verifier(trust)
     if not verifier.trusts_only_aws:

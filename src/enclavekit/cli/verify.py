@@ -5,29 +5,20 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from cryptography import x509
 
-from enclavekit.attestation.document import AttestationDocument, read_document_bytes
-from enclavekit.attestation.policy import (
-    MaxAge,
-    NonceEquals,
-    NotDebug,
-    PcrsEqual,
-    Policy,
-    UnsafeNoOp,
-    combine,
-    load_policy,
-    parse_pcr_index,
-    parse_pcr_value,
-)
-from enclavekit.attestation.verifier import VerifiedAttestation, _parse_cert
 from enclavekit.cli._common import nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
-from enclavekit.pki.roots import fingerprint
+
+if TYPE_CHECKING:  # imported where used, so `enclavekit verify --help` starts fast
+    from cryptography import x509
+
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.policy import Policy
+    from enclavekit.attestation.verifier import VerifiedAttestation
 
 #: Text encodings (hex/base64) of a 16 KiB document stay far below this; bounds what we read.
 MAX_INPUT = 1024 * 1024
@@ -42,6 +33,8 @@ def register(group: click.Group) -> None:
 
 def read_document(source: str) -> bytes:
     """Read DOC (a path or ``-``) and return raw COSE bytes (raw CBOR, hex or base64 accepted)."""
+    from enclavekit.attestation.document import read_document_bytes
+
     try:
         if source == "-":
             data = sys.stdin.buffer.read(MAX_INPUT + 1)
@@ -71,6 +64,8 @@ def parse_at(value: str, doc: AttestationDocument) -> datetime:
 
 
 def _pcr_options(values: tuple[str, ...]) -> dict[int, bytes]:
+    from enclavekit.attestation.policy import parse_pcr_index, parse_pcr_value
+
     out: dict[int, bytes] = {}
     for item in values:
         index, sep, hexvalue = item.partition("=")
@@ -93,6 +88,8 @@ def _hex_option(value: str | None, name: str) -> bytes | None:
 
 
 def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
+    from enclavekit.pki.roots import fingerprint
+
     return {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
@@ -186,6 +183,17 @@ def verify(
     Checks the COSE signature and the certificate chain to a pinned root, then the policy. Exit 0: verified
     and policy satisfied; 1: verification or policy failure (every reason printed); 2: unusable input.
     """
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.policy import (
+        MaxAge,
+        NonceEquals,
+        NotDebug,
+        PcrsEqual,
+        UnsafeNoOp,
+        combine,
+        load_policy,
+    )
+
     raw = read_document(doc)
     decoded = AttestationDocument.from_cbor(raw)
     verifier = nsm_verifier(roots)
@@ -257,6 +265,9 @@ def verify(
 @json_option
 def inspect(doc: str, as_json: bool) -> None:
     """Decode and show an attestation document WITHOUT verifying it."""
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.verifier import _parse_cert
+
     raw = read_document(doc)
     decoded = AttestationDocument.from_cbor(raw)
     certs = []
