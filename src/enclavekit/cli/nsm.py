@@ -356,7 +356,7 @@ def _pcr_report(index: int, lock: bool, data: bytes, as_json: bool) -> None:
         emit_json({"index": index, "lock": lock, "data": data.hex()})
         return
     stderr.print(f"PCR{index} ({'locked' if lock else 'unlocked'})")
-    stderr.print(data.hex())
+    click.echo(data.hex())  # the value is the result: stdout, like the raw output of other commands
 
 
 @nsm.command("describe-pcr")
