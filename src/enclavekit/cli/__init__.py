@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -114,6 +115,33 @@ def cli(verbose: int) -> None:
     )
 
 
+#: Signals that end a command: the stack unwinds (every ``finally`` and ``with`` removes what it made)
+#: and the process exits with the shell's convention for death by signal, 128 + the signal number.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived. A ``BaseException``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    for other in _STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="enclavekit")
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup and `&` stay as they are
+            signal.signal(signum, _interrupted)
+    try:
+        cli(prog_name="enclavekit")
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        click.echo(f"interrupted by {name}: stopped, temporary files removed", err=True)
+        sys.exit(128 + stop.signum)
