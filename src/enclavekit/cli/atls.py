@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import base64
-import contextlib
+import errno
+import socket
 import sys
 
 import click
 
 from enclavekit.attestation.policy import load_policy
-from enclavekit.cli._common import host_port, nsm_verifier, root_option
+from enclavekit.cli._common import (
+    bind_error,
+    endpoint_url,
+    host_port,
+    nsm_verifier,
+    root_option,
+)
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 
@@ -20,15 +27,32 @@ def atls_group() -> None:
 
 
 @atls_group.command("proxy")
-@click.option("--ca", "ca_url", required=True, metavar="URL", help="The attestation CA's URL.")
+@click.option(
+    "--ca",
+    "ca_url",
+    required=True,
+    metavar="URL",
+    help="The attestation CA: http(s)://HOST:PORT, or HOST:PORT / tcp://HOST:PORT for http.",
+)
 @click.option("--name", required=True, help="Service name in the CA policy.")
-@click.option("--listen", required=True, metavar="HOST:PORT", help="TLS listening address.")
-@click.option("--upstream", required=True, metavar="HOST:PORT", help="The app behind the proxy.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="TLS listening address (or tcp://HOST:PORT).",
+)
+@click.option(
+    "--upstream",
+    required=True,
+    metavar="HOST:PORT",
+    help="The app behind the proxy (or tcp://HOST:PORT).",
+)
 @click.option(
     "--nsm",
     "nsm_url",
     metavar="URL",
-    help="NSM emulator (unix:///path, tcp://host:port). Default: $ENCLAVEKIT_NSM, else /dev/nsm.",
+    help="NSM emulator (unix:///path, HOST:PORT or tcp://HOST:PORT). Default: $ENCLAVEKIT_NSM, "
+    "else /dev/nsm.",
 )
 def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | None) -> None:
     """Obtain an attested certificate and terminate TLS in front of --upstream (renews itself)."""
@@ -37,8 +61,10 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
 
     listen_at = host_port(listen, "--listen")
     upstream_at = host_port(upstream, "--upstream")
-    nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
-    identity = EnclaveIdentity(ca_url, name, nsm)
+    ca_base = _ca_url(ca_url)
+    _check_bind(listen, listen_at)  # before asking the CA for anything
+    nsm = Nsm.connect(endpoint_url(nsm_url, "--nsm")) if nsm_url else Nsm.open()
+    identity = EnclaveIdentity(ca_base, name, nsm)
 
     def ready(host: str, port: int) -> None:
         cert = identity.current.certificate
@@ -47,8 +73,33 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
             f" {cert.serial_number:x} valid until {cert.not_valid_after_utc.isoformat()}"
         )
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         run_proxy(identity, listen_at, upstream_at, on_ready=ready)
+    except OSError as exc:
+        if exc.errno in _BIND_ERRNOS:  # taken between the check and the bind
+            raise bind_error("--listen", listen, exc) from None
+        raise
+
+
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _check_bind(value: str, address: tuple[str, int]) -> None:
+    """Fail fast (exit 2 naming --listen) when the listening address cannot be bound."""
+    host, port = address
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        raise bind_error("--listen", value, exc) from None
+
+
+def _ca_url(value: str) -> str:
+    """``--ca``: an http(s):// URL as is; HOST:PORT or tcp://HOST:PORT means http://HOST:PORT."""
+    if value.lower().startswith(("http://", "https://")):
+        return value
+    host, port = host_port(value, "--ca")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @atls_group.command("get")

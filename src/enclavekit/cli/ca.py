@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from enclavekit.atls.ca import (
     revoke_certificate,
 )
 from enclavekit.atls.store import open_store
-from enclavekit.cli._common import host_port, nsm_verifier, root_option
+from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
@@ -72,7 +73,12 @@ def root(state_dir: Path, as_json: bool) -> None:
 
 
 @ca_group.command("serve")
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Address of the HTTP API.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the HTTP API: HOST:PORT or tcp://HOST:PORT (port 0: any free port).",
+)
 @_state_dir
 @click.option(
     "--policy",
@@ -96,15 +102,28 @@ def serve(
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
     store = open_store(state_dir, database)
-    issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(verifier))
-    app = create_app(issuer, admin_token=load_admin_token(state_dir))
-    stderr.print(
-        f"attestation CA on http://{host}:{port} (services: {', '.join(sorted(policy.services))})"
-    )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(verifier))
+        app = create_app(issuer, admin_token=load_admin_token(state_dir))
+        try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
+            sock = socket.create_server((host, port), family=_family(host))
+        except OSError as exc:
+            raise bind_error("--listen", listen, exc) from None
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        stderr.print(
+            f"attestation CA listening on http://{shown}:{bound_port}"
+            f" (services: {', '.join(sorted(policy.services))})"
+        )
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        with sock:
+            server.run(sockets=[sock])
     finally:
         store.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 @ca_group.command("revoke")

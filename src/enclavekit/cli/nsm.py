@@ -19,6 +19,7 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from enclavekit._fs import write_atomic
+from enclavekit.cli._common import bind_error, endpoint_url
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.nsm.client import ENV_VAR, Nsm
@@ -169,7 +170,7 @@ def _warn_if_emulated() -> None:
 @click.option(
     "--listen",
     metavar="URL",
-    help="unix:///path or tcp://host:port (default unix://<state-dir>/nsm.sock).",
+    help="unix:///path, HOST:PORT or tcp://HOST:PORT (default unix://<state-dir>/nsm.sock).",
 )
 @click.option("--region", default=DEFAULT_REGION, show_default=True, help="Region in CA names.")
 @click.option("--module-id", help="Module id (default random, i-<17 hex>-enc<16 hex>).")
@@ -208,13 +209,16 @@ def serve(
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    url = listen or f"unix://{directory / 'nsm.sock'}"
+    url = endpoint_url(listen, "--listen") if listen else f"unix://{directory / 'nsm.sock'}"
     asyncio.run(_serve(emulator, url, directory, as_json))
 
 
 async def _serve(emulator: NsmEmulator, url: str, directory: Path, as_json: bool) -> None:
     server = EmulatorServer(emulator, url)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        raise bind_error("--listen", url, exc) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
