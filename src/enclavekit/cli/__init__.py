@@ -100,7 +100,12 @@ class _Group(click.Group):
         except (OSError, ValueError) as exc:
             if isinstance(exc, BrokenPipeError):
                 ctx.exit(0)
-            click.echo(f"error: {exc}", err=True)
+            if isinstance(exc, OSError):
+                from enclavekit.cli._files import describe_os_error
+
+                click.echo(f"error: {describe_os_error(exc)}", err=True)
+            else:
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
 
 

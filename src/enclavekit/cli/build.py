@@ -12,12 +12,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
 
+from enclavekit.cli._files import output_error
 from enclavekit.cli._render import emit_json, json_option, stderr
-from enclavekit.eif.build import blobs_directory, build_enclave
+from enclavekit.eif.build import BuildResult, blobs_directory, build_enclave
 from enclavekit.eif.image import check_env, export_from_docker, open_source, parse_cmd
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, HASH_ALGORITHM_SHA512_384
 from enclavekit.eif.metadata import load_custom_metadata
@@ -57,6 +59,7 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
     help="Export NAME from a reachable Docker daemon (docker save) and build from that.",
 )
 @click.option(
+    "-o",
     "--output-file",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -142,6 +145,10 @@ def build_enclave_command(
         else None
     )
     custom = load_custom_metadata(metadata_file.read_bytes()) if metadata_file else None
+    if not output_file.parent.is_dir():
+        raise UsageError(
+            f"--output-file {output_file}: the directory {output_file.parent} does not exist"
+        )
     _say("Start building the Enclave Image...")
     with (
         tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
@@ -155,7 +162,8 @@ def build_enclave_command(
             assert image is not None
             source = open_source(image, arch=arch)
             image_name = None
-        result = build_enclave(
+        result = _build(
+            output_file,
             source,
             output_file,
             blobs_dir=blobs_directory(blobs, os.environ),
@@ -174,6 +182,16 @@ def build_enclave_command(
         )
     _say(f"Enclave Image successfully created: {result.path} ({result.size} bytes).")
     emit_json({"Measurements": result.measurements.to_json()})
+
+
+def _build(output_file: Path, *args: Any, **kwargs: Any) -> BuildResult:
+    try:
+        return build_enclave(*args, **kwargs)
+    except OSError as exc:  # the EIF is written beside its target: name the target, not the temp
+        error = output_error(exc, {"--output-file": output_file})
+        if error is None:
+            raise
+        raise error from None
 
 
 def register(group: click.Group) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from enclavekit.cli._common import nsm_verifier, root_option
+from enclavekit.cli._files import decode_document, parse_hex, read_input, read_policy
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
-from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
+from enclavekit.errors import Error, PolicyViolation, UsageError
 
 if TYPE_CHECKING:  # imported where used, so `enclavekit verify --help` starts fast
     from cryptography import x509
@@ -33,21 +32,8 @@ def register(group: click.Group) -> None:
 
 def read_document(source: str) -> bytes:
     """Read DOC (a path or ``-``) and return raw COSE bytes (raw CBOR, hex or base64 accepted)."""
-    from enclavekit.attestation.document import read_document_bytes
-
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with Path(source).open("rb") as handle:
-                data = handle.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {source!r}: {exc.strerror or exc}") from None
-    if len(data) > MAX_INPUT:
-        raise MalformedInput(
-            f"{source!r} is larger than {MAX_INPUT} bytes; not an attestation document"
-        )
-    return read_document_bytes(data)
+    data = read_input(source, "DOC", limit=MAX_INPUT)
+    return decode_document(data, f"DOC {source}")
 
 
 def parse_at(value: str, doc: AttestationDocument) -> datetime:
@@ -81,10 +67,7 @@ def _pcr_options(values: tuple[str, ...]) -> dict[int, bytes]:
 def _hex_option(value: str | None, name: str) -> bytes | None:
     if value is None:
         return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UsageError(f"{name}: {value!r} is not hex") from None
+    return parse_hex(value, name)
 
 
 def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
@@ -191,7 +174,6 @@ def verify(
         PcrsEqual,
         UnsafeNoOp,
         combine,
-        load_policy,
     )
 
     raw = read_document(doc)
@@ -206,7 +188,7 @@ def verify(
     if expected:
         parts.append(PcrsEqual(expected))
     if policy_file:
-        parts.append(load_policy(policy_file))
+        parts.append(read_policy(policy_file))
     nonce_bytes = _hex_option(nonce, "--nonce")
     if nonce_bytes is not None:
         parts.append(NonceEquals(nonce_bytes))

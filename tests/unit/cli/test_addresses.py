@@ -141,7 +141,12 @@ def test_atls_proxy_bad_upstream_names_the_flag() -> None:
 
 def test_attack_nsm_serve_busy_port_is_not_exit_2(tmp_path: Path, busy_port: int) -> None:
     done = run(
-        "nsm", "serve", "--state-dir", str(tmp_path / "s"), "--listen", f"tcp://127.0.0.1:{busy_port}"
+        "nsm",
+        "serve",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--listen",
+        f"tcp://127.0.0.1:{busy_port}",
     )
     assert done.returncode == 2, done.stderr
     assert b"--listen" in done.stderr
