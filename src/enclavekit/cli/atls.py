@@ -9,7 +9,6 @@ import sys
 
 import click
 
-from enclavekit.attestation.policy import load_policy
 from enclavekit.cli._common import (
     bind_error,
     endpoint_url,
@@ -17,6 +16,7 @@ from enclavekit.cli._common import (
     nsm_verifier,
     root_option,
 )
+from enclavekit.cli._files import read_policy
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 
@@ -151,7 +151,7 @@ def get(
     client = AttestedClient(
         root,
         verifier=nsm_verifier(roots),
-        policy=load_policy(policy_file) if policy_file else None,
+        policy=read_policy(policy_file) if policy_file else None,
         fresh=fresh,
         timeout=timeout,
         crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,

@@ -20,6 +20,7 @@ from enclavekit.atls.ca import (
 )
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
+from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
@@ -99,6 +100,12 @@ def serve(
 
     host, port = host_port(listen, "--listen")
     keys = load_ca_keys(state_dir)
+    require_text(
+        read_input(policy_file, "--policy", limit=MAX_POLICY_FILE),
+        policy_file,
+        "--policy",
+        "a YAML or JSON CA policy",
+    )
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
     store = open_store(state_dir, database)

@@ -164,3 +164,20 @@ def test_one_bad_base64_character_is_found_where_it_is(raw: bytes, data: st.Data
     problem = text_encoding_error(bytes(text))
     # A base64 text of mostly hex digits is (rightly) taken for hex; both name the byte.
     assert problem is not None and f"byte {at} " in problem
+
+
+def test_attack_ca_policy_that_is_not_text_gives_a_traceback_or_codec_error(tmp_path: Path) -> None:
+    assert run("ca", "init", "--state-dir", str(tmp_path / "ca")).returncode == 0
+    policy = tmp_path / "ca-policy.yaml"
+    policy.write_bytes(b"services:\n  \xff\xfe\n")
+    text = _stderr(
+        "ca",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        str(tmp_path / "ca"),
+        "--policy",
+        str(policy),
+    )
+    assert f"--policy {policy}: not a text file (byte 12 is 0xff" in text
