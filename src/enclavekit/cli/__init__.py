@@ -148,5 +148,8 @@ def main() -> None:
         cli(prog_name="enclavekit")
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
-        click.echo(f"interrupted by {name}: stopped, temporary files removed", err=True)
+        # Through logging, so that a service with --log-format json says it in JSON too.
+        logging.getLogger("enclavekit.cli").warning(
+            "stopped by %s", name, extra={"event": "signal", "fields": {"signal": name}}
+        )
         sys.exit(128 + stop.signum)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -48,5 +49,11 @@ def emit_json(obj: Any) -> None:
 
 
 def warn(message: str) -> None:
-    """A loud warning on stderr (unsafe switches, emulator roots)."""
+    """A loud warning on stderr (unsafe switches, emulator roots); one JSON line in a service that
+    logs JSON."""
+    from enclavekit.cli import _log
+
+    if _log.active_format is not None:
+        logging.getLogger("enclavekit.cli").warning(message, extra={"event": "warning"})
+        return
     stderr.print(f"[bold yellow]WARNING:[/] {message}")

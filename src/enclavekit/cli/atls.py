@@ -17,6 +17,7 @@ from enclavekit.cli._common import (
     root_option,
 )
 from enclavekit.cli._files import read_policy
+from enclavekit.cli._log import event, log_format_option, service_logging
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 
@@ -54,8 +55,15 @@ def atls_group() -> None:
     help="NSM emulator (unix:///path, HOST:PORT or tcp://HOST:PORT). Default: $ENCLAVEKIT_NSM, "
     "else /dev/nsm.",
 )
-def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | None) -> None:
-    """Obtain an attested certificate and terminate TLS in front of --upstream (renews itself)."""
+@log_format_option
+def proxy(
+    ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | None, log_format: str
+) -> None:
+    """Obtain an attested certificate and terminate TLS in front of --upstream (renews itself).
+
+    Logs one line on stderr per start, certificate obtained or renewed, failed renewal (with its
+    reason) and stop.
+    """
     from enclavekit.atls.server import EnclaveIdentity, run_proxy
     from enclavekit.nsm import Nsm
 
@@ -65,12 +73,18 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
     _check_bind(listen, listen_at)  # before asking the CA for anything
     nsm = Nsm.connect(endpoint_url(nsm_url, "--nsm")) if nsm_url else Nsm.open()
     identity = EnclaveIdentity(ca_base, name, nsm)
+    logger = service_logging(log_format)  # certificates obtained and renewed: atls.server logs them
+    where: list[str] = []
 
     def ready(host: str, port: int) -> None:
-        cert = identity.current.certificate
-        stderr.print(
-            f"attested TLS on {host}:{port} → {upstream}; certificate"
-            f" {cert.serial_number:x} valid until {cert.not_valid_after_utc.isoformat()}"
+        where.append(f"{host}:{port}")
+        event(
+            logger,
+            "start",
+            f"attested TLS on {host}:{port} → {upstream}",
+            listen=where[0],
+            upstream=upstream,
+            service=name,
         )
 
     try:
@@ -79,6 +93,9 @@ def proxy(ca_url: str, name: str, listen: str, upstream: str, nsm_url: str | Non
         if exc.errno in _BIND_ERRNOS:  # taken between the check and the bind
             raise bind_error("--listen", listen, exc) from None
         raise
+    finally:
+        if where:
+            event(logger, "stop", f"attested TLS on {where[0]} stopped", listen=where[0])
 
 
 _BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)

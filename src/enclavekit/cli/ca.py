@@ -21,6 +21,7 @@ from enclavekit.atls.ca import (
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
 from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
+from enclavekit.cli._log import event, log_format_option, service_logging
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
@@ -90,15 +91,25 @@ def root(state_dir: Path, as_json: bool) -> None:
 )
 @root_option
 @_database
+@log_format_option
 def serve(
-    listen: str, state_dir: Path, policy_file: Path, roots: tuple[str, ...], database: str | None
+    listen: str,
+    state_dir: Path,
+    policy_file: Path,
+    roots: tuple[str, ...],
+    database: str | None,
+    log_format: str,
 ) -> None:
-    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted."""
+    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
+
+    Logs one line on stderr per start, issuance, refusal (with its reason) and stop.
+    """
     import uvicorn
 
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
+    logger = service_logging(log_format)
     keys = load_ca_keys(state_dir)
     require_text(
         read_input(policy_file, "--policy", limit=MAX_POLICY_FILE),
@@ -118,13 +129,21 @@ def serve(
             raise bind_error("--listen", listen, exc) from None
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        stderr.print(
-            f"attestation CA listening on http://{shown}:{bound_port}"
-            f" (services: {', '.join(sorted(policy.services))})"
-        )
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        with sock:
-            server.run(sockets=[sock])
+        url = f"http://{shown}:{bound_port}"
+        services = sorted(policy.services)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        try:
+            event(
+                logger,
+                "start",
+                f"attestation CA listening on {url} (services: {', '.join(services)})",
+                listen=url,
+                services=services,
+            )
+            with sock:
+                server.run(sockets=[sock])
+        finally:
+            event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
     finally:
         store.close()
 
