@@ -74,3 +74,26 @@ def test_every_registered_command_is_listed() -> None:
         collector = click.Group()
         importlib.import_module(module).register(collector)
         assert set(collector.commands) <= set(_COMMANDS), module
+
+
+MISSING_EXTRA = """
+import sys
+import click
+import enclavekit.cli as c
+
+@click.command("needs-kms")
+def needs_kms() -> None:
+    raise ModuleNotFoundError("No module named 'botocore'", name="botocore")
+
+c.cli.add_command(needs_kms)
+c.cli.main(["needs-kms"], prog_name="enclavekit")
+"""
+
+
+def test_attack_missing_optional_dependency_is_a_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", MISSING_EXTRA], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pip install 'enclavekit[kms]'" in done.stderr
