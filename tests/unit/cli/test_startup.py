@@ -50,6 +50,7 @@ def test_attack_help_loads_every_command_module_up_front(argv: list[str]) -> Non
     others = {m for m in loaded if m.startswith("enclavekit.cli.")} - {
         "enclavekit.cli._common",
         "enclavekit.cli._render",
+        "enclavekit.cli._files",
         "enclavekit.cli.verify",
     }
     assert not others, sorted(others)
