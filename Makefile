@@ -7,7 +7,7 @@ export UV_PYTHON := $(shell command -v $(PYTHON))
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: all venv demo test lint typecheck check bench clean
+.PHONY: all venv demo test lint typecheck check bench docs clean
 
 all: check test
 
@@ -36,11 +36,14 @@ typecheck: venv
 
 check: lint typecheck
 
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
 bench: venv
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf .venv .tools .mypy_cache .ruff_cache build dist
+	rm -rf .venv .tools .mypy_cache .ruff_cache build dist site
 
 vm-setup:
 	bash scripts/qemu-nitro/setup.sh

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -18,6 +18,7 @@ from enclavekit.atls.ca import (
     load_ca_policy,
     revoke_certificate,
 )
+from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
 from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
@@ -91,6 +92,20 @@ def root(state_dir: Path, as_json: bool) -> None:
 )
 @root_option
 @_database
+@click.option(
+    "--audit-retention-days",
+    type=click.IntRange(1, 36500),
+    default=AUDIT_RETENTION.days,
+    show_default=True,
+    help="Delete audit events (and certificate records expired) older than this many days.",
+)
+@click.option(
+    "--audit-max-events",
+    type=click.IntRange(1000, 100_000_000),
+    default=AUDIT_MAX_EVENTS,
+    show_default=True,
+    help="Keep at most this many audit events (the newest).",
+)
 @log_format_option
 def serve(
     listen: str,
@@ -98,11 +113,15 @@ def serve(
     policy_file: Path,
     roots: tuple[str, ...],
     database: str | None,
+    audit_retention_days: int,
+    audit_max_events: int,
     log_format: str,
 ) -> None:
     """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
 
-    Logs one line on stderr per start, issuance, refusal (with its reason) and stop.
+    Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
+    service documentation. Logs one line on stderr per start, issuance, refusal (with its reason)
+    and stop.
     """
     import uvicorn
 
@@ -119,9 +138,21 @@ def serve(
     )
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
+    retention = timedelta(days=audit_retention_days)
+    limits = CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
     store = open_store(state_dir, database)
     try:
-        issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(verifier))
+        issuer = Issuer(
+            keys,
+            policy,
+            store,
+            NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
+            limits=limits,
+        )
         app = create_app(issuer, admin_token=load_admin_token(state_dir))
         try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
             sock = socket.create_server((host, port), family=_family(host))
@@ -131,7 +162,14 @@ def serve(
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         url = f"http://{shown}:{bound_port}"
         services = sorted(policy.services)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=5,
+        )
+        server = uvicorn.Server(config)
         try:
             event(
                 logger,

@@ -79,13 +79,25 @@ def kms_group() -> None:
     metavar="CERT.pem",
     help="Recipient certificate, to match issuerAndSerialNumber recipients by name.",
 )
+@click.option(
+    "--expected-length",
+    type=click.IntRange(0, MAX_ENVELOPE_SIZE),
+    metavar="BYTES",
+    help="The plaintext's known length (32 for an AES_256 data key): any other length fails like a "
+    "tampered envelope, which leaves a relay no padding oracle.",
+)
 @json_option
 def unwrap(
-    private_key_path: str, envelope_path: str, certificate_path: str | None, as_json: bool
+    private_key_path: str,
+    envelope_path: str,
+    certificate_path: str | None,
+    expected_length: int | None,
+    as_json: bool,
 ) -> None:
     """Decrypt an envelope and write the plaintext to stdout.
 
-    Exit 1 when the envelope is not addressed to this key, 2 when it is malformed or unsupported.
+    Exit 1 when the envelope is not addressed to this key or its content does not decrypt (one message
+    for every cause: no padding oracle), 2 when it is malformed or unsupported.
     """
     key = _private_key(private_key_path)
     certificate = None
@@ -100,7 +112,7 @@ def unwrap(
             ) from None
     raw = _envelope_bytes(_read(envelope_path, "--envelope", MAX_ENVELOPE_SIZE * 2), envelope_path)
     envelope = Envelope.from_ber(raw)
-    plaintext = envelope.decrypt(key, certificate=certificate)
+    plaintext = envelope.decrypt(key, certificate=certificate, expected_length=expected_length)
     if as_json:
         emit_json(
             {

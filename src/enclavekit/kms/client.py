@@ -145,10 +145,18 @@ class KmsClient:
 
     # -- convenience: straight to plaintext ----------------------------------------------------
     def decrypt_plaintext(
-        self, ciphertext_blob: bytes, *, key: RecipientKey, recipient: Recipient, **kwargs: Any
+        self,
+        ciphertext_blob: bytes,
+        *,
+        key: RecipientKey,
+        recipient: Recipient,
+        expected_length: int | None = None,
+        **kwargs: Any,
     ) -> bytes:
+        """Decrypt and unwrap; pass ``expected_length`` when the plaintext's length is known."""
         return key.unwrap(
-            self.decrypt(ciphertext_blob, recipient=recipient, **kwargs).ciphertext_for_recipient
+            self.decrypt(ciphertext_blob, recipient=recipient, **kwargs).ciphertext_for_recipient,
+            expected_length=expected_length,
         )
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -8,17 +8,28 @@ DER (as ``openssl cms -encrypt`` writes), and enforces, with one :class:`Malform
 3. key-transport recipients (KeyTransRecipientInfo) whose version agrees with the identifier form —
    0 with issuerAndSerialNumber, 2 with subjectKeyIdentifier; other recipient kinds are kept but unused;
 4. key encryption RSAES-OAEP with SHA-256, MGF1-SHA-256 and an empty label (``RSAES_OAEP_SHA_256``);
-5. content type id-data, content encryption AES-256-CBC with a 16-byte IV, ciphertext present and a
-   whole number of blocks.
+5. content encryption AES-256-CBC (another algorithm is refused as unsupported).
 
 Decrypting (:meth:`Envelope.decrypt`) picks the recipient meant for the private key — subjectKeyIdentifier
 equal to SHA-256 of the DER SubjectPublicKeyInfo (KMS), the RFC 5280 SHA-1 key id, or the certificate's
 SKI extension / issuer and serial when a certificate is given — and falls back to trial decryption
 (OAEP's integrity check tells a wrong key) for recipients that cannot be matched by identifier. A key
-that opens no recipient raises :class:`NotForThisKey` (exit 1).
+that opens no recipient raises :class:`NotForThisKey` (exit 1). PKCS#1 v1.5 key transport is refused
+at decoding (step 4), so the private key never sees a ciphertext that a Bleichenbacher oracle could use;
+OAEP failures are one ``ValueError`` from OpenSSL, whatever went wrong inside.
+
+No padding oracle: everything after the RSA step — the content key's length, the encrypted content's
+type (id-data), its IV (16 bytes), its presence and length (whole AES blocks), the PKCS#7 padding
+(checked by pyca's constant-time unpadder) and, when the caller gives ``expected_length``, the
+plaintext's length — is computed in full and folded into one verdict: any failure raises one
+:class:`UndecryptableEnvelope` with one fixed message (exit 1), so a party that relays envelopes and
+sees the outcome cannot tell a bad padding from any other defect. Only the outer structure and the
+recipients are checked while decoding; their errors depend on nothing but the bytes sent.
 
 Not checked: anything about the sender — EnvelopedData is not signed, so the envelope proves nothing about
-who made it; AES-CBC has no integrity tag (a tampered ciphertext decrypts to garbage or a padding error).
+who made it; AES-CBC has no integrity (a tampered ciphertext decrypts to garbage when its padding
+happens to be valid). A caller that does not know the plaintext's length still reveals valid padding as
+success: it must not let a relay retry envelopes without bound.
 """
 
 from __future__ import annotations
@@ -54,6 +65,24 @@ class NotForThisKey(VerificationError):
     """No recipient of the envelope can be opened with the given private key (exit 1)."""
 
 
+#: The one message of :class:`UndecryptableEnvelope`: it must not depend on what went wrong.
+UNDECRYPTABLE_MESSAGE = (
+    "the CMS envelope is addressed to this key but its encrypted content does not decrypt: expected "
+    "AES-256-CBC id-data content with a 32-byte content key, a 16-byte IV, whole blocks, valid "
+    "PKCS#7 padding and the expected plaintext length, found content that fails at least one of "
+    "these (which one is deliberately not reported: CMS EnvelopedData has no integrity, so telling "
+    "them apart would be a padding oracle); the envelope was altered or damaged on its way — request "
+    "a new one from KMS, and do not retry failed envelopes without a bound"
+)
+
+
+class UndecryptableEnvelope(VerificationError):
+    """The content key was unwrapped but the content does not decrypt (exit 1); one fixed message."""
+
+    def __init__(self) -> None:
+        super().__init__(UNDECRYPTABLE_MESSAGE)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyTransRecipient:
     """One KeyTransRecipientInfo with RSAES-OAEP-SHA-256 key transport (validated on decode)."""
@@ -82,6 +111,9 @@ class Envelope:
     other_recipients: int
     iv: bytes
     encrypted_content: bytes
+    #: False when the encrypted content's type, IV or shape is wrong; :meth:`decrypt` then raises
+    #: :class:`UndecryptableEnvelope` after the same work as for a bad padding.
+    content_well_formed: bool = True
 
     @classmethod
     def from_ber(cls, data: bytes) -> Envelope:
@@ -105,20 +137,32 @@ class Envelope:
             ) from None
 
     def decrypt(
-        self, private_key: rsa.RSAPrivateKey, *, certificate: x509.Certificate | None = None
+        self,
+        private_key: rsa.RSAPrivateKey,
+        *,
+        certificate: x509.Certificate | None = None,
+        expected_length: int | None = None,
     ) -> bytes:
-        """Unwrap the content key with ``private_key`` and return the decrypted content."""
+        """Unwrap the content key with ``private_key`` and return the decrypted content.
+
+        ``expected_length``: the plaintext's length when the caller knows it (32 for an AES-256 data key,
+        ``NumberOfBytes`` for GenerateRandom); a plaintext of another length fails like a bad padding,
+        which closes the padding oracle that a relay seeing success or failure would otherwise have.
+        Raises :class:`NotForThisKey` when no recipient opens with the key, else
+        :class:`UndecryptableEnvelope` for every failure after the RSA step.
+        """
+        if expected_length is not None and (
+            isinstance(expected_length, bool)
+            or not isinstance(expected_length, int)
+            or expected_length < 0
+        ):
+            raise ValueError(f"expected_length must be a non-negative int, got {expected_length!r}")
         cek = self._unwrap_key(private_key, certificate)
-        decryptor = Cipher(algorithms.AES(cek), modes.CBC(self.iv)).decryptor()
-        padded = decryptor.update(self.encrypted_content) + decryptor.finalize()
-        unpadder = padding.PKCS7(AES_BLOCK * 8).unpadder()
-        try:
-            return unpadder.update(padded) + unpadder.finalize()
-        except ValueError:
-            raise MalformedInput(
-                "CMS envelope content does not decrypt: invalid PKCS#7 padding after AES-256-CBC "
-                "(the ciphertext or IV was altered, or the content key is wrong)"
-            ) from None
+        plaintext, ok = _open_content(cek, self.iv, self.encrypted_content, expected_length)
+        # The one branch on the outcome, after all the work; `&` does not short-circuit.
+        if not (ok & self.content_well_formed):
+            raise UndecryptableEnvelope()
+        return plaintext
 
     def _unwrap_key(
         self, private_key: rsa.RSAPrivateKey, certificate: x509.Certificate | None
@@ -129,14 +173,9 @@ class Envelope:
         oaep = _oaep()
         for recipient in matched + others:
             try:
-                cek = private_key.decrypt(recipient.encrypted_key, oaep)
+                return private_key.decrypt(recipient.encrypted_key, oaep)
             except ValueError:
                 continue
-            if len(cek) != CEK_SIZE:
-                raise MalformedInput(
-                    f"CMS envelope content key is {len(cek)} bytes; AES-256 needs {CEK_SIZE}"
-                )
-            return cek
         found = ", ".join(r.describe() for r in self.recipients) or "no key-transport recipient"
         if self.other_recipients:
             found += f" (+{self.other_recipients} recipient(s) of unsupported kinds)"
@@ -146,6 +185,37 @@ class Envelope:
             f"or one that this key can decrypt, found {found}; use the private key whose public "
             "key was in the attestation document's public_key"
         )
+
+
+def _open_content(
+    cek: bytes, iv: bytes, ciphertext: bytes, expected_length: int | None
+) -> tuple[bytes, bool]:
+    """Decrypt and unpad; return the plaintext and whether every check held.
+
+    No early exit: a wrong-length key, IV or ciphertext is replaced by a stand-in of the right size so
+    that AES and the unpadding run in every case, and the checks are combined without short-circuit.
+    (Python cannot promise constant time; this keeps the control flow independent of the plaintext.)
+    """
+    key_ok = len(cek) == CEK_SIZE
+    aes_key = cek if key_ok else os.urandom(CEK_SIZE)
+    iv_ok = len(iv) == AES_BLOCK
+    aes_iv = iv if iv_ok else bytes(AES_BLOCK)
+    whole = len(ciphertext) - len(ciphertext) % AES_BLOCK
+    shape_ok = whole == len(ciphertext) and whole > 0
+    body = ciphertext[:whole] if whole else bytes(AES_BLOCK)
+    decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(aes_iv)).decryptor()
+    padded = decryptor.update(body) + decryptor.finalize()
+    unpadder = padding.PKCS7(AES_BLOCK * 8).unpadder()
+    head = unpadder.update(padded)
+    try:
+        tail = unpadder.finalize()  # pyca checks the padding bytes in constant time
+        padding_ok = True
+    except ValueError:
+        tail = b""
+        padding_ok = False
+    plaintext = head + tail
+    length_ok = expected_length is None or len(plaintext) == expected_length
+    return plaintext, key_ok & iv_ok & shape_ok & padding_ok & length_ok
 
 
 def key_identifiers(
@@ -220,13 +290,11 @@ def _decode(data: bytes) -> Envelope:
             others += 1
             continue
         recipients.append(_key_trans(info_choice.chosen, index))
-    # 5. Encrypted content.
+    # 5. Encrypted content. Only the algorithm is refused here (unsupported); the content type, IV and
+    # ciphertext shape are recorded and fail in `decrypt` with the padding, as one indistinguishable
+    # error (module docstring).
     eci = enveloped["encrypted_content_info"]
-    inner_type = eci["content_type"].dotted
-    _require(
-        inner_type == "1.2.840.113549.1.7.1",
-        f"expected encrypted content type data (1.2.840.113549.1.7.1), found {inner_type}",
-    )
+    well_formed = eci["content_type"].dotted == "1.2.840.113549.1.7.1"
     algorithm = eci["content_encryption_algorithm"]
     algo_oid = algorithm["algorithm"].dotted
     _require(
@@ -234,22 +302,16 @@ def _decode(data: bytes) -> Envelope:
         f"expected content encryption aes256-CBC (2.16.840.1.101.3.4.1.42), found {algo_oid}",
     )
     iv = algorithm["parameters"].native
-    _require(
-        isinstance(iv, bytes) and len(iv) == AES_BLOCK,
-        f"expected a {AES_BLOCK}-byte AES-CBC IV, found {_describe(iv)}",
-    )
-    encrypted = eci["encrypted_content"]
-    _require(encrypted.native is not None, "encrypted content is missing (detached content)")
-    ciphertext = bytes(encrypted.native)
-    _require(
-        len(ciphertext) > 0 and len(ciphertext) % AES_BLOCK == 0,
-        f"expected AES-CBC ciphertext of a positive multiple of {AES_BLOCK} bytes, "
-        f"found {len(ciphertext)} bytes",
-    )
+    if not isinstance(iv, bytes):
+        iv, well_formed = b"", False
+    encrypted = eci["encrypted_content"].native
+    if encrypted is None:  # detached content
+        encrypted, well_formed = b"", False
+    ciphertext = bytes(encrypted)
     # unprotectedAttrs are allowed and ignored; touch them so lazily-parsed garbage is reported.
     _ = enveloped["unprotected_attrs"].native
     _ = enveloped["originator_info"].native
-    return Envelope(version, tuple(recipients), others, iv, ciphertext)
+    return Envelope(version, tuple(recipients), others, iv, ciphertext, well_formed)
 
 
 def _version(native: object) -> int:
@@ -259,12 +321,6 @@ def _version(native: object) -> int:
     if isinstance(native, int):
         return native
     raise MalformedInput(f"CMS envelope: version is not an integer ({native!r})")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bytes):
-        return f"{len(value)} bytes"
-    return type(value).__name__
 
 
 def _key_trans(ktri: cms.KeyTransRecipientInfo, index: int) -> KeyTransRecipient:

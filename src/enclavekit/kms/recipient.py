@@ -61,9 +61,20 @@ class RecipientKey:
         """SHA-256 of the SPKI DER: the subjectKeyIdentifier KMS puts in the envelope."""
         return key_identifiers(self.private_key.public_key())[0]
 
-    def unwrap(self, ciphertext_for_recipient: bytes) -> bytes:
-        """Decrypt a ``CiphertextForRecipient`` (raw bytes, as botocore returns it)."""
-        return Envelope.from_ber(ciphertext_for_recipient).decrypt(self.private_key)
+    def unwrap(
+        self, ciphertext_for_recipient: bytes, *, expected_length: int | None = None
+    ) -> bytes:
+        """Decrypt a ``CiphertextForRecipient`` (raw bytes, as botocore returns it).
+
+        Pass ``expected_length`` whenever the plaintext's length is known (32 for an AES_256 data key,
+        ``NumberOfBytes`` for GenerateRandom): then every tampered envelope fails with the same
+        :class:`~enclavekit.kms.envelope.UndecryptableEnvelope`, and a relay that sees the outcome
+        learns nothing. Without it, a valid padding shows as success (CMS EnvelopedData has no
+        integrity): do not let anyone retry failed envelopes without a bound.
+        """
+        return Envelope.from_ber(ciphertext_for_recipient).decrypt(
+            self.private_key, expected_length=expected_length
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Serve an :class:`NsmEmulator` over a unix or TCP socket (asyncio, many clients at once).
 
-Wire protocol (documented in the README): each frame is a 4-byte big-endian length and that many
+Wire protocol (documented in docs/nsm.md): each frame is a 4-byte big-endian length and that many
 bytes; a request frame holds the CBOR request exactly as it would go to the ``/dev/nsm`` ioctl, the
 response frame the CBOR the device would answer. Requests on one connection are answered in order;
 connections are independent. Requests larger than 4096 bytes get ``InputTooLarge``; frames larger

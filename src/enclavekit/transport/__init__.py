@@ -15,9 +15,9 @@ Modules (one job each):
 * :mod:`~enclavekit.transport.allowlist` — nitro-cli allowlist YAML, DNS resolution by family, the check.
 * :mod:`~enclavekit.transport.proxy` — :class:`VsockProxy` (parent side, nitro-cli ``vsock-proxy``).
 * :mod:`~enclavekit.transport.forwarder` — :class:`Forwarder` (enclave side: local TCP → vsock parent).
-* :mod:`~enclavekit.transport.vhost_user` — :class:`VhostUserVsockBackend`: the parent side of QEMU's
-  ``nitro-enclave`` machine (vhost-user vsock back-end), built on :mod:`~enclavekit.transport.virtio_vsock`
-  (packets, credit, connection states) and :mod:`~enclavekit.transport.virtqueue` (guest memory, vrings).
+
+The virtio machinery behind QEMU's ``nitro-enclave`` machine (vhost-user vsock back-end, virtio-vsock
+packets, vrings) is used only by the VM runner and lives in :mod:`enclavekit.vm`.
 
 Handing connections from another backend (the parent-side contract)
 ------------------------------------------------------------------

@@ -164,13 +164,31 @@ class Allowlist:
     ) -> IPAddress:
         """Return the target's address if ``host:port`` is allowed; else raise :class:`TargetNotAllowed`."""
         target_ip = resolver(host, family)[0]
+        self.check_address(host, port, target_ip, family, resolver=resolver)
+        return target_ip
+
+    def check_address(
+        self,
+        host: str,
+        port: int,
+        target_ip: IPAddress,
+        family: IpFamily = IpFamily.ANY,
+        *,
+        resolver: Resolver = resolve,
+    ) -> None:
+        """Raise :class:`TargetNotAllowed` unless ``target_ip`` is allowed as the address of ``host:port``.
+
+        The check of :meth:`check` for an address already resolved (the proxy's re-resolutions): an
+        entry equal to ``host`` allows any address of that name; an address entry or another name
+        must resolve to ``target_ip`` itself.
+        """
         wanted = _normalise(host)
         notes: list[Failure] = []
         for entry in self.entries:
             if entry.port != port:
                 continue
             if _normalise(entry.address) == wanted:
-                return target_ip
+                return
             try:
                 entry_ips = resolver(entry.address, family)
             except UsageError as exc:
@@ -179,7 +197,7 @@ class Allowlist:
                 )
                 continue
             if target_ip in entry_ips:
-                return target_ip
+                return
         expected = ", ".join(f"{e.address}:{e.port}" for e in self.entries) or "(empty allowlist)"
         raise TargetNotAllowed(
             [

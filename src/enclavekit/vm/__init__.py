@@ -6,6 +6,10 @@
   enclave_cid, console, parent_role, parent_id, forward, listen)` -> `VmEnclave` (``.record``, ``.wait()``,
   ``.terminate()``, ``.console_text()``); `terminate_recorded(enclave_id)`.
 - :mod:`~enclavekit.vm.state`: records for ``describe-enclaves`` / ``terminate-enclave``.
+- :mod:`~enclavekit.vm.vhost_user`: `VhostUserVsockBackend`, the parent side of the machine's vhost-user
+  vsock device, built on :mod:`~enclavekit.vm.virtio_vsock` (packets, credit, connection states) and
+  :mod:`~enclavekit.vm.virtqueue` (guest memory, vrings). They hand connections to
+  :mod:`enclavekit.transport` (``RelayServer.submit``), which holds the socket-level API.
 - :mod:`~enclavekit.vm.commands`: click commands (``python -m enclavekit.vm
   run-enclave|describe-enclaves|terminate-enclave|console``) until the root CLI wires ``run-enclave --vm``.
 """

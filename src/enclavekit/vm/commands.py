@@ -22,9 +22,9 @@ import click
 from enclavekit.cli._common import host_port
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import Error, UsageError
-from enclavekit.transport.virtio_vsock import Endpoint
 from enclavekit.vm.runner import DEFAULT_BOOT_TIMEOUT, run_enclave_vm, terminate_recorded
 from enclavekit.vm.state import list_records
+from enclavekit.vm.virtio_vsock import Endpoint
 
 
 def _vsock_port(text: str, option: str, item: str) -> int:

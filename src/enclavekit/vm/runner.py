@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TextIO
 
 from enclavekit.errors import Error, UsageError
-from enclavekit.transport.vhost_user import VhostUserVsockBackend
-from enclavekit.transport.virtio_vsock import Endpoint
 from enclavekit.vm.qemu import QemuConfig, find_qemu, host_tsc_khz, qemu_command
 from enclavekit.vm.state import EnclaveRecord, list_records, remove_record, state_dir, write_record
+from enclavekit.vm.vhost_user import VhostUserVsockBackend
+from enclavekit.vm.virtio_vsock import Endpoint
 
 __all__ = ["EnclaveBootError", "VmEnclave", "run_enclave_vm"]
 

@@ -149,11 +149,11 @@ def test_generate_data_key_round_trip(
     key = kms.create_key(_attested_policy(PCR0=PCR0.hex()))
     recipient = build_recipient(document, recipient_key_obj)
     result = client.generate_data_key(key, recipient=recipient)
-    data_key = recipient_key_obj.unwrap(result.ciphertext_for_recipient)
+    data_key = recipient_key_obj.unwrap(result.ciphertext_for_recipient, expected_length=32)
     assert len(data_key) == 32
     assert result.ciphertext_blob is not None
     again = client.decrypt(result.ciphertext_blob, recipient=recipient)
-    assert recipient_key_obj.unwrap(again.ciphertext_for_recipient) == data_key
+    assert recipient_key_obj.unwrap(again.ciphertext_for_recipient, expected_length=32) == data_key
 
 
 def test_generate_random_with_recipient(

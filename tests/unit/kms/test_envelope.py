@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from enclavekit.errors import MalformedInput
 from enclavekit.kms.envelope import (
     MAX_ENVELOPE_SIZE,
+    UNDECRYPTABLE_MESSAGE,
     Envelope,
     NotForThisKey,
+    UndecryptableEnvelope,
     encode_envelope,
     key_identifiers,
 )
@@ -257,41 +259,67 @@ def test_aes128_content_is_refused(der_envelope: bytes) -> None:
         Envelope.from_ber(_mutated(der_envelope, change))
 
 
-def test_short_iv_is_malformed(der_envelope: bytes) -> None:
+def _undecryptable(blob: bytes, key: rsa.RSAPrivateKey) -> None:
+    """Content defects decode, then fail in decrypt as the one UndecryptableEnvelope (exit 1)."""
+    envelope = Envelope.from_ber(blob)
+    with pytest.raises(UndecryptableEnvelope) as info:
+        envelope.decrypt(key)
+    assert info.value.exit_code == 1
+    assert str(info.value) == UNDECRYPTABLE_MESSAGE
+
+
+def test_short_iv_does_not_decrypt(der_envelope: bytes, recipient_key: rsa.RSAPrivateKey) -> None:
     def change(info: Any) -> None:
         eci = info["content"]["encrypted_content_info"]
         eci["content_encryption_algorithm"] = {"algorithm": "aes256_cbc", "parameters": b"1234"}
 
-    with pytest.raises(MalformedInput, match="16-byte"):
-        Envelope.from_ber(_mutated(der_envelope, change))
+    _undecryptable(_mutated(der_envelope, change), recipient_key)
 
 
-def test_partial_block_ciphertext_is_malformed(der_envelope: bytes) -> None:
+def test_partial_block_ciphertext_does_not_decrypt(
+    der_envelope: bytes, recipient_key: rsa.RSAPrivateKey
+) -> None:
     def change(info: Any) -> None:
         eci = info["content"]["encrypted_content_info"]
         eci["encrypted_content"] = eci["encrypted_content"].native[:-1]
 
-    with pytest.raises(MalformedInput, match="multiple of 16"):
-        Envelope.from_ber(_mutated(der_envelope, change))
+    _undecryptable(_mutated(der_envelope, change), recipient_key)
 
 
-def test_detached_content_is_malformed(der_envelope: bytes) -> None:
+def test_detached_content_does_not_decrypt(
+    der_envelope: bytes, recipient_key: rsa.RSAPrivateKey
+) -> None:
     def change(info: Any) -> None:
         eci = info["content"]["encrypted_content_info"]
         eci["encrypted_content"] = None
 
-    with pytest.raises(MalformedInput, match="missing"):
-        Envelope.from_ber(_mutated(der_envelope, change))
+    _undecryptable(_mutated(der_envelope, change), recipient_key)
 
 
-def test_tampered_ciphertext_fails_padding(
+def test_tampered_ciphertext_does_not_decrypt(
     kms_assets: Path, enclaver_key: rsa.RSAPrivateKey
 ) -> None:
     """Flipping the last ciphertext byte is caught by the padding check, not returned as data."""
     data = bytearray((kms_assets / "enclaver-hello.ber").read_bytes())
     data[-11] ^= 0x01  # last content byte before the three end-of-contents markers
-    with pytest.raises(MalformedInput, match="padding"):
-        Envelope.from_ber(bytes(data)).decrypt(enclaver_key)
+    _undecryptable(bytes(data), enclaver_key)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "32"])
+def test_expected_length_must_be_a_non_negative_int(
+    der_envelope: bytes, recipient_key: rsa.RSAPrivateKey, bad: object
+) -> None:
+    with pytest.raises(ValueError, match="expected_length"):
+        Envelope.from_ber(der_envelope).decrypt(recipient_key, expected_length=bad)  # type: ignore[arg-type]
+
+
+def test_expected_length_accepts_the_right_length(
+    der_envelope: bytes, recipient_key: rsa.RSAPrivateKey
+) -> None:
+    envelope = Envelope.from_ber(der_envelope)
+    assert envelope.decrypt(recipient_key, expected_length=21) == b"payload" * 3
+    with pytest.raises(UndecryptableEnvelope):
+        envelope.decrypt(recipient_key, expected_length=20)
 
 
 def test_non_bytes_input_is_a_type_error() -> None:

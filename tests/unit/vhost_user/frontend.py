@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 
-from enclavekit.transport.virtio_vsock import HEADER, Op, Packet
+from enclavekit.vm.virtio_vsock import HEADER, Op, Packet
 
 HDR = struct.Struct("<III")
 MEM_SIZE = 4 * 1024 * 1024

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclavekit.errors import MalformedInput
-from enclavekit.transport.virtio_vsock import HEADER, Packet
-from enclavekit.transport.virtqueue import (
+from enclavekit.vm.virtio_vsock import HEADER, Packet
+from enclavekit.vm.virtqueue import (
     GuestMemory,
     MemoryRegion,
     SplitVirtqueue,

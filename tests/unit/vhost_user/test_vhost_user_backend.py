@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from enclavekit.transport.vhost_user import VhostUserVsockBackend
-from enclavekit.transport.virtio_vsock import (
+from enclavekit.vm.vhost_user import VhostUserVsockBackend
+from enclavekit.vm.virtio_vsock import (
     HEARTBEAT_BYTE,
     HEARTBEAT_PORT,
     SHUTDOWN_RCV,

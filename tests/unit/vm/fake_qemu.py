@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from enclavekit.transport.virtio_vsock import HEARTBEAT_BYTE, HEARTBEAT_PORT, Op
+from enclavekit.vm.virtio_vsock import HEARTBEAT_BYTE, HEARTBEAT_PORT, Op
 from tests.unit.vhost_user.frontend import FakeFrontend, request
 
 

@@ -1,7 +1,7 @@
 """The parent (host) side of virtio-vsock stream connections: packets, credit and connection states.
 
 `VsockParent` is the device-side logic of a virtio-vsock device, independent of how packets travel (the
-vhost-user back-end in `enclavekit.transport.vhost_user` feeds it packets from the guest's TX queue and drains
+vhost-user back-end in `enclavekit.vm.vhost_user` feeds it packets from the guest's TX queue and drains
 packets for the RX queue). It plays the parent instance of a Nitro enclave:
 
 - answers the enclave init heartbeat (guest connects to CID 3 port 9000, sends 0xB7, expects 0xB7 back);

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enclavekit.errors import MalformedInput
-from enclavekit.transport.virtio_vsock import HEADER, Endpoint, Packet, VsockParent
-from enclavekit.transport.virtqueue import (
+from enclavekit.vm.virtio_vsock import HEADER, Endpoint, Packet, VsockParent
+from enclavekit.vm.virtqueue import (
     GuestMemory,
     MemoryRegion,
     SplitVirtqueue,
