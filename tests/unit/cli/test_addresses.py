@@ -158,3 +158,17 @@ def test_attack_vsock_forward_busy_port_is_not_exit_2(busy_port: int) -> None:
     assert done.returncode == 2, done.stderr
     assert b"LISTEN_ADDRESS" in done.stderr
     assert b"listening on" not in done.stderr
+
+
+def test_attack_forward_refuses_tcp_and_unix_urls() -> None:
+    from enclavekit.vm.commands import _parse_forward
+
+    assert _parse_forward(
+        ("8000=tcp://127.0.0.1:9000", "8001=unix:///run/k.sock", "8002=/run/j.sock")
+    ) == {
+        8000: ("127.0.0.1", 9000),
+        8001: "/run/k.sock",
+        8002: "/run/j.sock",
+    }
+    with pytest.raises(UsageError, match="^--forward: "):
+        _parse_forward(("8000=vsock://3:80",))
