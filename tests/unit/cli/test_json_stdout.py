@@ -85,24 +85,29 @@ def test_attack_describe_pcr_without_json_prints_nothing_on_stdout(
 
 def test_nsm_serve_json_prints_one_value_for_its_whole_life(tmp_path: Path) -> None:
     sock = tmp_path / "s" / "nsm.sock"
-    proc = subprocess.Popen(
-        [
-            *EXE,
-            "nsm",
-            "serve",
-            "--json",
-            "--state-dir",
-            str(tmp_path / "s"),
-            "--listen",
-            f"unix://{sock}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    out = tmp_path / "stdout.json"
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen(
+            [
+                *EXE,
+                "nsm",
+                "serve",
+                "--json",
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--listen",
+                f"unix://{sock}",
+            ],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+        )
+    # The JSON is printed once the emulator listens; wait for all of it, then stop the emulator.
+    wait_for(
+        lambda: out.read_bytes().endswith(b"}\n") or proc.poll() is not None, "the emulator's JSON"
     )
-    wait_for(lambda: sock.exists() or proc.poll() is not None, "the emulator's socket")
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=10)
-    assert one_json_value(stdout)["listen"] == f"unix://{sock}", stderr
+    proc.wait(timeout=10)
+    assert one_json_value(out.read_bytes())["listen"] == f"unix://{sock}"
 
 
 def test_ca_and_kms_commands_print_one_json_value(tmp_path: Path, assets: Path) -> None:
