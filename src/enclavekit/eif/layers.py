@@ -135,7 +135,6 @@ _TAR_KINDS = {
 _new = tuple.__new__
 #: A layer's scanner, its file and the offset of the tar in that file.
 _Source = tuple[TarScanner, str, int]
-_FAST_UNSAFE = (b"//", b"/./", b"/../", b"\0", WHITEOUT_PREFIX)
 
 
 def split_name(name: bytes, *, what: str = "entry") -> tuple[bytes, ...]:
@@ -318,7 +317,10 @@ class MergedTree:
             not name
             or name.startswith((b"/", b"."))
             or name.endswith(b"/")
-            or any(x in name for x in _FAST_UNSAFE)
+            or b"//" in name
+            or b"/." in name
+            or b"\0" in name
+            or WHITEOUT_PREFIX in name
         ):
             parts = split_name(name)
             if not parts:
@@ -330,11 +332,8 @@ class MergedTree:
                 self._whiteout(parts, name)
                 return
             parent_path = b"/".join(parts[:-1])
-        else:
+        else:  # a clean relative name (no "", "." or ".." components, no whiteout)
             parent_path, _, base = name.rpartition(b"/")
-            if base == b"." or base == b"..":
-                split_name(name)  # refuses ``..``; ``.`` is the parent itself
-                return self._apply(name + b"/", kind, linkname, node, permissions, uid, gid, mtime)
         if parent_path == self._cached:
             parent = self._cached_dir
         else:

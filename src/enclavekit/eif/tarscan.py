@@ -59,6 +59,9 @@ _OCTAL_SPACE = b"01234567 "
 _NUMBERS = struct.Struct("8s8s8s12s12s8s")
 _ZERO_DEVICES = frozenset({bytes(16), b"0000000\x000000000\x00", b"0000000 0000000 "})
 _USTAR = b"ustar\x00"
+_DIGITS_TO_ZERO = bytes.maketrans(b"1234567", b"0000000")
+_COMMON_LAYOUT = b"0000000\x00" * 3 + b"00000000000\x00" * 2 + b"000000\x00 "
+_PLAIN_TYPES = REGULAR_TYPES | HEADER_ONLY_TYPES
 
 
 class TarMember(NamedTuple):
@@ -184,7 +187,7 @@ class TarScanner:
             if h_size < 0:
                 raise self._fail(f"negative size in the tar header at offset {position}")
             data = position + BLOCK
-            if kind in REGULAR_TYPES or kind in HEADER_ONLY_TYPES:
+            if kind in _PLAIN_TYPES:
                 break
             # An extension header: its data applies to the next member.
             if kind == b"S":
@@ -242,7 +245,8 @@ class TarScanner:
                             mtime = self._pax_time(value, position)
             position = data + (-h_size % BLOCK) + h_size
         # The member's own header.
-        own = header[:100].split(b"\0", 1)[0]
+        cut = header.find(b"\0", 0, 100)
+        own = header[:cut] if cut >= 0 else header[:100]
         if kind == b"\0" and own.endswith(b"/"):
             kind = b"5"  # an old V7 directory
         if name is None:
@@ -298,16 +302,29 @@ class TarScanner:
     # -- fields --------------------------------------------------------------------------------------------
     def _numbers(self, header: bytes, position: int) -> tuple[int, int, int, int, int]:
         """Mode, uid, gid, size, mtime of a header whose checksum is verified."""
+        # The byte sum without the checksum field (counted as 8 spaces): three pieces, none of whose
+        # sums reaches Adler-32's modulus, so each A value is exactly 1 + the piece's sum.
         checksum = (
-            (zlib.adler32(header[:256]) & 0xFFFF)
-            + (zlib.adler32(header[256:]) & 0xFFFF)
-            - 2
-            - sum(header[148:156])
-            + 256
+            (zlib.adler32(header[:148]) & 0xFFFF)
+            + (zlib.adler32(header[156:412]) & 0xFFFF)
+            + (zlib.adler32(header[412:]) & 0xFFFF)
+            + 253
         )
-        fields = header[100:156].translate(_NUL_TO_SPACE)
+        fields = header[100:156]
         values: tuple[int, ...] | None = None
-        if not fields.translate(None, _OCTAL_SPACE):
+        if fields.translate(_DIGITS_TO_ZERO) == _COMMON_LAYOUT:
+            # Go's and Python's writers: 7, 7, 7, 11, 11 and 6 octal digits at fixed places; one int.
+            v = int(fields.translate(None, b"\0 "), 8)
+            stored = v & 0o777777
+            v >>= 18
+            mtime = v & 0o77777777777
+            v >>= 33
+            size = v & 0o77777777777
+            v >>= 33
+            if stored == checksum:
+                return v >> 42, (v >> 21) & 0o7777777, v & 0o7777777, size, mtime
+            values = (v >> 42, (v >> 21) & 0o7777777, v & 0o7777777, size, mtime, stored)
+        elif not (fields := fields.translate(_NUL_TO_SPACE)).translate(None, _OCTAL_SPACE):
             m, u, g, s, t, c = _NUMBERS.unpack(fields)
             try:
                 values = (int(m, 8), int(u, 8), int(g, 8), int(s, 8), int(t, 8), int(c, 8))
