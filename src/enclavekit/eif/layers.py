@@ -191,6 +191,7 @@ class MergedTree:
         self._layer_number = 0
         self._root = _Dir(0o755, 0, 0, 0, 0)
         self._linked: set[tuple[int, bytes]] = set()  # hard-link names the current layer wrote
+        self._link_targets: set[int] = set()  # nodes a hard link ever pointed at
         self._entries = 0
         self._layer = "layer"
         self._sources: dict[int, tuple[ContentRef, str]] = {}  # layer number -> its tar
@@ -351,8 +352,10 @@ class MergedTree:
                 return
             children[base] = _Dir(permissions, uid, gid, mtime, self._layer_number)
         elif kind is EntryKind.HARDLINK:
-            children[base] = self._link_target(name, linkname)
+            target = self._link_target(name, linkname)
+            children[base] = target
             self._linked.add((parent.serial, base))
+            self._link_targets.add(target)
         else:
             if kind is EntryKind.SYMLINK:
                 self._check_symlink(parent_path, name, linkname)
@@ -433,7 +436,8 @@ class MergedTree:
         own = reader is None
         reader = reader or ContentReader()
         try:
-            links = Counter(self._walk_nodes(self._root))
+            linked = self._link_targets
+            links = Counter(node for node in self._walk_nodes(self._root) if node in linked)
             shared = {node for node, count in links.items() if count > 1}
             scanners = {
                 number: (
@@ -507,6 +511,9 @@ class MergedTree:
             scanner, file, offset = scanners[node >> _LAYER_SHIFT]
             member = scanner.member_at(node & _POSITION_MASK)
             kind = kinds[member.type]
+            if kind is EntryKind.SYMLINK or kind is EntryKind.DIRECTORY:
+                # Headers are read again here: checks that depend on them are made again.
+                self._recheck(path, kind, member.linkname, node)
             device = kind in devices
             yield _new(
                 TarEntry,
@@ -525,6 +532,15 @@ class MergedTree:
                     else None,
                 ),
             )
+
+    def _recheck(self, path: bytes, kind: EntryKind, linkname: bytes, node: int) -> None:
+        self._layer = self._sources[node >> _LAYER_SHIFT][1]
+        if kind is EntryKind.DIRECTORY:
+            raise self._fail(
+                f"{_show(path)} was indexed as a file but its tar header now says directory; was the "
+                "layer changed during the build?"
+            )
+        self._check_symlink(path.rpartition(b"/")[0], path, linkname)
 
     def _link_entry(
         self, node: int, path: bytes, first: bytes, scanners: dict[int, _Source]
@@ -570,7 +586,8 @@ class ContentReader:
 
     def chunks(self, ref: ContentRef) -> Iterable[bytes]:
         """The referenced bytes; a file that shrank since it was indexed is an error."""
-        _, window, size = self._open(ref.path)
+        found = self._files.get(ref.path)
+        _, window, size = found if found is not None else self._open(ref.path)
         if ref.size <= self.CHUNK:
             data = window.read(ref.offset, ref.size, limit=size)
             if len(data) != ref.size:

@@ -32,6 +32,8 @@ MAX_FIELD = 0xFFFFFFFF
 
 TRAILER_NAME = b"TRAILER!!!"
 _HEADER_FORMAT = b"070701" + b"%08x" * 13
+#: The same header with the archive device and the zero check field written in.
+_SMALL_FORMAT = b"070701" + b"%08x" * 7 + b"0000000300000001" + b"%08x" * 3 + b"00000000"
 
 
 class FileType(enum.IntEnum):
@@ -185,7 +187,7 @@ class CpioWriter:
         if self._closed:
             raise ValueError("archive already closed")
         offset = self._offset
-        head = _HEADER_FORMAT % (
+        head = _SMALL_FORMAT % (
             self._inode,
             mode,
             uid,
@@ -193,12 +195,9 @@ class CpioWriter:
             2 if mode >> 12 == FileType.DIRECTORY else 1,
             mtime,
             size,
-            ARCHIVE_DEVICE[0],
-            ARCHIVE_DEVICE[1],
             rdev_major,
             rdev_minor,
             len(name) + 1,
-            0,
         )
         self._inode += 1
         before = _ZEROS[-offset % 4]

@@ -62,6 +62,7 @@ _USTAR = b"ustar\x00"
 _DIGITS_TO_ZERO = bytes.maketrans(b"1234567", b"0000000")
 _COMMON_LAYOUT = b"0000000\x00" * 3 + b"00000000000\x00" * 2 + b"000000\x00 "
 _PLAIN_TYPES = REGULAR_TYPES | HEADER_ONLY_TYPES
+_LINK_TYPES = frozenset({b"1", b"2"})
 
 
 class TarMember(NamedTuple):
@@ -164,6 +165,51 @@ class TarScanner:
             position += len(chunk)
 
     def _read_member(self, start: int, header: bytes) -> tuple[TarMember, int]:
+        kind = header[156:157]
+        if kind in _PLAIN_TYPES and header[345] == 0 and len(header) == BLOCK:
+            # The usual member: one header, no prefix (the general path below gives the same result).
+            mode, uid, gid, size, mtime = self._numbers(header, start)
+            cut = header.find(b"\0", 0, 100)
+            name = header[:cut] if cut >= 0 else header[:100]
+            if kind == b"\0" and name.endswith(b"/"):
+                kind = b"5"
+            if kind == b"5":
+                name = name.rstrip(b"/")
+                linkname = b""
+            elif kind in _LINK_TYPES:
+                cut = header.find(b"\0", 157, 257)
+                linkname = header[157:cut] if cut >= 0 else header[157:257]
+            else:
+                linkname = b""
+            devices = header[329:345]
+            if devices in _ZERO_DEVICES:
+                major = minor = 0
+            else:
+                major = self._number(devices[:8], start)
+                minor = self._number(devices[8:], start)
+            data = start + BLOCK
+            if kind in REGULAR_TYPES:
+                following = data + size + (-size % BLOCK)
+                if size < 0 or following > self._size:
+                    raise self._past_end(name, size)
+            else:
+                following = data
+            member = _member(
+                TarMember,
+                (start, name, kind, mode, uid, gid, mtime, linkname, major, minor, data, size),
+            )
+            return member, following
+        return self._read_extended(start, header)
+
+    def _past_end(self, name: bytes, size: int) -> MalformedInput:
+        if size < 0:
+            return self._fail(f"entry {_show(name)} has a negative size")
+        return self._fail(
+            f"entry {_show(name)} runs past the end of the layer (its data and padding to "
+            f"{BLOCK} bytes must lie inside)"
+        )
+
+    def _read_extended(self, start: int, header: bytes) -> tuple[TarMember, int]:
         position = start
         name: bytes | None = None
         linkname: bytes | None = None
@@ -262,7 +308,7 @@ class TarScanner:
         if kind == b"5":
             name = name.rstrip(b"/")
         if linkname is None:
-            linkname = header[157:257].split(b"\0", 1)[0] if kind in (b"1", b"2") else b""
+            linkname = header[157:257].split(b"\0", 1)[0] if kind in _LINK_TYPES else b""
         devices = header[329:345]
         if devices in _ZERO_DEVICES:
             major = minor = 0
@@ -274,10 +320,9 @@ class TarScanner:
         elif size < 0:
             raise self._fail(f"negative size in the PAX header at offset {start}")
         if kind in REGULAR_TYPES:
-            end = data + size
-            if end > self._size:
-                raise self._fail(f"entry {_show(name)} runs past the end of the layer")
-            following = end + (-size % BLOCK)
+            following = data + size + (-size % BLOCK)
+            if following > self._size:
+                raise self._past_end(name, size)
         else:
             following = data
         member = _member(
