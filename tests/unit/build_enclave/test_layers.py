@@ -352,3 +352,47 @@ def test_oversized_pax_header_is_refused(spool: Spool, monkeypatch: pytest.Monke
     with pytest.raises(MalformedInput, match="tar header of"):
         _entries(layer(F("a", b"x", pax={"comment": "c" * 10_000})), spool)
     assert [e.name for e in _entries(layer(F("a", b"x" * 100_000)), spool)] == [b"a"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(["a", "b", ".c", "d.e"]), min_size=1, max_size=3),
+            st.sampled_from(["file", "dir"]),
+            st.lists(st.sampled_from(["/", "//", "/./"]), min_size=3, max_size=3),
+            st.sampled_from(["", "./"]),
+            st.sampled_from(["", "/"]),
+        ),
+        max_size=8,
+    )
+)
+def test_redundant_name_spellings_give_the_tree_of_the_clean_names(
+    tmp_path_factory: pytest.TempPathFactory, items: list
+) -> None:
+    """Clean names take a fast path, names with ``./``, ``//`` or a trailing ``/`` the checked one:
+    both give the same tree."""
+    spool = Spool(str(tmp_path_factory.mktemp("s") / "spool"))
+    try:
+        clean = [F("/".join(parts), b"x", kind=kind) for parts, kind, *_ in items]
+        noisy = [
+            F(
+                lead
+                + parts[0]
+                + "".join(sep + p for sep, p in zip(seps, parts[1:], strict=False))
+                + tail,
+                b"x",
+                kind=kind,
+            )
+            for parts, kind, seps, lead, tail in items
+        ]
+        outcomes = []
+        for entries in (clean, noisy):
+            try:
+                tree = _tree(spool, layer(*entries))
+                outcomes.append([(e.name, e.kind, e.size) for e in tree.export()])
+            except MalformedInput as exc:
+                outcomes.append(type(exc))
+        assert outcomes[0] == outcomes[1]
+    finally:
+        spool.close()
