@@ -138,10 +138,11 @@ class TarScanner:
             raise self._fail("not a readable tar archive (empty file); the layer is corrupt")
         position = 0
         size = self._size
-        read = self.read
+        read = self._window.read
+        base, limit = self._offset, self._offset + size
         read_member = self._read_member
         while True:
-            header = read(position, BLOCK) if size - position >= BLOCK else b""
+            header = read(base + position, BLOCK, limit=limit) if size - position >= BLOCK else b""
             if not header or header == _ZERO_BLOCK:
                 self._check_tail(position)
                 return
@@ -150,7 +151,9 @@ class TarScanner:
 
     def member_at(self, position: int) -> TarMember:
         """The member whose first header is at ``position`` (as :meth:`members` gave it)."""
-        return self._read_member(position, self.read(position, BLOCK))[0]
+        base = self._offset
+        header = self._window.read(base + position, BLOCK, limit=base + self._size)
+        return self._read_member(position, header)[0]
 
     def _check_tail(self, position: int) -> None:
         while position < self._size:
