@@ -16,11 +16,14 @@ Issuance steps (:meth:`Issuer.issue`), cheapest first, each refusal recorded in 
 3. its ``nonce`` must be a live, unused challenge (one indexed ``SELECT``; not yet consumed);
 4. parse the CSR (PKCS#10) and check its self-signature (proof of possession of the key);
 5. verify the attestation document cryptographically against the configured roots at ``clock()``;
-6. consume the nonce as a challenge, atomically (unknown, expired, reused: refused);
-7. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
-8. check the service policy: PCR allowlist, debug enclaves refused;
-9. issue a short-lived certificate for the service's DNS names, chained to the CA root, with the
-   document in the non-critical extension of :mod:`.extension`, and record it.
+6. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
+7. check the service policy: PCR allowlist, debug enclaves refused;
+8. sign a short-lived certificate for the service's DNS names, chained to the CA root, with the
+   document in the non-critical extension of :mod:`.extension`;
+9. in one store transaction, consume the nonce as a challenge (unknown, expired, reused: refused,
+   and the signed certificate is discarded unsent) and record the certificate and its ``issued``
+   event. Of racing requests for one challenge — threads, worker processes or replicas — exactly one
+   gets a certificate, and a certificate is returned only once it is recorded.
 
 Challenges are capped per client and in total (:class:`~.limits.CaLimits`); expired challenges,
 old audit events and long-expired certificate records are deleted as the CA runs.
@@ -619,7 +622,8 @@ class Issuer:
     def issue(self, service: str, csr_data: bytes, document: bytes) -> IssuedCertificate:
         """Issue a certificate, or raise MalformedInput, VerificationError or PolicyViolation.
 
-        Every outcome is recorded in the store's audit log.
+        Every outcome is recorded in the store's audit log (an issuance in the same transaction
+        as its certificate record and the consumption of its challenge).
         """
         now = self.clock()
         self._maybe_prune(now)
@@ -631,15 +635,6 @@ class Issuer:
             )
             log.info("refused certificate for %r: %s", service, exc.diagnostics())
             raise
-        self.store.record_event(
-            Event(
-                now,
-                "issued",
-                service,
-                issued.record.serial,
-                f"not_after={issued.record.not_after.isoformat()}",
-            )
-        )
         return issued
 
     def _issue(
@@ -672,11 +667,7 @@ class Issuer:
         evidence = self.verifier.verify(document, at=now)
         if evidence.nonce != nonce:  # pragma: no cover - one decoder, one document
             raise VerificationError("the verified nonce differs from the decoded one; refusing")
-        # 6. Consume the challenge atomically: of racing requests, one wins.
-        outcome = self.store.consume_challenge(nonce, now)
-        if outcome is not ConsumeResult.CONSUMED:
-            raise _not_live(outcome)
-        # 7. Key binding and 8. service policy: report every failure at once.
+        # 6. Key binding and 7. service policy: report every failure at once.
         failures: list[Failure] = []
         if evidence.public_key != spki:
             failures.append(
@@ -693,7 +684,7 @@ class Issuer:
             raise PolicyViolation(failures)
         if svc.unsafe_allow_debug and evidence.is_debug:
             log.warning("issuing to a DEBUG enclave for %r (unsafe_allow_debug)", service)
-        # 9. Issue and record.
+        # 8. Sign; 9. consume the challenge and record, atomically: of racing requests, one wins.
         cert = self._sign(svc, csr, document, now)
         record = CertificateRecord(
             serial=cert.serial_number,
@@ -704,7 +695,12 @@ class Issuer:
             document=document,
             issued_at=now,
         )
-        self.store.add_certificate(record)
+        event = Event(
+            now, "issued", service, record.serial, f"not_after={record.not_after.isoformat()}"
+        )
+        outcome = self.store.record_issuance(nonce, now, record, event)
+        if outcome is not ConsumeResult.CONSUMED:
+            raise _not_live(outcome)
         return IssuedCertificate(record=record, certificate=cert, root=self.keys.root)
 
     def _sign(
@@ -769,7 +765,8 @@ class Issuer:
         return revoke_certificate(self.store, serial, reason, at=self.clock())
 
     def crl(self, *, next_update: timedelta = timedelta(hours=1)) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate, signed by the CA key, valid for ``next_update``."""
+        """A CRL of every revoked certificate not yet expired (RFC 5280 §3.3 lets an expired one
+        leave the list), signed by the CA key, valid for ``next_update``."""
         now = self.clock()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -781,14 +778,13 @@ class Issuer:
                 critical=False,
             )
         )
-        for rec in self.store.revoked():
-            assert rec.revoked_at is not None
+        for rec in self.store.revocations(valid_at=now):
             entry = (
                 x509.RevokedCertificateBuilder()
                 .serial_number(rec.serial)
                 .revocation_date(rec.revoked_at)
             )
-            flag = _REASONS.get(rec.revocation_reason or "unspecified")
+            flag = _REASONS.get(rec.reason or "unspecified")
             if flag is not None and flag is not x509.ReasonFlags.unspecified:
                 entry = entry.add_extension(x509.CRLReason(flag), critical=False)
             builder = builder.add_revoked_certificate(entry.build())

@@ -6,7 +6,16 @@ Two back ends behind one interface:
 * :class:`PostgresStore` — ``postgresql://`` URLs via psycopg, so CA replicas share one state.
 
 Nonce consumption is one conditional ``UPDATE … WHERE consumed_at IS NULL AND expires_at > now``:
-the database decides which of several racing requests wins, in one statement, on either back end.
+the database decides which of several racing requests wins, in one statement, on either back end,
+whether the racers are threads of one CA process, worker processes of one ``ca serve --workers N``
+or CA replicas. :meth:`record_issuance` runs that ``UPDATE`` and the inserts of the certificate
+record and its audit event in one transaction: a certificate is recorded exactly when its nonce is
+consumed, and an issuance costs one commit.
+
+Locking: on SQLite every write transaction is ``BEGIN IMMEDIATE`` (it takes the database's write
+lock first, so two processes never both read and then fail to upgrade), each process has its own
+connection (never shared across ``fork``), and a writer waits up to ``busy_timeout`` (5 s) for
+another process's lock; reads take no write lock (WAL readers see the last committed state).
 Times are stored as integer milliseconds since the Unix epoch (UTC); serials as lower-case hex text.
 
 Every table is bounded: :meth:`add_challenge` deletes expired challenges and refuses a new one beyond
@@ -72,6 +81,15 @@ class PruneCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """One CRL entry: what :meth:`Store.revocations` returns (no certificate or document bytes)."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class CertificateRecord:
     """One issued certificate with the attestation document it was issued for."""
 
@@ -117,6 +135,13 @@ class Store(Protocol):
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult: ...
 
+    def record_issuance(
+        self, nonce: bytes, now: datetime, record: CertificateRecord, event: Event
+    ) -> ConsumeResult:
+        """Consume ``nonce`` and, only if that succeeded, add ``record`` and ``event``: one
+        transaction."""
+        ...
+
     def add_certificate(self, record: CertificateRecord) -> None: ...
 
     def get_certificate(self, serial: int) -> CertificateRecord | None: ...
@@ -124,6 +149,11 @@ class Store(Protocol):
     def revoke(self, serial: int, at: datetime, reason: str) -> bool: ...
 
     def revoked(self) -> Sequence[CertificateRecord]: ...
+
+    def revocations(self, *, valid_at: datetime | None = None) -> Sequence[Revocation]:
+        """Revoked certificates (oldest revocation first), only those still valid at ``valid_at``
+        if given; served by a partial index on revoked certificates."""
+        ...
 
     def record_event(self, event: Event) -> None: ...
 
@@ -161,6 +191,10 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS challenges_client ON challenges (client, expires_at)",
     "CREATE INDEX IF NOT EXISTS events_at ON events (at)",
     "CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates (not_after)",
+    # The CRL reads revoked certificates only: a partial index keeps that independent of how many
+    # certificates were issued (SQLite and PostgreSQL both use it for ``revoked_at IS NOT NULL``).
+    "CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (revoked_at, not_after)"
+    " WHERE revoked_at IS NOT NULL",
 )
 
 
@@ -194,6 +228,10 @@ class _SqlStore:
 
     def _tx(self) -> AbstractContextManager[Any]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:
+        """A cursor for read-only statements (default: a transaction)."""
+        return self._tx()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self._marker)
@@ -235,7 +273,7 @@ class _SqlStore:
         return ChallengeAdmission.ADDED
 
     def challenge_status(self, nonce: bytes, now: datetime) -> ConsumeResult | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
                 (nonce,),
@@ -250,51 +288,66 @@ class _SqlStore:
         return None
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult:
-        now_ms = to_ms(now)
         with self._tx() as cur:
-            # The one atomic step: only one UPDATE can flip consumed_at from NULL.
-            cur.execute(
-                self._sql(
-                    "UPDATE challenges SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL"
-                    " AND expires_at > ?"
-                ),
-                (now_ms, nonce, now_ms),
-            )
-            if cur.rowcount == 1:
-                return ConsumeResult.CONSUMED
-            cur.execute(
-                self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
-                (nonce,),
-            )
-            row = cur.fetchone()
+            return self._consume(cur, nonce, to_ms(now))
+
+    def _consume(self, cur: Any, nonce: bytes, now_ms: int) -> ConsumeResult:
+        # The one atomic step: only one UPDATE can flip consumed_at from NULL.
+        cur.execute(
+            self._sql(
+                "UPDATE challenges SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL"
+                " AND expires_at > ?"
+            ),
+            (now_ms, nonce, now_ms),
+        )
+        if cur.rowcount == 1:
+            return ConsumeResult.CONSUMED
+        cur.execute(
+            self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
+            (nonce,),
+        )
+        row = cur.fetchone()
         if row is None:
             return ConsumeResult.UNKNOWN
         if row[0] is not None:
             return ConsumeResult.ALREADY_USED
         return ConsumeResult.EXPIRED
 
+    def record_issuance(
+        self, nonce: bytes, now: datetime, record: CertificateRecord, event: Event
+    ) -> ConsumeResult:
+        with self._tx() as cur:
+            outcome = self._consume(cur, nonce, to_ms(now))
+            if outcome is ConsumeResult.CONSUMED:
+                self._insert_certificate(cur, record)
+                self._insert_event(cur, event)
+        return outcome
+
     def add_certificate(self, record: CertificateRecord) -> None:
         with self._tx() as cur:
-            cur.execute(
-                self._sql(
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608 - constant columns
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                (
-                    format(record.serial, "x"),
-                    record.service,
-                    to_ms(record.not_before),
-                    to_ms(record.not_after),
-                    record.certificate_der,
-                    record.document,
-                    to_ms(record.issued_at),
-                    None if record.revoked_at is None else to_ms(record.revoked_at),
-                    record.revocation_reason,
-                ),
-            )
+            self._insert_certificate(cur, record)
+
+    def _insert_certificate(self, cur: Any, record: CertificateRecord) -> None:
+        cur.execute(
+            self._sql(
+                f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608 - constant columns
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (
+                format(record.serial, "x"),
+                record.service,
+                to_ms(record.not_before),
+                to_ms(record.not_after),
+                record.certificate_der,
+                record.document,
+                to_ms(record.issued_at),
+                None if record.revoked_at is None else to_ms(record.revoked_at),
+                record.revocation_reason,
+            ),
+        )
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?"),  # noqa: S608
                 (format(serial, "x"),),
@@ -314,7 +367,7 @@ class _SqlStore:
             return bool(cur.rowcount == 1)
 
     def revoked(self) -> Sequence[CertificateRecord]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_CERT_COLUMNS} FROM certificates"  # noqa: S608 - constant columns
                 " WHERE revoked_at IS NOT NULL"
@@ -323,23 +376,38 @@ class _SqlStore:
             rows = cur.fetchall()
         return [_cert_from_row(r) for r in rows]
 
-    def record_event(self, event: Event) -> None:
-        with self._tx() as cur:
+    def revocations(self, *, valid_at: datetime | None = None) -> Sequence[Revocation]:
+        with self._read() as cur:
             cur.execute(
                 self._sql(
-                    "INSERT INTO events (at, kind, service, serial, detail) VALUES (?, ?, ?, ?, ?)"
+                    "SELECT serial, revoked_at, revocation_reason FROM certificates"
+                    " WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY revoked_at"
                 ),
-                (
-                    to_ms(event.at),
-                    event.kind,
-                    event.service,
-                    None if event.serial is None else format(event.serial, "x"),
-                    event.detail,
-                ),
+                (-1 if valid_at is None else to_ms(valid_at),),
             )
+            rows = cur.fetchall()
+        return [Revocation(int(r[0], 16), from_ms(r[1]), r[2]) for r in rows]
+
+    def record_event(self, event: Event) -> None:
+        with self._tx() as cur:
+            self._insert_event(cur, event)
+
+    def _insert_event(self, cur: Any, event: Event) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO events (at, kind, service, serial, detail) VALUES (?, ?, ?, ?, ?)"
+            ),
+            (
+                to_ms(event.at),
+                event.kind,
+                event.service,
+                None if event.serial is None else format(event.serial, "x"),
+                event.detail,
+            ),
+        )
 
     def events(self, limit: int = 100) -> Sequence[Event]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT at, kind, service, serial, detail FROM events ORDER BY id DESC LIMIT ?"
@@ -388,7 +456,8 @@ class _SqlStore:
 
 
 class SqliteStore(_SqlStore):
-    """The embedded default. One connection, serialised by a lock; safe across threads."""
+    """The embedded default. One connection, serialised by a lock; safe across threads. Several
+    processes may open the same file (each its own :class:`SqliteStore`, opened after ``fork``)."""
 
     def __init__(self, path: Path | str) -> None:
         super().__init__()
@@ -421,6 +490,16 @@ class SqliteStore(_SqlStore):
                 raise
             else:
                 cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        # Autocommit SELECTs: no write lock, so readers never wait for another process's writer.
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                yield cur
             finally:
                 cur.close()
 

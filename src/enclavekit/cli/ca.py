@@ -17,7 +17,12 @@ from enclavekit.atls.ca import (
     load_ca_policy,
     revoke_certificate,
 )
-from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
+from enclavekit.atls.limits import (
+    AUDIT_MAX_EVENTS,
+    AUDIT_RETENTION,
+    CaLimits,
+    limits_from_mapping,
+)
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr
@@ -98,6 +103,18 @@ def root(state_dir: Path, as_json: bool) -> None:
     show_default=True,
     help="Keep at most this many audit events (the newest).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Worker processes sharing the listening socket and the store [default: CPU count].",
+)
+@click.option(
+    "--limits",
+    "limits_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML/JSON mapping overriding limits on clients (names and defaults: CA documentation).",
+)
 def serve(
     listen: str,
     state_dir: Path,
@@ -106,17 +123,19 @@ def serve(
     database: str | None,
     audit_retention_days: int,
     audit_max_events: int,
+    workers: int | None,
+    limits_file: Path | None,
 ) -> None:
     """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
 
     Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
-    service documentation.
+    service documentation; with several workers, the total limits are shared out among them.
     """
-    import uvicorn
-
+    from enclavekit.atls import workers as ca_workers
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
+    count = workers if workers is not None else ca_workers.default_workers()
     keys = load_ca_keys(state_dir)
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
@@ -126,29 +145,51 @@ def serve(
         certificate_retention=retention,
         audit_max_events=audit_max_events,
     )
-    store = open_store(state_dir, database)
-    issuer = Issuer(
-        keys,
-        policy,
-        store,
-        NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
-        limits=limits,
-    )
-    app = create_app(issuer, admin_token=load_admin_token(state_dir))
+    if limits_file is not None:
+        limits = limits_from_mapping(
+            _load_mapping(limits_file, "--limits"), limits, source=f"--limits {limits_file}"
+        )
+    open_store(state_dir, database).close()  # connect and migrate once, before any worker starts
+    admin_token = load_admin_token(state_dir)
+    mine = limits.per_worker(count)
+
+    def make_app() -> object:  # in each worker: its own store connection
+        issuer = Issuer(
+            keys,
+            policy,
+            open_store(state_dir, database),
+            NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
+            limits=mine,
+        )
+        return create_app(issuer, admin_token=admin_token)
+
+    sock = ca_workers.bind(host, port)
     stderr.print(
-        f"attestation CA on http://{host}:{port} (services: {', '.join(sorted(policy.services))})"
+        f"attestation CA on http://{host}:{sock.getsockname()[1]} with {count} worker(s)"
+        f" (services: {', '.join(sorted(policy.services))})"
     )
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            limit_concurrency=limits.max_connections,
-            timeout_keep_alive=5,
+        status = ca_workers.serve(
+            make_app,
+            sock,
+            workers=count,
+            uvicorn_options={"limit_concurrency": mine.max_connections, "timeout_keep_alive": 5},
         )
     finally:
-        store.close()
+        sock.close()
+    if status:
+        raise SystemExit(status)
+
+
+def _load_mapping(path: Path, option: str) -> object:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{option} {path}: not YAML/JSON ({exc})") from exc
 
 
 @ca_group.command("revoke")
