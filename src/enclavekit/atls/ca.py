@@ -34,6 +34,7 @@ connection the request arrived on.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import logging
@@ -41,6 +42,7 @@ import os
 import secrets
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,6 +64,7 @@ from enclavekit.atls.store import (
     ChallengeAdmission,
     ConsumeResult,
     Event,
+    PruneCounts,
     Store,
 )
 from enclavekit.attestation.document import AttestationDocument
@@ -179,6 +182,11 @@ def check_cabundle_shape(
         )
 
 
+#: (cabundle, leaf) pairs whose shape check passed, remembered per verifier (one enclave fleet
+#: uses a handful: the bundle changes with AWS's intermediates, the leaf every few hours).
+_SHAPE_CACHE_SIZE = 256
+
+
 class NitroEvidenceVerifier:
     """:class:`EvidenceVerifier` over :class:`enclavekit.attestation.Verifier` (signature, chain, age).
 
@@ -199,10 +207,27 @@ class NitroEvidenceVerifier:
         self._roots = frozenset(
             r.public_bytes(serialization.Encoding.DER) for r in verifier.trust_roots
         )
+        self._shapes_lock = threading.Lock()
+        self._shapes_passed: OrderedDict[bytes, None] = OrderedDict()
 
     def precheck(self, document: bytes) -> bytes | None:
         doc = AttestationDocument.from_cbor(document)
-        check_cabundle_shape(doc, self._roots, max_length=self.max_cabundle)
+        # The shape check is a pure function of the bundle, the leaf and this verifier's fixed
+        # roots and bound: a (bundle, leaf) that passed once passes again, so only passes are
+        # remembered (by SHA-256 of the exact bytes), in a small LRU table.
+        key = hashlib.sha256(
+            b"".join(len(c).to_bytes(4, "big") + c for c in (*doc.cabundle, doc.certificate))
+        ).digest()
+        with self._shapes_lock:
+            known = key in self._shapes_passed
+            if known:
+                self._shapes_passed.move_to_end(key)
+        if not known:
+            check_cabundle_shape(doc, self._roots, max_length=self.max_cabundle)
+            with self._shapes_lock:
+                self._shapes_passed[key] = None
+                while len(self._shapes_passed) > _SHAPE_CACHE_SIZE:
+                    self._shapes_passed.popitem(last=False)
         return doc.nonce
 
     def verify(self, document: bytes, *, at: datetime) -> Evidence:
@@ -575,16 +600,9 @@ class Issuer:
         self._prune_lock = threading.Lock()
         self._last_prune: datetime | None = None
 
-    def prune(self, now: datetime | None = None) -> None:
+    def prune(self, now: datetime | None = None) -> PruneCounts:
         """Delete expired challenges, old audit events and long-expired certificate records."""
-        now = now if now is not None else self.clock()
-        lim = self.limits
-        self.store.prune(
-            now,
-            events_before=now - lim.audit_retention,
-            max_events=lim.audit_max_events,
-            certificates_expired_before=now - lim.certificate_retention,
-        )
+        return prune_store(self.store, self.limits, at=now if now is not None else self.clock())
 
     def _maybe_prune(self, now: datetime) -> None:
         with self._prune_lock:
@@ -807,6 +825,18 @@ _REASONS: dict[str, x509.ReasonFlags] = {
 }
 
 
+def prune_store(store: Store, limits: CaLimits, *, at: datetime) -> PruneCounts:
+    """Apply the retention policy of ``limits`` at ``at``: delete expired challenges (consumed or
+    not), audit events older than ``audit_retention`` and beyond the newest ``audit_max_events``,
+    and certificate records whose notAfter is more than ``certificate_retention`` past."""
+    return store.prune(
+        at,
+        events_before=at - limits.audit_retention,
+        max_events=limits.audit_max_events,
+        certificates_expired_before=at - limits.certificate_retention,
+    )
+
+
 def revoke_certificate(store: Store, serial: int, reason: str, *, at: datetime) -> bool:
     """Mark ``serial`` revoked in ``store`` and log it; False if unknown or already revoked."""
     if reason not in _REASONS:
@@ -843,5 +873,6 @@ __all__: Sequence[str] = (
     "load_ca_keys",
     "load_ca_policy",
     "parse_csr",
+    "prune_store",
     "revoke_certificate",
 )

@@ -455,18 +455,34 @@ class _SqlStore:
         return PruneCounts(challenges, events, certificates)
 
 
+#: ``PRAGMA synchronous`` settings :class:`SqliteStore` accepts. In WAL mode, ``normal`` (the
+#: default) syncs the log at checkpoints, not at each commit: never corrupts the database, loses
+#: nothing when a CA process crashes, but a power loss or kernel crash can lose the issuances
+#: committed since the last checkpoint (their records and audit events; their challenges become
+#: unconsumed again, still bound to the enclave key that asked). ``full`` syncs at every commit —
+#: durable against power loss, at one disk sync per issuance, which several workers wait for in
+#: turn. PostgreSQL (``--database``) is durable and groups concurrent commits.
+SQLITE_SYNCHRONOUS = frozenset({"normal", "full"})
+
+
 class SqliteStore(_SqlStore):
     """The embedded default. One connection, serialised by a lock; safe across threads. Several
     processes may open the same file (each its own :class:`SqliteStore`, opened after ``fork``)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
         super().__init__()
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise UsageError(
+                f"SQLite synchronous mode must be one of {sorted(SQLITE_SYNCHRONOUS)},"
+                f" found {synchronous!r}"
+            )
         self.path = str(path)
         if self.path != ":memory:":
             _private_file(Path(path))
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         for stmt in _ddl("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"):
             self._conn.execute(stmt)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(challenges)")}
@@ -599,12 +615,14 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def open_store(state_dir: Path, database: str | None = None) -> Store:
+def open_store(
+    state_dir: Path, database: str | None = None, *, sqlite_synchronous: str = "normal"
+) -> Store:
     """The CA's store: ``database`` (a PostgreSQL URL) if given, else SQLite in ``state_dir``."""
     if database is None or database.startswith("sqlite:"):
         if database is None:
-            return SqliteStore(state_dir / "ca.sqlite3")
-        return SqliteStore(Path(database[len("sqlite:") :]))
+            return SqliteStore(state_dir / "ca.sqlite3", synchronous=sqlite_synchronous)
+        return SqliteStore(Path(database[len("sqlite:") :]), synchronous=sqlite_synchronous)
     if database.startswith(("postgresql://", "postgres://")):
         return PostgresStore(database)
     raise UsageError(

@@ -1,4 +1,4 @@
-"""``enclavekit ca init | root | serve | revoke``: the attestation certificate authority."""
+"""``enclavekit ca init | root | serve | revoke | prune``: the attestation certificate authority."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from enclavekit.atls.ca import (
     load_admin_token,
     load_ca_keys,
     load_ca_policy,
+    prune_store,
     revoke_certificate,
 )
 from enclavekit.atls.limits import (
@@ -110,6 +111,13 @@ def root(state_dir: Path, as_json: bool) -> None:
     help="Worker processes sharing the listening socket and the store [default: CPU count].",
 )
 @click.option(
+    "--sqlite-synchronous",
+    type=click.Choice(["normal", "full"]),
+    default="normal",
+    show_default=True,
+    help="SQLite durability: full syncs the disk at every issuance (survives power loss).",
+)
+@click.option(
     "--limits",
     "limits_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -124,6 +132,7 @@ def serve(
     audit_retention_days: int,
     audit_max_events: int,
     workers: int | None,
+    sqlite_synchronous: str,
     limits_file: Path | None,
 ) -> None:
     """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
@@ -149,7 +158,8 @@ def serve(
         limits = limits_from_mapping(
             _load_mapping(limits_file, "--limits"), limits, source=f"--limits {limits_file}"
         )
-    open_store(state_dir, database).close()  # connect and migrate once, before any worker starts
+    # Connect and migrate once, before any worker starts.
+    open_store(state_dir, database, sqlite_synchronous=sqlite_synchronous).close()
     admin_token = load_admin_token(state_dir)
     mine = limits.per_worker(count)
 
@@ -157,7 +167,7 @@ def serve(
         issuer = Issuer(
             keys,
             policy,
-            open_store(state_dir, database),
+            open_store(state_dir, database, sqlite_synchronous=sqlite_synchronous),
             NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
             limits=mine,
         )
@@ -229,6 +239,62 @@ def revoke(serial: str, state_dir: Path, database: str | None, reason: str, as_j
         emit_json({"serial": format(number, "x"), "revoked": True, "changed": changed})
     else:
         stderr.print(f"{serial}: {'revoked' if changed else 'already revoked'} ({reason})")
+
+
+@ca_group.command("prune")
+@_state_dir
+@_database
+@click.option(
+    "--audit-retention-days",
+    type=click.IntRange(1, 36500),
+    default=AUDIT_RETENTION.days,
+    show_default=True,
+    help="Delete audit events (and certificate records expired) older than this many days.",
+)
+@click.option(
+    "--audit-max-events",
+    type=click.IntRange(1000, 100_000_000),
+    default=AUDIT_MAX_EVENTS,
+    show_default=True,
+    help="Keep at most this many audit events (the newest).",
+)
+@json_option
+def prune(
+    state_dir: Path,
+    database: str | None,
+    audit_retention_days: int,
+    audit_max_events: int,
+    as_json: bool,
+) -> None:
+    """Delete expired challenges, old audit events and long-expired certificate records now.
+
+    `ca serve` does the same every few seconds with the same options; this is for a CA that is
+    not running, or after lowering the retention.
+    """
+    load_ca_keys(state_dir)  # refuse a directory that holds no CA
+    retention = timedelta(days=audit_retention_days)
+    limits = CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
+    store = open_store(state_dir, database)
+    try:
+        counts = prune_store(store, limits, at=datetime.now(UTC))
+    finally:
+        store.close()
+    deleted = {
+        "challenges": counts.challenges,
+        "events": counts.events,
+        "certificates": counts.certificates,
+    }
+    if as_json:
+        emit_json({"deleted": deleted})
+    else:
+        stderr.print(
+            f"deleted {counts.challenges} expired challenge(s), {counts.events} audit event(s),"
+            f" {counts.certificates} certificate record(s)"
+        )
 
 
 def register(group: click.Group) -> None:
