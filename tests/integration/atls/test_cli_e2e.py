@@ -190,7 +190,8 @@ def test_attack_ca_serve_buffers_a_chunked_body_whole(tmp_path: Path) -> None:
     ca = subprocess.Popen(
         ["sh", "-c", 'umask 022 && exec "$@"', "sh", *exe, "ca", "serve",
          "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
-         "--policy", str(tmp_path / "ca-policy.yaml"), "--audit-retention-days", "7"],
+         "--policy", str(tmp_path / "ca-policy.yaml"), "--audit-retention-days", "7",
+         "--workers", "1"],  # the serving process itself: its peak RSS is measured
         stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
