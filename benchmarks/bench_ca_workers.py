@@ -91,6 +91,19 @@ def _cpu(pid: int) -> float:
     return total / TICK
 
 
+def _per_process_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each of its live children."""
+    pids = [pid]
+    with contextlib.suppress(FileNotFoundError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    out = {}
+    for p in pids:
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,10 +143,12 @@ def _load(port: int, requests: list[bytes], clients: int, out: multiprocessing.c
     for t in threads:
         t.start()
     start_gate.wait()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    out.send((time.perf_counter() - began, latencies, bad[:3], len(bad)))
+    out.send(
+        (time.perf_counter() - began, time.process_time() - cpu, latencies, bad[:3], len(bad))
+    )
     out.close()
 
 
@@ -144,6 +159,8 @@ class Run:
     cpu_per_issuance: float
     cpu_per_challenge: float
     p50_ms: float
+    loader_cpu_per_issuance: float
+    worker_share: tuple[float, ...]
 
 
 def _serve(tmp: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -201,12 +218,14 @@ def _one_run(tmp: Path, emulator: object, workers: int, n: int, clients: int) ->
         ctx = multiprocessing.get_context("fork")
         here, there = ctx.Pipe(duplex=False)
         cpu0 = _cpu(proc.pid)
+        per0 = _per_process_cpu(proc.pid)
         loader = ctx.Process(target=_load, args=(port, requests, clients, there))
         loader.start()
         there.close()
-        wall, latencies, bad, nbad = here.recv()
+        wall, loader_cpu, latencies, bad, nbad = here.recv()
         loader.join()
         cpu = _cpu(proc.pid) - cpu0
+        per = {p: c - per0.get(p, 0.0) for p, c in _per_process_cpu(proc.pid).items()}
         if nbad:
             raise SystemExit(f"{nbad} issuances failed, e.g. {bad}")
         done = len(requests)
@@ -216,6 +235,8 @@ def _one_run(tmp: Path, emulator: object, workers: int, n: int, clients: int) ->
             cpu / done,
             cpu_challenges / n,
             statistics.median(latencies) * 1000,
+            loader_cpu / done,
+            tuple(round(c / max(cpu, 1e-9), 2) for c in per.values()),
         )
     finally:
         proc.terminate()
@@ -389,6 +410,11 @@ def main() -> None:
             f"  run {i}: --workers 1 {o.rate:7.1f}/s (p50 {o.p50_ms:6.1f} ms, baseline)"
             f" | --workers {m.workers} {m.rate:7.1f}/s (p50 {m.p50_ms:6.1f} ms)"
             f"  ratio {m.rate / o.rate:5.2f}x"
+        )
+        print(
+            f"         load generator CPU {o.loader_cpu_per_issuance * 1000:.2f} /"
+            f" {m.loader_cpu_per_issuance * 1000:.2f} ms per issuance; server CPU shares"
+            f" (parent, workers) {o.worker_share} / {m.worker_share}"
         )
     print(
         f"  issuance/s, --workers {args.workers} vs --workers 1: median ratio"

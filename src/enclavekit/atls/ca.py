@@ -34,6 +34,7 @@ connection the request arrived on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -548,9 +549,12 @@ class IssuedCertificate:
     @property
     def chain_pem(self) -> bytes:
         """Leaf then root, PEM."""
-        return self.certificate.public_bytes(serialization.Encoding.PEM) + self.root.public_bytes(
-            serialization.Encoding.PEM
-        )
+        return self.certificate.public_bytes(serialization.Encoding.PEM) + _root_pem(self.root)
+
+
+@functools.lru_cache(maxsize=8)
+def _root_pem(root: x509.Certificate) -> bytes:
+    return root.public_bytes(serialization.Encoding.PEM)
 
 
 def parse_csr(data: bytes) -> x509.CertificateSigningRequest:

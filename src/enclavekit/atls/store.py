@@ -14,8 +14,9 @@ consumed, and an issuance costs one commit.
 
 Locking: on SQLite every write transaction is ``BEGIN IMMEDIATE`` (it takes the database's write
 lock first, so two processes never both read and then fail to upgrade), each process has its own
-connection (never shared across ``fork``), and a writer waits up to ``busy_timeout`` (5 s) for
-another process's lock; reads take no write lock (WAL readers see the last committed state).
+connection (never shared across ``fork``), writers queue on an ``flock`` of ``<db>-lock`` (woken at
+once, instead of SQLite's polling busy handler) and wait up to ``busy_timeout`` (5 s) for any other
+process's lock; reads take no write lock (WAL readers see the last committed state).
 Times are stored as integer milliseconds since the Unix epoch (UTC); serials as lower-case hex text.
 
 Every table is bounded: :meth:`add_challenge` deletes expired challenges and refuses a new one beyond
@@ -34,13 +35,18 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from enclavekit.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite's busy_timeout alone
+    fcntl = None  # type: ignore[assignment]
 
 
 def to_ms(when: datetime) -> int:
@@ -477,8 +483,13 @@ class SqliteStore(_SqlStore):
                 f" found {synchronous!r}"
             )
         self.path = str(path)
+        self._lock_fd: int | None = None
         if self.path != ":memory:":
             _private_file(Path(path))
+            if fcntl is not None:
+                lock = Path(self.path + "-lock")
+                _private_file(lock)
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
@@ -493,10 +504,19 @@ class SqliteStore(_SqlStore):
         for suffix in ("-wal", "-shm"):  # older databases: SQLite keeps the files' modes
             if self.path != ":memory:":
                 _private_file(Path(self.path + suffix), create=False)
+        # Reads get their own connection (WAL: readers and the writer do not block each other), so
+        # a thread waiting for another process's write lock does not hold up this process's reads.
+        self._read_lock = threading.Lock() if self.path != ":memory:" else self._lock
+        self._read_conn = (
+            sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if self.path != ":memory:"
+            else self._conn
+        )
+        self._read_conn.execute("PRAGMA busy_timeout=5000")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
+        with self._lock, self._writer():
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -510,18 +530,39 @@ class SqliteStore(_SqlStore):
                 cur.close()
 
     @contextmanager
+    def _writer(self) -> Iterator[None]:
+        # Writers of this file queue on an exclusive flock(2) of ``<db>-lock`` before BEGIN
+        # IMMEDIATE: the kernel wakes the next one as soon as the lock is released, where SQLite's
+        # busy handler would poll with sleeps of up to 100 ms. Processes that do not take it (the
+        # sqlite3 shell) still meet SQLite's own lock and busy_timeout: correctness never depends
+        # on the flock.
+        if self._lock_fd is None:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
         # Autocommit SELECTs: no write lock, so readers never wait for another process's writer.
-        with self._lock:
-            cur = self._conn.cursor()
+        with self._read_lock:
+            cur = self._read_conn.cursor()
             try:
                 yield cur
             finally:
                 cur.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock if self._read_lock is not self._lock else nullcontext():
             self._conn.close()
+            if self._read_conn is not self._conn:
+                self._read_conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 class PostgresStore(_SqlStore):
