@@ -432,6 +432,20 @@ class _SqlStore:
             for r in rows
         ]
 
+    def count_challenges(self, now: datetime) -> tuple[int, int]:
+        """Unconsumed challenges at ``now``: (live, expired but not yet purged) — for metrics."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT COALESCE(SUM(CASE WHEN expires_at > ? THEN 1 ELSE 0 END), 0),"
+                    " COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0)"
+                    " FROM challenges WHERE consumed_at IS NULL"
+                ),
+                (to_ms(now), to_ms(now)),
+            )
+            row = cur.fetchone()
+        return int(row[0]), int(row[1])
+
     def prune(
         self,
         now: datetime,

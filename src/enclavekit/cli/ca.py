@@ -26,7 +26,7 @@ from enclavekit.atls.limits import (
 )
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import host_port, nsm_verifier, root_option
-from enclavekit.cli._render import emit_json, json_option, stderr
+from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
 
@@ -105,6 +105,23 @@ def root(state_dir: Path, as_json: bool) -> None:
     help="Keep at most this many audit events (the newest).",
 )
 @click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve HTTPS with a certificate from the CA's own root (key in memory, new each start).",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="DNS name or IP address for the --tls certificate (repeatable; what clients connect to).",
+)
+@click.option(
+    "--unsafe-plain-http",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address (admin token and issuance in clear).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 256),
     default=None,
@@ -131,23 +148,46 @@ def serve(
     database: str | None,
     audit_retention_days: int,
     audit_max_events: int,
+    tls: bool,
+    tls_names: tuple[str, ...],
+    unsafe_plain_http: bool,
     workers: int | None,
     sqlite_synchronous: str,
     limits_file: Path | None,
 ) -> None:
-    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
+    """Serve the CA HTTP API (OpenAPI at /openapi.json, Prometheus at /metrics) until interrupted.
 
-    Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
-    service documentation; with several workers, the total limits are shared out among them.
+    Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
+    clients (body size, challenges, issuance rate, connections) are listed in the CA service
+    documentation; with several workers, the total limits are shared out among them.
     """
+    import contextlib
+
     from enclavekit.atls import workers as ca_workers
+    from enclavekit.atls.ca_tls import in_memory_pem_files, is_loopback, issue_ca_tls_certificate
+    from enclavekit.atls.metrics import CaMetrics
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
     count = workers if workers is not None else ca_workers.default_workers()
+    if tls_names and not tls:
+        raise UsageError("--tls-name goes with --tls")
+    if tls and unsafe_plain_http:
+        raise UsageError("--tls and --unsafe-plain-http contradict each other; choose one")
+    if not tls and not is_loopback(host):
+        if not unsafe_plain_http:
+            raise UsageError(
+                f"--listen {listen} is not a loopback address: plain HTTP would send the admin"
+                " token and issuance in clear. Use --tls --tls-name NAME (or --unsafe-plain-http)"
+            )
+        warn(
+            f"serving the CA over plain HTTP on {listen} (--unsafe-plain-http): the admin token,"
+            " challenges and certificates cross the network in clear"
+        )
     keys = load_ca_keys(state_dir)
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
+    tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
     retention = timedelta(days=audit_retention_days)
     limits = CaLimits(
         audit_retention=retention,
@@ -163,7 +203,7 @@ def serve(
     admin_token = load_admin_token(state_dir)
     mine = limits.per_worker(count)
 
-    def make_app() -> object:  # in each worker: its own store connection
+    def make_app() -> object:  # in each worker: its own store connection and metrics
         issuer = Issuer(
             keys,
             policy,
@@ -171,20 +211,27 @@ def serve(
             NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
             limits=mine,
         )
-        return create_app(issuer, admin_token=admin_token)
+        app = create_app(issuer, admin_token=admin_token)
+        CaMetrics().install(app, issuer)
+        return app
 
     sock = ca_workers.bind(host, port)
+    scheme = "https" if tls else "http"
     stderr.print(
-        f"attestation CA on http://{host}:{sock.getsockname()[1]} with {count} worker(s)"
+        f"attestation CA on {scheme}://{host}:{sock.getsockname()[1]} with {count} worker(s)"
         f" (services: {', '.join(sorted(policy.services))})"
     )
     try:
-        status = ca_workers.serve(
-            make_app,
-            sock,
-            workers=count,
-            uvicorn_options={"limit_concurrency": mine.max_connections, "timeout_keep_alive": 5},
-        )
+        with contextlib.ExitStack() as files:
+            options: dict[str, object] = {
+                "limit_concurrency": mine.max_connections,
+                "timeout_keep_alive": 5,
+            }
+            if tls_identity is not None:
+                key, cert = tls_identity
+                keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
+                options |= {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
+            status = ca_workers.serve(make_app, sock, workers=count, uvicorn_options=options)
     finally:
         sock.close()
     if status:

@@ -162,8 +162,9 @@ def pcr_command(
 @click.option(
     "--private-key",
     required=True,
-    type=_existing_file,
-    help="PEM or DER EC private key (P-256/384/521) of the certificate.",
+    metavar="FILE|KMS-ARN",
+    help="PEM or DER EC private key (P-256/384/521) of the certificate, or the ARN of an AWS KMS "
+    "ECC_NIST_P256/384/521 key or alias (arn:aws:kms:...) that signs with KMS Sign.",
 )
 @click.option(
     "--output-file",
@@ -175,7 +176,7 @@ def pcr_command(
 def sign_eif_command(
     eif_path: Path,
     signing_certificate: Path,
-    private_key: Path,
+    private_key: str,
     output_file: Path | None,
     hash_algorithm_label: str,
     as_json: bool,

@@ -554,6 +554,12 @@ def _then(chunks: Iterator[bytes], last: Callable[[], None]) -> Iterator[bytes]:
     last()
 
 
+def _untagged(repo_tag: str) -> str:
+    """``host:5000/app:1`` → ``host:5000/app``; ``app:1`` → ``app`` (a registry port is kept)."""
+    name, colon, tag = repo_tag.rpartition(":")
+    return name if colon and "/" not in tag else repo_tag
+
+
 def _metadata(
     source: Image | RootfsDir,
     blobs: Blobs,
@@ -565,7 +571,7 @@ def _metadata(
 ) -> IdentityInfo:
     if isinstance(source, Image):
         default_name = image_name or (
-            source.repo_tags[0].split(":")[0] if source.repo_tags else Path(source.source).name
+            _untagged(source.repo_tags[0]) if source.repo_tags else Path(source.source).name
         )
         default_version = source.config.image_id
         created = source.config.created
