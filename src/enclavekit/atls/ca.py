@@ -677,9 +677,31 @@ class Issuer:
             self.store.record_event(
                 Event(now, "refused", service[:200], None, exc.diagnostics()[:2000])
             )
-            log.info("refused certificate for %r: %s", service, exc.diagnostics())
+            log.info(
+                "refused certificate for %r: %s",
+                service[:200],
+                exc.diagnostics(),
+                extra={
+                    "event": "refused",
+                    "fields": {"service": service[:200], "reason": exc.diagnostics()[:2000]},
+                },
+            )
             raise
         self._notify(None)
+        log.info(
+            "issued certificate %x for %r, valid until %s",
+            issued.record.serial,
+            service,
+            issued.record.not_after.isoformat(),
+            extra={
+                "event": "issued",
+                "fields": {
+                    "service": service,
+                    "serial": format(issued.record.serial, "x"),
+                    "not_after": issued.record.not_after.isoformat(),
+                },
+            },
+        )
         return issued
 
     def _issue(

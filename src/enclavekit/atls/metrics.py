@@ -38,7 +38,8 @@ from typing import Any
 
 from enclavekit.errors import Error, PolicyViolation, UsageError
 
-PIP_LINE = "pip install 'enclavekit[service]'"
+#: prometheus-client is a core dependency; missing means a broken install.
+PIP_LINE = "pip install --force-reinstall enclavekit"
 
 
 def _prometheus() -> Any:

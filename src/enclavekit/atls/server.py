@@ -285,6 +285,7 @@ class EnclaveIdentity:
             raise VerificationError("the CA returned a certificate for another key; refusing it")
         identity = ServingIdentity(key, chain, server_context(key, chain))
         with self._lock:
+            renewal = self._current is not None
             self._current = identity
             self._obtained_at = self.clock()
         for callback in list(self._listeners):
@@ -294,6 +295,14 @@ class EnclaveIdentity:
             chain[0].serial_number,
             self.service,
             chain[0].not_valid_after_utc.isoformat(),
+            extra={
+                "event": "renewed" if renewal else "obtained",
+                "fields": {
+                    "service": self.service,
+                    "serial": format(chain[0].serial_number, "x"),
+                    "not_after": chain[0].not_valid_after_utc.isoformat(),
+                },
+            },
         )
         return identity
 
@@ -325,7 +334,12 @@ class EnclaveIdentity:
                     backoff = 1.0
                     wait = min(poll, max(0.5, (self.renew_at() - self.clock()).total_seconds()))
                 except Error as exc:
-                    log.warning("certificate renewal failed (retrying in %.0f s): %s", backoff, exc)
+                    log.warning(
+                        "certificate renewal failed (retrying in %.0f s): %s",
+                        backoff,
+                        exc,
+                        extra={"event": "renewal_failed", "fields": {"reason": str(exc)}},
+                    )
                     wait, backoff = backoff, min(backoff * 2, poll)
                 self._stop.wait(wait)
 

@@ -589,7 +589,10 @@ class PostgresStore(_SqlStore):
         try:
             import psycopg  # noqa: F401 - fail early with a clear message
         except ImportError as exc:  # pragma: no cover - depends on the installed extra
-            raise UsageError("PostgreSQL needs psycopg; install enclavekit[service]") from exc
+            raise UsageError(
+                "--database postgresql://… needs psycopg, which is not installed; install it with:"
+                " pip install 'enclavekit[postgres]'"
+            ) from exc
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema name must be alphanumeric/underscore, got {schema!r}")
         self.schema = schema

@@ -1,8 +1,8 @@
 """Serve one ASGI application from several processes sharing one listening socket.
 
-:func:`serve` binds the address once, then (``workers > 1``) forks the worker processes, each of
-which builds its own application (and so its own database connection: none is ever shared across
-``fork``) and runs uvicorn on the inherited socket. The kernel hands each new connection to one
+:func:`serve` takes a listening socket bound once by the caller, then (``workers > 1``) forks the
+worker processes, each of which builds its own application (and so its own database connection:
+none is ever shared across ``fork``) and runs uvicorn on the inherited socket. The kernel hands each new connection to one
 worker that is waiting in ``accept``; a busy worker accepts less, so new connections go to the less
 loaded ones (a keep-alive connection stays with the worker that accepted it).
 
@@ -39,8 +39,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from enclavekit.errors import UsageError
-
 #: Seconds a stopping worker may take to finish the requests in flight before it is killed.
 GRACEFUL_TIMEOUT = 10.0
 #: Unexpected worker deaths tolerated within ``_CRASH_WINDOW`` seconds before the service stops.
@@ -56,21 +54,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port`` 0: a free port), inheritable by workers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; check --listen") from exc
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve(

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import base64
-import contextlib
+import errno
+import socket
 import sys
 from typing import TYPE_CHECKING
 
 import click
 
-from enclavekit.attestation.policy import load_policy
-from enclavekit.cli._common import host_port, nsm_verifier, root_option
+from enclavekit.cli._common import (
+    bind_error,
+    endpoint_url,
+    host_port,
+    nsm_verifier,
+    root_option,
+)
+from enclavekit.cli._files import read_policy
+from enclavekit.cli._log import event, log_format_option, service_logging
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import UsageError
 
@@ -26,7 +34,10 @@ def atls_group() -> None:
 
 @atls_group.command("proxy")
 @click.option(
-    "--ca", "ca_url", metavar="URL", help="The attestation CA's URL (http:// or https://)."
+    "--ca",
+    "ca_url",
+    metavar="URL",
+    help="The attestation CA: http(s)://HOST:PORT, or HOST:PORT / tcp://HOST:PORT for http.",
 )
 @click.option(
     "--ca-cert",
@@ -57,13 +68,24 @@ def atls_group() -> None:
 @click.option(
     "--acme-email", metavar="ADDR", help="Contact address of the (in-memory) ACME account."
 )
-@click.option("--listen", required=True, metavar="HOST:PORT", help="TLS listening address.")
-@click.option("--upstream", required=True, metavar="HOST:PORT", help="The app behind the proxy.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="TLS listening address (or tcp://HOST:PORT).",
+)
+@click.option(
+    "--upstream",
+    required=True,
+    metavar="HOST:PORT",
+    help="The app behind the proxy (or tcp://HOST:PORT).",
+)
 @click.option(
     "--nsm",
     "nsm_url",
     metavar="URL",
-    help="NSM emulator (unix:///path, tcp://host:port). Default: $ENCLAVEKIT_NSM, else /dev/nsm.",
+    help="NSM emulator (unix:///path, HOST:PORT or tcp://HOST:PORT). Default: $ENCLAVEKIT_NSM, "
+    "else /dev/nsm.",
 )
 @click.option(
     "--client-ca",
@@ -86,6 +108,7 @@ def atls_group() -> None:
     metavar="HOST:PORT",
     help="Serve Prometheus /metrics here (off by default).",
 )
+@log_format_option
 def proxy(
     ca_url: str | None,
     ca_cert: str | None,
@@ -103,9 +126,14 @@ def proxy(
     roots: tuple[str, ...],
     forward_client_identity: bool,
     metrics_listen: str | None,
+    log_format: str,
 ) -> None:
     """Obtain a certificate (attested by the CA, or by ACME) and terminate TLS in front of
-    --upstream (renews itself)."""
+    --upstream (renews itself).
+
+    Logs one line on stderr per start, certificate obtained or renewed, failed renewal (with its
+    reason) and stop.
+    """
     from enclavekit.atls.server import EnclaveIdentity, run_proxy
     from enclavekit.nsm import Nsm
 
@@ -119,6 +147,7 @@ def proxy(
     if roots and not client_ca:
         raise UsageError("--root verifies client documents; it needs --client-ca")
     client_auth = _client_auth(client_ca, client_policy, roots, forward_client_identity)
+    nsm_address = endpoint_url(nsm_url, "--nsm") if nsm_url else None
     metrics = None
     if metrics_at is not None:
         from enclavekit.atls.metrics import ProxyMetrics
@@ -133,7 +162,8 @@ def proxy(
         from enclavekit.atls.acme import AcmeIdentity, Http01Responder
 
         http_at = host_port(acme_http_listen, "--acme-http-listen")
-        nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
+        _check_bind(listen, listen_at)  # before asking the ACME server for anything
+        nsm = Nsm.connect(nsm_address) if nsm_address else Nsm.open()
         responder = Http01Responder(*http_at).start()
         identity = AcmeIdentity(
             acme_url, domains, nsm, responder, ca_bundle=acme_ca_bundle, email=acme_email
@@ -144,20 +174,30 @@ def proxy(
             raise UsageError("--domain and --acme-* options go with --acme, not --ca")
         if not name:
             raise UsageError("--ca needs --name (the service name in the CA policy)")
-        ca_client = _ca_client(ca_url, ca_cert, "--ca-cert")
-        nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
+        ca_client = _ca_client(_ca_url(ca_url), ca_cert, "--ca-cert")
+        _check_bind(listen, listen_at)  # before asking the CA for anything
+        nsm = Nsm.connect(nsm_address) if nsm_address else Nsm.open()
         identity = EnclaveIdentity(ca_client, name, nsm)
 
+    logger = service_logging(log_format)  # certificates obtained and renewed: atls.server logs them
+    where: list[str] = []
+
     def ready(host: str, port: int) -> None:
+        where.append(f"{host}:{port}")
         cert = identity.current.certificate
         extra = ", mutual TLS" if client_auth else ""
         extra += f", metrics on {metrics_listen}" if metrics_listen else ""
-        stderr.print(
+        event(
+            logger,
+            "start",
             f"attested TLS on {host}:{port} → {upstream}; certificate"
-            f" {cert.serial_number:x} valid until {cert.not_valid_after_utc.isoformat()}{extra}"
+            f" {cert.serial_number:x} valid until {cert.not_valid_after_utc.isoformat()}{extra}",
+            listen=where[0],
+            upstream=upstream,
+            service=name or ",".join(domains),
         )
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         run_proxy(
             identity,
             listen_at,
@@ -167,6 +207,15 @@ def proxy(
             metrics=metrics,
             metrics_listen=metrics_at,
         )
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        if exc.errno in _BIND_ERRNOS:  # taken between the check and the bind
+            raise bind_error("--listen", listen, exc) from None
+        raise
+    finally:
+        if where:
+            event(logger, "stop", f"attested TLS on {where[0]} stopped", listen=where[0])
 
 
 def _read(path: str, option: str) -> bytes:
@@ -204,8 +253,29 @@ def _client_auth(
         cas = x509.load_pem_x509_certificates(_read(client_ca, "--client-ca"))
     except ValueError as exc:
         raise UsageError(f"--client-ca {client_ca}: expected PEM certificates ({exc})") from exc
-    policy = load_policy(client_policy) if client_policy else None
+    policy = read_policy(client_policy, "--client-policy") if client_policy else None
     return ClientAuthPolicy(cas, nsm_verifier(roots), policy, forward_identity=forward)
+
+
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _check_bind(value: str, address: tuple[str, int]) -> None:
+    """Fail fast (exit 2 naming --listen) when the listening address cannot be bound."""
+    host, port = address
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        raise bind_error("--listen", value, exc) from None
+
+
+def _ca_url(value: str) -> str:
+    """``--ca``: an http(s):// URL as is; HOST:PORT or tcp://HOST:PORT means http://HOST:PORT."""
+    if value.lower().startswith(("http://", "https://")):
+        return value
+    host, port = host_port(value, "--ca")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @atls_group.command("get")
@@ -284,9 +354,11 @@ def get(
         from enclavekit.atls.server import EnclaveIdentity
         from enclavekit.nsm import Nsm
 
-        nsm = Nsm.connect(nsm_url) if nsm_url else Nsm.open()
+        nsm = Nsm.connect(endpoint_url(nsm_url, "--nsm")) if nsm_url else Nsm.open()
         identity = EnclaveIdentity(
-            _ca_client(identity_ca, identity_ca_cert, "--identity-ca-cert"), identity_name, nsm
+            _ca_client(_ca_url(identity_ca), identity_ca_cert, "--identity-ca-cert"),
+            identity_name,
+            nsm,
         )
     elif nsm_url:
         raise UsageError("--nsm is for --identity-ca (the client's own attestation)")
@@ -295,7 +367,7 @@ def get(
             root,
             identity=identity,
             verifier=nsm_verifier(roots),
-            policy=load_policy(policy_file) if policy_file else None,
+            policy=read_policy(policy_file) if policy_file else None,
             fresh=fresh,
             timeout=timeout,
             crl=load_crl(_read_source(crl_source, timeout)) if crl_source else None,

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import (
@@ -24,8 +25,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from enclavekit.cli._files import output_error
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
-from enclavekit.eif.build import blobs_directory, build_enclave
+from enclavekit.eif.build import BuildResult, blobs_directory, build_enclave
 from enclavekit.eif.image import (
     Image,
     RootfsDir,
@@ -92,6 +94,7 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
     "registries may use plain HTTP without it.",
 )
 @click.option(
+    "-o",
     "--output-file",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -182,6 +185,10 @@ def build_enclave_command(
     custom = load_custom_metadata(metadata_file.read_bytes()) if metadata_file else None
     registry_ref = _registry_reference(image, docker_uri, pull)
     eif_arch = _EIF_ARCH[arch] if arch is not None else None
+    if not output_file.parent.is_dir():
+        raise UsageError(
+            f"--output-file {output_file}: the directory {output_file.parent} does not exist"
+        )
     _say("Start building the Enclave Image...")
     pulled = _pull(registry_ref, arch, insecure_registries) if registry_ref is not None else None
     with (
@@ -199,7 +206,8 @@ def build_enclave_command(
             assert image is not None
             source = open_source(image, arch=eif_arch)
             image_name = None
-        result = build_enclave(
+        result = _build(
+            output_file,
             source,
             output_file,
             blobs_dir=blobs_directory(blobs, os.environ),
@@ -291,6 +299,16 @@ def _layer_progress() -> Iterator[BlobProgress]:
             bar.update(tasks[label], completed=done)
 
         yield update
+
+
+def _build(output_file: Path, *args: Any, **kwargs: Any) -> BuildResult:
+    try:
+        return build_enclave(*args, **kwargs)
+    except OSError as exc:  # the EIF is written beside its target: name the target, not the temp
+        error = output_error(exc, {"--output-file": output_file})
+        if error is None:
+            raise
+        raise error from None
 
 
 def register(group: click.Group) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from enclavekit.atls.limits import (
     limits_from_mapping,
 )
 from enclavekit.atls.store import open_store
-from enclavekit.cli._common import host_port, nsm_verifier, root_option
+from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
+from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
+from enclavekit.cli._log import event, log_format_option, service_logging
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
@@ -79,7 +82,12 @@ def root(state_dir: Path, as_json: bool) -> None:
 
 
 @ca_group.command("serve")
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Address of the HTTP API.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the HTTP API: HOST:PORT or tcp://HOST:PORT (port 0: any free port).",
+)
 @_state_dir
 @click.option(
     "--policy",
@@ -121,6 +129,7 @@ def root(state_dir: Path, as_json: bool) -> None:
     is_flag=True,
     help="Allow plain HTTP on a non-loopback address (admin token and issuance in clear).",
 )
+@log_format_option
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
@@ -151,6 +160,7 @@ def serve(
     tls: bool,
     tls_names: tuple[str, ...],
     unsafe_plain_http: bool,
+    log_format: str,
     workers: int | None,
     sqlite_synchronous: str,
     limits_file: Path | None,
@@ -159,7 +169,8 @@ def serve(
 
     Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
     clients (body size, challenges, issuance rate, connections) are listed in the CA service
-    documentation; with several workers, the total limits are shared out among them.
+    documentation; with several workers, the total limits are shared out among them. Logs one
+    line on stderr per start, issuance, refusal (with its reason) and stop.
     """
     import contextlib
 
@@ -184,7 +195,14 @@ def serve(
             f"serving the CA over plain HTTP on {listen} (--unsafe-plain-http): the admin token,"
             " challenges and certificates cross the network in clear"
         )
+    logger = service_logging(log_format)
     keys = load_ca_keys(state_dir)
+    require_text(
+        read_input(policy_file, "--policy", limit=MAX_POLICY_FILE),
+        policy_file,
+        "--policy",
+        "a YAML or JSON CA policy",
+    )
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
     tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
@@ -215,25 +233,39 @@ def serve(
         CaMetrics().install(app, issuer)
         return app
 
-    sock = ca_workers.bind(host, port)
+    try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
+        sock = socket.create_server((host, port), family=_family(host), backlog=ca_workers.BACKLOG)
+    except OSError as exc:
+        raise bind_error("--listen", listen, exc) from None
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     scheme = "https" if tls else "http"
-    stderr.print(
-        f"attestation CA on {scheme}://{host}:{sock.getsockname()[1]} with {count} worker(s)"
-        f" (services: {', '.join(sorted(policy.services))})"
-    )
-    try:
-        with contextlib.ExitStack() as files:
-            options: dict[str, object] = {
-                "limit_concurrency": mine.max_connections,
-                "timeout_keep_alive": 5,
-            }
-            if tls_identity is not None:
-                key, cert = tls_identity
-                keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
-                options |= {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
+    url = f"{scheme}://{shown}:{bound_port}"
+    services = sorted(policy.services)
+    status = 0
+    with contextlib.ExitStack() as files, sock:
+        options: dict[str, object] = {
+            "access_log": False,
+            "limit_concurrency": mine.max_connections,
+            "timeout_keep_alive": 5,
+        }
+        if tls_identity is not None:
+            key, cert = tls_identity
+            keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
+            options |= {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
+        try:
+            event(
+                logger,
+                "start",
+                f"attestation CA listening on {url} with {count} worker(s)"
+                f" (services: {', '.join(services)})",
+                listen=url,
+                services=services,
+                workers=count,
+            )
             status = ca_workers.serve(make_app, sock, workers=count, uvicorn_options=options)
-    finally:
-        sock.close()
+        finally:
+            event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
     if status:
         raise SystemExit(status)
 
@@ -247,6 +279,10 @@ def _load_mapping(path: Path, option: str) -> object:
         raise UsageError(f"{option} {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         raise UsageError(f"{option} {path}: not YAML/JSON ({exc})") from exc
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 @ca_group.command("revoke")

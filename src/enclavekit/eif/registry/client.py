@@ -49,8 +49,8 @@ def _httpx() -> Any:
         import httpx
     except ImportError:
         raise UsageError(
-            "pulling from a registry needs httpx: install enclavekit with the 'registry' extra "
-            "(pip install 'enclavekit[registry]')"
+            "pulling from a registry needs httpx, a dependency of enclavekit that is missing: "
+            "reinstall it (pip install --force-reinstall enclavekit)"
         ) from None
     return httpx
 
