@@ -423,7 +423,7 @@ def relay(
         pair = RelayPair(a, b, buffer_size=buffer_size, zero_copy=zero_copy)
         poller = select.poll()
         registered: dict[int, int] = {}
-        while not pair.done:
+        while True:
             must_wait = pair.step()
             if pair.done:
                 break
