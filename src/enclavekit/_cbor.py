@@ -1,17 +1,23 @@
 """A strict CBOR decoder for untrusted input.
 
 General-purpose decoders are too lenient for attestation data: they silently keep the last of duplicate map
-keys, and some accept trailing bytes. This decoder accepts the RFC 8949 data model that attestation documents
-and NSM messages use, with definite **and** indefinite containers, and rejects:
+keys, some accept trailing bytes, and all of them let Python's ``True == 1 == 1.0`` merge keys of different
+types. This decoder accepts the RFC 8949 data model that attestation documents and NSM messages use, with
+definite **and** indefinite containers, and rejects:
 
 - trailing bytes after the top-level item,
-- duplicate map keys (compared after decoding),
+- duplicate map keys, compared by CBOR type *and* value (``1``, ``1.0`` and ``true`` are three keys),
 - nesting deeper than :data:`MAX_DEPTH`, more than :data:`MAX_ITEMS` items, or lengths past the input,
-- non-minimal-length *headers* are accepted (AWS never emits them; RFC 8949 allows them),
-- reserved additional-info values (28-30), break codes outside indefinite containers, undefined simple values.
+- reserved additional-info values (28-30), break codes outside indefinite containers, and simple values
+  0..31 in the two-byte form (not well-formed, RFC 8949 §3.3).
 
-Maps decode to ``dict`` (insertion order kept), arrays to ``list``, tags to :class:`Tagged`.
-Floats decode to ``float``. What is *not* checked: canonical ordering of keys.
+Non-minimal-length *headers* are accepted (AWS never emits them; RFC 8949 allows them).
+
+Maps decode to ``dict`` (insertion order kept), arrays to ``list``, tags to :class:`Tagged`, ``false``/
+``true``/``null`` to ``False``/``True``/``None``, every other simple value (``undefined`` = 23 included) to
+:class:`Simple`. Floats decode to ``float``. Map keys that Python would confuse with integers (booleans and
+floats) are wrapped in :class:`TypedKey`, so ``{true: -35}`` never equals ``{1: -35}``; integer, text and
+byte-string keys stay plain. What is *not* checked: canonical ordering of keys.
 """
 
 from __future__ import annotations
@@ -28,12 +34,65 @@ MAX_DEPTH = 16
 MAX_ITEMS = 100_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Tagged:
-    """A CBOR tag and its content."""
+    """A CBOR tag and its content. Equality is CBOR equality: tag and content compared by type and value."""
 
     tag: int
     value: Any
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tagged):
+            return NotImplemented
+        return self.tag == other.tag and identity(self.value) == identity(other.value)
+
+    def __hash__(self) -> int:
+        return hash((self.tag, identity(self.value)))
+
+
+@dataclass(frozen=True, slots=True)
+class Simple:
+    """A simple value other than false/true/null (``undefined`` is ``Simple(23)``)."""
+
+    value: int
+
+
+UNDEFINED = Simple(23)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TypedKey:
+    """A map key that Python would otherwise equate with an integer: a boolean or a float."""
+
+    value: bool | float
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TypedKey):
+            return NotImplemented
+        return identity(self.value) == identity(other.value)
+
+    def __hash__(self) -> int:
+        return hash(identity(self.value))
+
+    def __repr__(self) -> str:
+        return f"TypedKey({self.value!r})"
+
+
+def identity(value: Any) -> tuple[Any, ...]:
+    """A hashable value that differs whenever the CBOR type or value differs (``1``, ``1.0``, ``True``
+    and ``-0.0`` vs ``0.0`` are all distinct)."""
+    kind = type(value)
+    if kind is float:
+        return (kind, struct.pack(">d", value))
+    if kind is list:
+        return (kind, tuple(identity(item) for item in value))
+    if kind is dict:
+        return (kind, frozenset((identity(k), identity(v)) for k, v in value.items()))
+    if kind is Tagged:
+        return (kind, value.tag, identity(value.value))
+    if kind is TypedKey:
+        return identity(value.value)
+    return (kind, value)
 
 
 _BREAK = object()  # the indefinite-length break stop code
@@ -161,23 +220,28 @@ def _decode(data: bytes) -> tuple[Any, int]:
         if info == 31:
             return _BREAK, pos
         if info < 24:
-            if info in _SIMPLE:
-                return _SIMPLE[info], pos
-            raise fail(pos - 1, f"unsupported simple value {info}")
+            return (_SIMPLE[info] if info in _SIMPLE else Simple(info)), pos
         assert arg is not None
+        if info == 24:
+            if arg < 32:
+                raise fail(pos - 2, f"simple value {arg} in the two-byte form (not well-formed)")
+            return Simple(arg), pos
         if info == 25:
             return struct.unpack(">e", arg.to_bytes(2, "big"))[0], pos
         if info == 26:
             return struct.unpack(">f", arg.to_bytes(4, "big"))[0], pos
         if info == 27:
             return struct.unpack(">d", arg.to_bytes(8, "big"))[0], pos
-        raise fail(pos - 2, "unsupported simple value")
+        raise fail(pos - 2, "unsupported simple value")  # pragma: no cover - info 24..27 handled
 
     def add(result: dict[Any, Any], key: Any, value: Any, key_pos: int) -> None:
+        kind = type(key)
+        if kind is bool or kind is float:
+            key = TypedKey(key)  # keep true, 1.0 and 1 apart
         try:
             if key in result:
                 raise fail(key_pos, f"duplicate map key {key!r}")
-        except TypeError:
+        except TypeError:  # an array or a map, possibly inside a tag
             raise fail(key_pos, "map key of an unhashable type (array or map)") from None
         result[key] = value
 

@@ -457,8 +457,8 @@ def _steps(
             raise DemoFailure("no fresh attestation document was checked")
         n.check(
             checks,
-            "fresh document for the client's own nonce: nonce, key and user_data = SHA-256(cert)"
-            " ‖ nonce all match",
+            "fresh document for the client's own nonce: nonce, key and user_data = context label"
+            " ‖ SHA-256(cert) ‖ nonce all match",
         )
         n.check(checks, "PCR0, PCR1, PCR2 equal the values printed at build time")
         n.info(f"module {peer.fresh.module_id}")

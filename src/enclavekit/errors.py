@@ -42,6 +42,22 @@ class VerificationError(Error):
     exit_code = 1
 
 
+class DocumentKindError(VerificationError):
+    """The document is genuine in form but not the kind the caller verifies: its module id contradicts its
+    PCR map, or (see :class:`NitroTpmDocumentError`) it comes from a NitroTPM, not an enclave."""
+
+    exit_code = 1
+
+
+class NitroTpmDocumentError(DocumentKindError):
+    """A NitroTPM (EC2 instance) document where an enclave document is required.
+
+    A NitroTPM's PCRs are extended and reset by the instance's operating system, so any EC2 user can make
+    them equal an enclave's PCR values: they prove nothing about an enclave."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """One failed policy check: which check, what it expected and what it found."""

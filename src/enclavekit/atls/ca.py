@@ -5,16 +5,25 @@ Pure with respect to I/O it does not own: time comes from an injected ``clock``,
 :class:`EvidenceVerifier` (in production :class:`NitroEvidenceVerifier`, over
 :class:`enclavekit.attestation.verifier.Verifier`).
 
-Issuance steps (:meth:`Issuer.issue`), each refusal recorded in the audit log:
+Issuance steps (:meth:`Issuer.issue`), cheapest first, each refusal recorded in the audit log:
 
-1. parse the CSR (PKCS#10) and check its self-signature (proof of possession of the key);
-2. look up the requested service in the CA policy (unknown service: refused);
-3. verify the attestation document cryptographically against the configured roots at ``clock()``;
-4. consume the document's ``nonce`` as a challenge, atomically (unknown, expired, reused: refused);
-5. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
-6. check the service policy: PCR allowlist, debug enclaves refused;
-7. issue a short-lived certificate for the service's DNS names, chained to the CA root, with the
+1. look up the requested service in the CA policy (unknown service: refused, naming neither the
+   requested nor the configured services);
+2. decode the document without verifying it and check the shape of its cabundle
+   (:func:`check_cabundle_shape`: at most :data:`~.limits.MAX_CABUNDLE` certificates, the first a
+   pinned root, each issued by the one before it, distinct names and keys), so a crafted bundle
+   cannot make path building expensive;
+3. its ``nonce`` must be a live, unused challenge (one indexed ``SELECT``; not yet consumed);
+4. parse the CSR (PKCS#10) and check its self-signature (proof of possession of the key);
+5. verify the attestation document cryptographically against the configured roots at ``clock()``;
+6. consume the nonce as a challenge, atomically (unknown, expired, reused: refused);
+7. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
+8. check the service policy: PCR allowlist, debug enclaves refused;
+9. issue a short-lived certificate for the service's DNS names, chained to the CA root, with the
    document in the non-critical extension of :mod:`.extension`, and record it.
+
+Challenges are capped per client and in total (:class:`~.limits.CaLimits`); expired challenges,
+old audit events and long-expired certificate records are deleted as the CA runs.
 
 Not checked here: ``user_data`` (free for the enclave's own use) and anything about the TLS
 connection the request arrived on.
@@ -27,7 +36,9 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+import threading
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,8 +53,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enclavekit._fs import write_atomic
 from enclavekit.atls.extension import attestation_extension
-from enclavekit.atls.store import CertificateRecord, ConsumeResult, Event, Store
-from enclavekit.attestation.policy import MaxAge
+from enclavekit.atls.limits import MAX_CABUNDLE, CaLimits, LimitExceeded
+from enclavekit.atls.store import (
+    CertificateRecord,
+    ChallengeAdmission,
+    ConsumeResult,
+    Event,
+    Store,
+)
+from enclavekit.attestation.document import AttestationDocument
+from enclavekit.attestation.policy import MaxAge, parse_pcr_index
 from enclavekit.attestation.verifier import Verifier
 from enclavekit.errors import (
     Failure,
@@ -94,7 +113,67 @@ class Evidence:
 class EvidenceVerifier(Protocol):
     """Verifies signature, chain and validity of a raw document at ``at``; raises on failure."""
 
+    def precheck(self, document: bytes) -> bytes | None:
+        """Cheap checks before :meth:`verify` (no signature, no path building): decode the document,
+        refuse shapes a genuine one never has; return its (unverified) nonce."""
+        ...
+
     def verify(self, document: bytes, *, at: datetime) -> Evidence: ...
+
+
+def check_cabundle_shape(
+    doc: AttestationDocument, pinned_roots: Collection[bytes], *, max_length: int = MAX_CABUNDLE
+) -> None:
+    """Refuse a cabundle the NSM never sends, before any signature is checked.
+
+    The NSM sends ``[root, intermediate, …]`` with each certificate issued by the one before it and
+    the leaf issued by the last (AWS: root + 3 intermediates). Required here: 1..``max_length``
+    certificates, ``cabundle[0]`` byte-identical to a pinned root, that issuer/subject chaining, and
+    distinct subject names and keys across the bundle and the leaf. With those, RFC 5280 path
+    building has exactly one candidate issuer per step (at most ``max_length`` signature checks).
+
+    Only refuses, never accepts: the document still goes through full verification. Not checked
+    here: signatures, validity, extensions (the verifier does that).
+    """
+    bundle = doc.cabundle
+    if not 1 <= len(bundle) <= max_length:
+        raise MalformedInput(
+            f"cabundle has {len(bundle)} certificates; expected 1..{max_length} (a pinned root and"
+            f" up to {max_length - 1} intermediates, as the NSM sends them)"
+        )
+    if bundle[0] not in pinned_roots:
+        raise VerificationError(
+            "cabundle[0] is not a pinned trust root; the document was not issued by the PKI this CA"
+            " trusts"
+        )
+    names = [
+        "the certificate" if i == len(bundle) else f"cabundle[{i}]" for i in range(len(bundle) + 1)
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the verifier decides on pyca's deprecation warnings
+            certs = [x509.load_der_x509_certificate(d) for d in (*bundle, doc.certificate)]
+            subjects = [c.subject for c in certs]
+            issuers = [c.issuer for c in certs]
+            keys = [spki_der(c.public_key()) for c in certs]
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise MalformedInput(f"cabundle: a certificate cannot be decoded ({exc})") from None
+    problem = None
+    if len(set(subjects)) != len(certs):
+        problem = "two certificates with the same subject name"
+    elif len(set(keys)) != len(certs):
+        problem = "two certificates with the same public key"
+    else:
+        for i in range(1, len(certs)):
+            if issuers[i] != subjects[i - 1]:
+                problem = f"{names[i]} is not issued by {names[i - 1]}"
+                break
+    if problem is not None:
+        raise MalformedInput(
+            f"cabundle is not a chain as the NSM sends it ({problem}); expected the root first,"
+            " each certificate issued by the one before it, the document's certificate by the last,"
+            " and distinct names and keys"
+        )
 
 
 class NitroEvidenceVerifier:
@@ -104,9 +183,24 @@ class NitroEvidenceVerifier:
     nonce, so this is a second, clock-based bound).
     """
 
-    def __init__(self, verifier: Verifier, *, max_age: timedelta = timedelta(minutes=5)) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        *,
+        max_age: timedelta = timedelta(minutes=5),
+        max_cabundle: int = MAX_CABUNDLE,
+    ) -> None:
         self.verifier = verifier
         self._policy = MaxAge(max_age)
+        self.max_cabundle = max_cabundle
+        self._roots = frozenset(
+            r.public_bytes(serialization.Encoding.DER) for r in verifier.trust_roots
+        )
+
+    def precheck(self, document: bytes) -> bytes | None:
+        doc = AttestationDocument.from_cbor(document)
+        check_cabundle_shape(doc, self._roots, max_length=self.max_cabundle)
+        return doc.nonce
 
     def verify(self, document: bytes, *, at: datetime) -> Evidence:
         verified = self.verifier.verify(document, self._policy, at=at)
@@ -187,11 +281,10 @@ class CaPolicy:
 
 
 def _pcr_index(key: Any) -> int:
-    text = str(key)
-    text = text.removeprefix("PCR").removeprefix("pcr")
-    if not text.isdigit() or not 0 <= int(text) < 32:
-        raise UsageError(f"policy: PCR index must be 0..31 or PCRn, found {key!r}")
-    return int(text)
+    try:  # ASCII digits only: str.isdigit() accepts "²", which int() then refuses
+        return parse_pcr_index(key, "policy")
+    except UsageError:
+        raise UsageError(f"policy: PCR index must be 0..31 or PCRn, found {key!r}") from None
 
 
 def _pcr_value(value: Any) -> bytes:
@@ -341,8 +434,27 @@ def _write_private(path: Path, data: bytes) -> None:
 def init_state_dir(
     state_dir: Path, *, common_name: str = "enclavekit attestation CA", clock: Clock = utc_now
 ) -> CaKeys:
-    """Create the CA key, root and admin token in ``state_dir``; refuses to overwrite."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Create the CA key, root and admin token in ``state_dir``; refuses to overwrite.
+
+    A new ``state_dir`` is created 0700 (it will hold the database: audit events, challenges and
+    every issued document). An existing one keeps its mode; a warning is logged if others can
+    enter it.
+    """
+    if not state_dir.exists():
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
+    elif state_dir.is_dir() and state_dir.stat().st_mode & 0o077:
+        log.warning(
+            "%s is accessible to other users (mode %o); the CA database will be 0600, but prefer a"
+            " directory of its own (chmod 700)",
+            state_dir,
+            state_dir.stat().st_mode & 0o777,
+        )
     if (state_dir / CA_KEY_FILE).exists():
         raise UsageError(
             f"{state_dir / CA_KEY_FILE} already exists; refusing to replace a CA key"
@@ -449,18 +561,58 @@ class Issuer:
         verifier: EvidenceVerifier,
         *,
         clock: Clock = utc_now,
+        limits: CaLimits | None = None,
     ) -> None:
         self.keys = keys
         self.policy = policy
         self.store = store
         self.verifier = verifier
         self.clock = clock
+        self.limits = limits if limits is not None else CaLimits()
+        self._prune_lock = threading.Lock()
+        self._last_prune: datetime | None = None
+
+    def prune(self, now: datetime | None = None) -> None:
+        """Delete expired challenges, old audit events and long-expired certificate records."""
+        now = now if now is not None else self.clock()
+        lim = self.limits
+        self.store.prune(
+            now,
+            events_before=now - lim.audit_retention,
+            max_events=lim.audit_max_events,
+            certificates_expired_before=now - lim.certificate_retention,
+        )
+
+    def _maybe_prune(self, now: datetime) -> None:
+        with self._prune_lock:
+            last = self._last_prune
+            if last is not None and last <= now < last + self.limits.prune_interval:
+                return
+            self._last_prune = now
+        self.prune(now)
 
     # 1 -- challenges
-    def new_challenge(self) -> Challenge:
+    def new_challenge(self, client: str = "local") -> Challenge:
+        """A single-use nonce for ``client`` (its address); :class:`LimitExceeded` over the caps."""
         now = self.clock()
+        self._maybe_prune(now)
         challenge = Challenge(secrets.token_bytes(NONCE_LENGTH), now + self.policy.challenge_ttl)
-        self.store.add_challenge(challenge.nonce, now, challenge.expires_at)
+        admission = self.store.add_challenge(
+            challenge.nonce,
+            now,
+            challenge.expires_at,
+            client=client,
+            max_live=self.limits.max_live_challenges,
+            max_live_per_client=self.limits.max_live_challenges_per_client,
+        )
+        if admission is not ChallengeAdmission.ADDED:
+            ttl = int(self.policy.challenge_ttl.total_seconds())
+            raise LimitExceeded(
+                f"{admission.value} (limit"
+                f" {self.limits.max_live_challenges_per_client if admission is ChallengeAdmission.TOO_MANY_FOR_CLIENT else self.limits.max_live_challenges});"
+                f" use the challenges you have, or retry when they expire (lifetime {ttl} s)",
+                retry_after=ttl,
+            )
         return challenge
 
     # 2 -- issuance
@@ -470,6 +622,7 @@ class Issuer:
         Every outcome is recorded in the store's audit log.
         """
         now = self.clock()
+        self._maybe_prune(now)
         try:
             issued = self._issue(service, csr_data, document, now)
         except (MalformedInput, VerificationError, PolicyViolation, UsageError) as exc:
@@ -492,32 +645,38 @@ class Issuer:
     def _issue(
         self, service: str, csr_data: bytes, document: bytes, now: datetime
     ) -> IssuedCertificate:
-        # 1. CSR and proof of possession.
-        csr = parse_csr(csr_data)
-        spki = csr.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        # 2. Known service.
+        # 1. Known service. The refusal lists no service names: neither the configured ones
+        #    (policy is not for unauthenticated clients to enumerate) nor the request's.
         svc = self.policy.services.get(service)
         if svc is None:
             raise PolicyViolation(
-                [Failure("service", f"one of {sorted(self.policy.services)}", repr(service))]
+                [Failure("service", "a service configured on this CA", "an unknown service name")]
             )
-        # 3. The document verifies against the configured roots, now.
-        evidence = self.verifier.verify(document, at=now)
-        # 4. Its nonce is a live challenge; consume it atomically.
-        if not evidence.nonce:
+        # 2. The document's shape, unverified (decoding and comparisons only).
+        nonce = self.verifier.precheck(document)
+        if not nonce:
             raise VerificationError(
                 "attestation document has no nonce; expected the nonce of a challenge from"
                 " POST /v1/challenges"
             )
-        outcome = self.store.consume_challenge(evidence.nonce, now)
+        # 3. Its nonce is a live challenge (checked again, atomically, when consumed in 6).
+        status = self.store.challenge_status(nonce, now)
+        if status is not None:
+            raise _not_live(status)
+        # 4. CSR and proof of possession.
+        csr = parse_csr(csr_data)
+        spki = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        # 5. The document verifies against the configured roots, now.
+        evidence = self.verifier.verify(document, at=now)
+        if evidence.nonce != nonce:  # pragma: no cover - one decoder, one document
+            raise VerificationError("the verified nonce differs from the decoded one; refusing")
+        # 6. Consume the challenge atomically: of racing requests, one wins.
+        outcome = self.store.consume_challenge(nonce, now)
         if outcome is not ConsumeResult.CONSUMED:
-            raise VerificationError(
-                f"challenge nonce {evidence.nonce.hex()[:16]}… is {outcome.value}; expected a"
-                " fresh, unused challenge: request a new one and attest again"
-            )
-        # 5. Key binding and 6. service policy: report every failure at once.
+            raise _not_live(outcome)
+        # 7. Key binding and 8. service policy: report every failure at once.
         failures: list[Failure] = []
         if evidence.public_key != spki:
             failures.append(
@@ -534,7 +693,7 @@ class Issuer:
             raise PolicyViolation(failures)
         if svc.unsafe_allow_debug and evidence.is_debug:
             log.warning("issuing to a DEBUG enclave for %r (unsafe_allow_debug)", service)
-        # 7. Issue and record.
+        # 9. Issue and record.
         cert = self._sign(svc, csr, document, now)
         record = CertificateRecord(
             serial=cert.serial_number,
@@ -636,6 +795,13 @@ class Issuer:
         return builder.sign(self.keys.key, hashes.SHA384())
 
 
+def _not_live(outcome: ConsumeResult) -> VerificationError:
+    return VerificationError(
+        f"the document's nonce is {outcome.value} as a challenge of this CA; expected a fresh,"
+        " unused challenge: request a new one (POST /v1/challenges) and attest again"
+    )
+
+
 _REASONS: dict[str, x509.ReasonFlags] = {
     "unspecified": x509.ReasonFlags.unspecified,
     "key_compromise": x509.ReasonFlags.key_compromise,
@@ -675,6 +841,7 @@ __all__: Sequence[str] = (
     "NitroEvidenceVerifier",
     "ServicePolicy",
     "ca_policy_from_mapping",
+    "check_cabundle_shape",
     "create_ca_keys",
     "init_state_dir",
     "load_ca_keys",

@@ -10,7 +10,8 @@
 3. with ``fresh=True``: send ``GET /.well-known/attestation?nonce=<32 random bytes>`` (the only bytes
    ever sent to an unverified peer) and verify the new document at the current time under the
    same policy + the nonce + ``public_key`` = the certificate's key + ``user_data`` =
-   SHA-256(certificate) ‖ nonce.
+   the context label ``enclavekit/atls/v1/fresh-attestation\0`` ‖ SHA-256(certificate) ‖ nonce
+   (:func:`enclavekit.atls.server.attestation_user_data`; a document without the label is refused).
 
 Application requests then go over a **new** connection whose context pins exactly that leaf
 certificate (:meth:`AttestedPeer.pinned_context`), so a request can only reach the verified key.

@@ -16,8 +16,15 @@ retries failures with backoff while the old certificate is still valid.
 The proxy answers ``GET /.well-known/attestation?nonce=HEX`` itself when it is the **first** request on
 a connection (16-64 byte nonce) with ``{"document": base64, "certificate_sha256": hex, "nonce": hex}``
 where the document has ``public_key`` = the serving key, ``nonce`` = the client's nonce and
-``user_data`` = SHA-256(serving certificate DER) ‖ nonce; then it closes the connection. Everything
-else is relayed byte for byte to the upstream. Only client-speaks-first protocols are supported.
+``user_data`` = :data:`ATTESTATION_CONTEXT` ‖ SHA-256(serving certificate DER) ‖ nonce; then it
+closes the connection. Everything else is relayed byte for byte to the upstream. Only
+client-speaks-first protocols are supported.
+
+Anyone who reaches the proxy can obtain such a document for a nonce of their choosing. The fixed
+context label (37 bytes, ending in NUL) first in ``user_data`` is the domain separation: the
+document says it answers an enclavekit fresh-attestation request for this certificate, so a
+protocol that checks ``user_data`` cannot be answered with it. A protocol that checks only the
+``nonce`` field of a document from this enclave is not protected by the label.
 
 The private key never touches a file system: Python's ``ssl`` loads keys only from paths, so the key
 is handed to OpenSSL through an anonymous ``memfd`` (Linux) and the descriptor is closed at once.
@@ -69,9 +76,15 @@ class Attester(Protocol):
     ) -> bytes: ...
 
 
+#: Domain-separation label, first in the ``user_data`` of every ``/.well-known/attestation``
+#: document (fixed length; the NUL ends it). A new format gets a new label (``v2``).
+ATTESTATION_CONTEXT = b"enclavekit/atls/v1/fresh-attestation\x00"
+
+
 def attestation_user_data(certificate_der: bytes, nonce: bytes) -> bytes:
-    """The ``user_data`` of a ``/.well-known/attestation`` document: SHA-256(cert DER) ‖ nonce."""
-    return hashlib.sha256(certificate_der).digest() + nonce
+    """The ``user_data`` of a ``/.well-known/attestation`` document:
+    :data:`ATTESTATION_CONTEXT` ‖ SHA-256(certificate DER) ‖ nonce (37 + 32 + 16..64 bytes)."""
+    return ATTESTATION_CONTEXT + hashlib.sha256(certificate_der).digest() + nonce
 
 
 # ------------------------------------------------------------------------------------- CA client

@@ -13,34 +13,64 @@ Endpoints (JSON unless noted):
 * ``GET /v1/crl`` → DER CRL (``application/pkix-crl``); ``GET /v1/root`` → the root, PEM
 * ``GET /healthz``
 
+Hostile clients (limits in :mod:`.limits`): every request body is counted while it streams,
+chunked or not, and refused with 413 as soon as it passes ``max_body`` (or its Content-Length
+does), before the rest is read; a body not complete within ``body_timeout`` gets 408. Issuance
+attempts pass per-client and total token buckets before their body is read (429 with
+``Retry-After``); challenges are capped per client and in total (429). Error responses never quote
+the request: validation errors name the field and the problem only, and refusal details are
+capped at ``max_error_detail`` characters.
+
 Not provided: TLS for the CA endpoint itself (put it behind a TLS terminator, or on a private
-network) and rate limiting.
+network).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
+import json
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from enclavekit.atls.ca import Issuer
 from enclavekit.atls.extension import MAX_DOCUMENT_SIZE
+from enclavekit.atls.limits import (
+    LINGER_BYTES,
+    LINGER_SECONDS,
+    MAX_BODY,
+    CaLimits,
+    LimitExceeded,
+    TokenBuckets,
+    client_key,
+    retry_after_header,
+)
 from enclavekit.atls.store import CertificateRecord
 from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
 
 API_TITLE = "enclavekit attestation CA"
-#: A request is a CSR plus a base64 document: well under 128 KiB.
-MAX_BODY = 128 * 1024
+__all__ = ["MAX_BODY", "RunningService", "create_app", "start_in_thread"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The request paths whose attempts pass the issuance token buckets.
+_RATE_LIMITED = frozenset({("POST", "/v1/certificates")})
 
 
 class CertificateRequest(BaseModel):
@@ -80,52 +110,197 @@ def _record_json(rec: CertificateRecord) -> dict[str, Any]:
     }
 
 
-def _error(status: int, exc: Error) -> JSONResponse:
-    body: dict[str, Any] = {"error": type(exc).__name__, "detail": exc.diagnostics()}
+def _error(status: int, exc: Error, limit: int) -> JSONResponse:
+    body: dict[str, Any] = {"error": type(exc).__name__, "detail": _cap(exc.diagnostics(), limit)}
     if isinstance(exc, PolicyViolation):
         body["failures"] = [
-            {"check": f.check, "expected": f.expected, "found": f.found} for f in exc.failures
+            {"check": f.check, "expected": _cap(f.expected, 200), "found": _cap(f.found, 200)}
+            for f in exc.failures[:64]
         ]
-    return JSONResponse(body, status_code=status)
+    headers = None
+    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+        headers = {"Retry-After": retry_after_header(exc.retry_after)}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _parse_serial(serial: str) -> int:
-    if not 1 <= len(serial) <= 40:
+    if not 1 <= len(serial) <= 40 or not all(c in "0123456789abcdefABCDEF" for c in serial):
         raise MalformedInput("serial: expected 1-40 hex digits")
-    try:
-        return int(serial, 16)
-    except ValueError as exc:
-        raise MalformedInput(f"serial: expected hex digits, found {serial[:40]!r}") from exc
+    return int(serial, 16)
+
+
+def _validation_problems(exc: RequestValidationError, fields: frozenset[str]) -> list[Any]:
+    """Pydantic's errors without the input they quote: where (declared names only) and what."""
+    out: list[Any] = []
+    for err in exc.errors()[:16]:
+        loc = [
+            part if isinstance(part, int) or part in fields else "…"
+            for part in err.get("loc", ())[:4]
+        ]
+        out.append({"loc": loc, "type": str(err.get("type", ""))[:64], "msg": _msg(err)})
+    return out
+
+
+def _msg(err: Any) -> str:
+    # Pydantic's messages for these field types state the rule, not the value ("String should
+    # have at most 16384 characters"); JSON syntax errors are reported without position or text.
+    if err.get("type") == "json_invalid":
+        return "the body is not valid JSON"
+    return _cap(str(err.get("msg", "")), 200)
+
+
+async def _refuse(
+    send: Send,
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    *,
+    drain: Receive | None = None,
+) -> None:
+    """Send a JSON refusal and close. With ``drain``, the response is written first, then up to
+    :data:`~.limits.LINGER_BYTES` of the unread body are read and discarded (for at most
+    :data:`~.limits.LINGER_SECONDS`) before closing, so a client still sending can read the answer
+    instead of a reset connection (nginx's lingering close)."""
+    payload = json.dumps(body).encode()
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload, "more_body": drain is not None})
+    if drain is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline, discarded = loop.time() + LINGER_SECONDS, 0
+    while discarded < LINGER_BYTES:
+        try:
+            message = await asyncio.wait_for(drain(), max(deadline - loop.time(), 0.001))
+        except TimeoutError:
+            break
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+        discarded += len(message.get("body", b""))
+    await send({"type": "http.response.body", "body": b""})
+
+
+class _HostileClientGuard:
+    """ASGI middleware: issuance rate limit before any body byte is read, then the body bounded
+    in size and time while it streams (chunked or not); the app sees the body already read."""
+
+    def __init__(self, app: ASGIApp, limits: CaLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.buckets = TokenBuckets.for_issuance(limits)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.max_body
+        too_large = {
+            "error": "TooLarge",
+            "detail": f"request bodies are limited to {limit} bytes",
+        }
+        # 1. Issuance attempts: a token for this client, and one of the total, or 429.
+        if (scope.get("method"), scope.get("path")) in _RATE_LIMITED:
+            client = client_key((scope.get("client") or (None,))[0])
+            wait = self.buckets.acquire(client)
+            if wait > 0:
+                await _refuse(
+                    send,
+                    429,
+                    {
+                        "error": "TooManyRequests",
+                        "detail": "too many certificate requests; retry after Retry-After seconds",
+                    },
+                    {"Retry-After": retry_after_header(wait)},
+                    drain=receive,
+                )
+                return
+        # 2. A declared length over the limit: refused before reading.
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await _refuse(send, 413, too_large, drain=receive)
+                return
+        # 3. Read the body, counting while it streams.
+        chunks: list[bytes] = []
+        size = 0
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.001))
+            except TimeoutError:
+                await _refuse(
+                    send,
+                    408,
+                    {
+                        "error": "Timeout",
+                        "detail": f"request body not complete within {self.limits.body_timeout} s",
+                    },
+                )
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await _refuse(send, 413, too_large, drain=receive)
+                return
+            if body:
+                chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        buffered: list[Message] = [
+            {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        ]
+
+        async def replay() -> Message:
+            if buffered:
+                return buffered.pop()
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
-    """The CA's ASGI application."""
+    """The CA's ASGI application; its limits are ``issuer.limits``."""
     app = FastAPI(title=API_TITLE, version="1", description=__doc__)
+    limits = issuer.limits
+    app.add_middleware(_HostileClientGuard, limits=limits)
+    fields = frozenset(
+        {"body", "query", "path", "header"}
+        | set(CertificateRequest.model_fields)
+        | set(RevokeRequest.model_fields)
+    )
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Response:
-        # Refuse oversized bodies before they are read (fields have their own limits too).
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return JSONResponse(
-                {"error": "TooLarge", "detail": f"request body limit is {MAX_BODY} bytes"}, 413
-            )
-        response: Response = await call_next(request)
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_problems(exc, fields)}, status_code=422)
 
     @app.exception_handler(Error)
     async def _on_error(request: Request, exc: Error) -> JSONResponse:
+        if isinstance(exc, LimitExceeded):
+            return _error(exc.status, exc, limits.max_error_detail)
         if isinstance(exc, MalformedInput | UsageError):
-            return _error(400, exc)
-        return _error(403, exc)
+            return _error(400, exc, limits.max_error_detail)
+        return _error(403, exc, limits.max_error_detail)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/v1/challenges", status_code=201)
-    def new_challenge() -> dict[str, str]:
-        challenge = issuer.new_challenge()
+    def new_challenge(request: Request) -> dict[str, str]:
+        challenge = issuer.new_challenge(
+            client_key(request.client.host if request.client else None)
+        )
         return {"nonce": challenge.nonce.hex(), "expires_at": _iso(challenge.expires_at)}
 
     @app.post("/v1/certificates", status_code=201)
@@ -141,9 +316,10 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
 
     @app.get("/v1/certificates/{serial}", response_model=None)
     def get_certificate(serial: str) -> dict[str, Any] | JSONResponse:
-        rec = issuer.get(_parse_serial(serial))
+        number = _parse_serial(serial)
+        rec = issuer.get(number)
         if rec is None:
-            return JSONResponse({"error": "NotFound", "detail": f"no certificate {serial}"}, 404)
+            return JSONResponse({"error": "NotFound", "detail": f"no certificate {number:x}"}, 404)
         return _record_json(rec)
 
     def _authorized(authorization: str | None) -> bool:
@@ -187,7 +363,7 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
             )
         number = _parse_serial(serial)
         if issuer.get(number) is None:
-            return JSONResponse({"error": "NotFound", "detail": f"no certificate {serial}"}, 404)
+            return JSONResponse({"error": "NotFound", "detail": f"no certificate {number:x}"}, 404)
         changed = issuer.revoke(number, body.reason)
         return {"serial": format(number, "x"), "revoked": True, "changed": changed}
 

@@ -9,12 +9,19 @@ Nonce consumption is one conditional ``UPDATE … WHERE consumed_at IS NULL AND 
 the database decides which of several racing requests wins, in one statement, on either back end.
 Times are stored as integer milliseconds since the Unix epoch (UTC); serials as lower-case hex text.
 
+Every table is bounded: :meth:`add_challenge` deletes expired challenges and refuses a new one beyond
+the caps on live challenges (per client and in total) in the same transaction (on PostgreSQL under a
+transaction-scoped advisory lock, so replicas cannot race past the caps); :meth:`prune` deletes old
+audit events (by age and count) and certificate records long expired. SQLite files are created
+0600 (SQLite gives its ``-wal`` and ``-shm`` files the database file's mode).
+
 Not handled here: authentication of callers, and anything cryptographic (see :mod:`.ca`).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -42,9 +49,26 @@ class ConsumeResult(enum.Enum):
     """Outcome of consuming a challenge nonce."""
 
     CONSUMED = "consumed"
-    UNKNOWN = "unknown"
+    UNKNOWN = "unknown or expired"
     ALREADY_USED = "already used"
     EXPIRED = "expired"
+
+
+class ChallengeAdmission(enum.Enum):
+    """Outcome of adding a challenge under the caps on live challenges."""
+
+    ADDED = "added"
+    TOO_MANY_FOR_CLIENT = "too many live challenges for this client"
+    TOO_MANY = "too many live challenges"
+
+
+@dataclass(frozen=True, slots=True)
+class PruneCounts:
+    """Rows deleted by :meth:`Store.prune`."""
+
+    challenges: int
+    events: int
+    certificates: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +100,20 @@ class Event:
 class Store(Protocol):
     """What the CA needs from its persistent state."""
 
-    def add_challenge(self, nonce: bytes, created_at: datetime, expires_at: datetime) -> None: ...
+    def add_challenge(
+        self,
+        nonce: bytes,
+        created_at: datetime,
+        expires_at: datetime,
+        *,
+        client: str = "",
+        max_live: int | None = None,
+        max_live_per_client: int | None = None,
+    ) -> ChallengeAdmission: ...
+
+    def challenge_status(self, nonce: bytes, now: datetime) -> ConsumeResult | None:
+        """None if ``nonce`` is a live, unused challenge at ``now``; else why it is not."""
+        ...
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult: ...
 
@@ -92,13 +129,23 @@ class Store(Protocol):
 
     def events(self, limit: int = 100) -> Sequence[Event]: ...
 
+    def prune(
+        self,
+        now: datetime,
+        *,
+        events_before: datetime,
+        max_events: int,
+        certificates_expired_before: datetime,
+    ) -> PruneCounts: ...
+
     def close(self) -> None: ...
 
 
 def _ddl(blob: str, serial_pk: str) -> tuple[str, ...]:
     return (
         f"CREATE TABLE IF NOT EXISTS challenges (nonce {blob} PRIMARY KEY,"
-        " created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, consumed_at BIGINT)",
+        " created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, consumed_at BIGINT,"
+        " client TEXT NOT NULL DEFAULT '')",
         f"CREATE TABLE IF NOT EXISTS certificates (serial TEXT PRIMARY KEY, service TEXT NOT NULL,"
         f" not_before BIGINT NOT NULL, not_after BIGINT NOT NULL, certificate {blob} NOT NULL,"
         f" document {blob} NOT NULL, issued_at BIGINT NOT NULL, revoked_at BIGINT,"
@@ -106,6 +153,15 @@ def _ddl(blob: str, serial_pk: str) -> tuple[str, ...]:
         f"CREATE TABLE IF NOT EXISTS events (id {serial_pk}, at BIGINT NOT NULL,"
         " kind TEXT NOT NULL, service TEXT, serial TEXT, detail TEXT NOT NULL)",
     )
+
+
+#: Indexes for the purges and caps (created after the columns exist; see ``_migrate``).
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS challenges_expiry ON challenges (expires_at)",
+    "CREATE INDEX IF NOT EXISTS challenges_client ON challenges (client, expires_at)",
+    "CREATE INDEX IF NOT EXISTS events_at ON events (at)",
+    "CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates (not_after)",
+)
 
 
 _CERT_COLUMNS = (
@@ -142,14 +198,56 @@ class _SqlStore:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self._marker)
 
-    def add_challenge(self, nonce: bytes, created_at: datetime, expires_at: datetime) -> None:
+    def _serialize_challenges(self, cur: Any) -> None:
+        """Serialise concurrent :meth:`add_challenge` calls (SQLite: BEGIN IMMEDIATE already does)."""
+
+    def add_challenge(
+        self,
+        nonce: bytes,
+        created_at: datetime,
+        expires_at: datetime,
+        *,
+        client: str = "",
+        max_live: int | None = None,
+        max_live_per_client: int | None = None,
+    ) -> ChallengeAdmission:
+        now_ms = to_ms(created_at)
         with self._tx() as cur:
+            self._serialize_challenges(cur)
+            cur.execute(self._sql("DELETE FROM challenges WHERE expires_at <= ?"), (now_ms,))
+            if max_live_per_client is not None:
+                cur.execute(
+                    self._sql("SELECT COUNT(*) FROM challenges WHERE client = ?"), (client,)
+                )
+                if int(cur.fetchone()[0]) >= max_live_per_client:
+                    return ChallengeAdmission.TOO_MANY_FOR_CLIENT
+            if max_live is not None:
+                cur.execute("SELECT COUNT(*) FROM challenges")
+                if int(cur.fetchone()[0]) >= max_live:
+                    return ChallengeAdmission.TOO_MANY
             cur.execute(
                 self._sql(
-                    "INSERT INTO challenges (nonce, created_at, expires_at) VALUES (?, ?, ?)"
+                    "INSERT INTO challenges (nonce, created_at, expires_at, client)"
+                    " VALUES (?, ?, ?, ?)"
                 ),
-                (nonce, to_ms(created_at), to_ms(expires_at)),
+                (nonce, now_ms, to_ms(expires_at), client),
             )
+        return ChallengeAdmission.ADDED
+
+    def challenge_status(self, nonce: bytes, now: datetime) -> ConsumeResult | None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
+                (nonce,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return ConsumeResult.UNKNOWN
+        if row[0] is not None:
+            return ConsumeResult.ALREADY_USED
+        if row[1] <= to_ms(now):
+            return ConsumeResult.EXPIRED
+        return None
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult:
         now_ms = to_ms(now)
@@ -260,6 +358,34 @@ class _SqlStore:
             for r in rows
         ]
 
+    def prune(
+        self,
+        now: datetime,
+        *,
+        events_before: datetime,
+        max_events: int,
+        certificates_expired_before: datetime,
+    ) -> PruneCounts:
+        with self._tx() as cur:
+            cur.execute(self._sql("DELETE FROM challenges WHERE expires_at <= ?"), (to_ms(now),))
+            challenges = max(0, cur.rowcount)
+            cur.execute(self._sql("DELETE FROM events WHERE at < ?"), (to_ms(events_before),))
+            events = max(0, cur.rowcount)
+            cur.execute(
+                self._sql(
+                    "DELETE FROM events WHERE id <="
+                    " (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)"
+                ),
+                (max_events,),
+            )
+            events += max(0, cur.rowcount)
+            cur.execute(
+                self._sql("DELETE FROM certificates WHERE not_after < ?"),
+                (to_ms(certificates_expired_before),),
+            )
+            certificates = max(0, cur.rowcount)
+        return PruneCounts(challenges, events, certificates)
+
 
 class SqliteStore(_SqlStore):
     """The embedded default. One connection, serialised by a lock; safe across threads."""
@@ -267,11 +393,21 @@ class SqliteStore(_SqlStore):
     def __init__(self, path: Path | str) -> None:
         super().__init__()
         self.path = str(path)
+        if self.path != ":memory:":
+            _private_file(Path(path))
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         for stmt in _ddl("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"):
             self._conn.execute(stmt)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(challenges)")}
+        if "client" not in columns:  # a database from before the per-client caps
+            self._conn.execute("ALTER TABLE challenges ADD COLUMN client TEXT NOT NULL DEFAULT ''")
+        for stmt in _INDEXES:
+            self._conn.execute(stmt)
+        for suffix in ("-wal", "-shm"):  # older databases: SQLite keeps the files' modes
+            if self.path != ":memory:":
+                _private_file(Path(self.path + suffix), create=False)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -314,6 +450,15 @@ class PostgresStore(_SqlStore):
             cur.execute(f'SET search_path TO "{schema}"')
             for stmt in _ddl("BYTEA", "BIGSERIAL PRIMARY KEY"):
                 cur.execute(stmt)
+            cur.execute(
+                "ALTER TABLE challenges ADD COLUMN IF NOT EXISTS client TEXT NOT NULL DEFAULT ''"
+            )
+            for stmt in _INDEXES:
+                cur.execute(stmt)
+
+    def _serialize_challenges(self, cur: Any) -> None:
+        # Replicas share the caps: one add_challenge at a time per schema, until COMMIT.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema + ".challenges",))
 
     def _connect(self) -> Any:
         import psycopg
@@ -345,6 +490,24 @@ class PostgresStore(_SqlStore):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _private_file(path: Path, *, create: bool = True) -> None:
+    """Make ``path`` owner-only (0600), creating it empty if asked and missing."""
+    if create:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UsageError(f"cannot create the CA database {path}: {exc.strerror}") from exc
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot make {path} private (chmod 600): {exc.strerror}") from exc
 
 
 def _redact(url: str) -> str:

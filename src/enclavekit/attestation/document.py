@@ -3,12 +3,21 @@
 :meth:`AttestationDocument.from_cbor` enforces the structure of attestation spec §1.1–1.4 and §3.2 steps 1–4:
 
 - envelope: untagged or tag 18 only; an array of exactly 4; protected/payload/signature byte strings,
-  unprotected a map; protected header exactly ``{1: -35}`` (ES384); signature exactly 96 bytes (r ‖ s);
-- payload: a map, definite or indefinite length; no duplicate keys; no trailing bytes; unknown keys ignored;
-- the 9 fields typed and bounded: module_id non-empty text; digest ``"SHA384"``; timestamp > 0 (ms);
-  ``pcrs`` (or ``nitrotpm_pcrs`` for NitroTPM documents) 1..32 entries, index 0..31, values of 32/48/64 bytes;
-  certificate and every cabundle entry 1..1024 bytes; cabundle non-empty; public_key, user_data, nonce
-  ``null`` or 0..1024 bytes.
+  unprotected a map; protected header exactly ``{1: -35}`` (ES384) with both numbers CBOR integers
+  (``{true: -35}``, ``{1.0: -35}`` are refused); signature exactly 96 bytes (r ‖ s);
+- payload: a map, definite or indefinite length; no duplicate keys; no trailing bytes; unknown keys ignored
+  whatever well-formed value they carry;
+- the 9 fields typed (CBOR type and value, never Python equality) and bounded: module_id non-empty text;
+  digest exactly the text ``"SHA384"``; timestamp > 0 (ms); ``pcrs`` (Nitro Enclaves) or ``nitrotpm_pcrs``
+  (NitroTPM), exactly one of them, 1..32 entries, integer index 0..31, values of 32/48/64 bytes; certificate
+  and every cabundle entry 1..1024 bytes; cabundle non-empty; public_key, user_data, nonce ``null`` or byte
+  strings small enough to fit together in one NSM Attestation request (:data:`MAX_NSM_REQUEST` bytes, the
+  only limit the NSM enforces).
+
+The document's *kind* (:class:`DocumentKind`) is the PCR map it carries; :attr:`AttestationDocument.pcrs` holds
+only enclave PCRs (empty for a NitroTPM document) and :attr:`AttestationDocument.nitrotpm_pcrs` only NitroTPM
+PCRs, so code that reads ``pcrs`` can never mistake a TPM's PCR for an enclave's. Decoding does not refuse a
+NitroTPM document or one whose module id contradicts its PCR map (``inspect`` shows them); the verifier does.
 
 Not checked here: signatures, the certificate chain, validity times, or whether the DER certificates parse.
 That is :mod:`enclavekit.attestation.verifier`'s job.
@@ -18,9 +27,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -36,8 +46,11 @@ MAX_PAYLOAD_SIZE = 16 * 1024
 MAX_CERT_SIZE = 1024
 #: Chains longer than this are refused (real chains have 4 CA certificates; Sui caps at 10).
 MAX_CABUNDLE = 10
-#: AWS CDDL: user_data, nonce, public_key are 0..1024 bytes (the 512 of another AWS text is an erratum).
-MAX_OPTIONAL_FIELD = 1024
+#: The NSM refuses requests larger than this (InputTooLarge; = ``nsm.messages.MAX_REQUEST_SIZE``). It is the
+#: only limit on user_data, nonce and public_key: AWS's CDDL says 1024 bytes, but the NSM signs more (a
+#: 1025-byte nonce was accepted, hf/nitrite#3). A document is refused only when its three fields cannot
+#: fit in any Attestation request the NSM accepts (see :func:`smallest_attestation_request`).
+MAX_NSM_REQUEST = 0x1000
 #: module_id is 39 characters on real documents; a generous cap bounds what we store and print.
 MAX_MODULE_ID = 256
 #: The last millisecond of year 9999: later timestamps cannot be represented (and are not real).
@@ -48,6 +61,21 @@ COSE_TAG = 18
 PROTECTED_ES384 = {1: -35}
 PROTECTED_ES384_BYTES = b"\xa1\x01\x38\x22"
 SIGNATURE_SIZE = 96
+#: The text keys of an NSM Attestation request (serde field names) and the request's fixed part: a one-entry
+#: map ``{"Attestation": {...}}`` whose inner map has at most 3 entries (1-byte headers).
+_REQUEST_FIELDS = {"user_data": 10, "nonce": 6, "public_key": 11}  # encoded key: 1 header + name
+_REQUEST_FIXED = 1 + 12 + 1  # map(1), "Attestation" (1 + 11), inner map(≤3)
+
+
+class DocumentKind(enum.Enum):
+    """Which AWS module signed the document, by the PCR map it carries."""
+
+    #: A Nitro Enclave's NSM: ``pcrs``, module id ``i-…-enc…``.
+    ENCLAVE = "enclave"
+    #: An EC2 instance's NitroTPM: ``nitrotpm_pcrs``, module id ``i-…-tpm…``. Its PCRs are the TPM's, which
+    #: the instance's operating system extends and resets at will: they are not enclave measurements.
+    NITROTPM = "nitrotpm"
+
 
 _MANDATORY = ("module_id", "digest", "timestamp", "certificate", "cabundle")
 _HEX_RE = re.compile(rb"\A[0-9a-fA-F\s]+\Z")
@@ -61,18 +89,49 @@ class AttestationDocument:
     module_id: str
     digest: str
     timestamp_ms: int
+    #: Enclave PCRs (``pcrs``); empty for a NitroTPM document.
     pcrs: Mapping[int, bytes]
     certificate: bytes
     cabundle: tuple[bytes, ...]
     public_key: bytes | None
     user_data: bytes | None
     nonce: bytes | None
+    #: True when anything marks the document as NitroTPM: a ``nitrotpm_pcrs`` map or a ``-tpm`` module id.
     is_nitrotpm: bool
     #: The wire bytes the COSE signature covers, kept exactly as received (never re-encoded).
     protected: bytes
     payload: bytes
     signature: bytes
     tagged: bool
+    #: The PCR map the payload carries; decides :attr:`kind`.
+    kind: DocumentKind = DocumentKind.ENCLAVE
+    #: NitroTPM PCRs (``nitrotpm_pcrs``); empty for an enclave document.
+    nitrotpm_pcrs: Mapping[int, bytes] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def module_id_kind(self) -> DocumentKind | None:
+        """The kind the module id names (a ``-enc…`` or ``-tpm…`` part after the first), or None.
+
+        Every ``-``-separated part after the first is looked at, so an id naming both kinds is reported as
+        inconsistent by :attr:`kind_inconsistency` rather than read by its first match."""
+        return _module_id_kinds(self.module_id)[0]
+
+    @property
+    def kind_inconsistency(self) -> str | None:
+        """Why the module id contradicts the PCR map, or None when they agree (or the id names no kind)."""
+        named, both = _module_id_kinds(self.module_id)
+        map_key = "nitrotpm_pcrs" if self.kind is DocumentKind.NITROTPM else "pcrs"
+        if both:
+            return (
+                f"module_id {self.module_id!r} names both an enclave (-enc) and a NitroTPM (-tpm)"
+            )
+        if named is not None and named is not self.kind:
+            suffix = "-tpm" if named is DocumentKind.NITROTPM else "-enc"
+            return (
+                f"module_id {self.module_id!r} says {suffix} ({named.value}) but the payload carries "
+                f"{map_key!r} ({self.kind.value})"
+            )
+        return None
 
     @property
     def timestamp(self) -> datetime:
@@ -138,7 +197,7 @@ class AttestationDocument:
             if protected == PROTECTED_ES384_BYTES
             else _cbor.loads(protected, what="COSE protected header")
         )
-        if header != PROTECTED_ES384 or not isinstance(header.get(1), int):
+        if not _is_es384_header(header):
             raise MalformedInput(
                 f"COSE protected header must be exactly {{1: -35}} (alg ES384); found {header!r}"
             )
@@ -174,7 +233,7 @@ class AttestationDocument:
                 f"module_id has {len(module_id)} characters; expected 1..{MAX_MODULE_ID}"
             )
         digest = body["digest"]
-        if digest != "SHA384":
+        if type(digest) is not str or digest != "SHA384":
             raise MalformedInput(f"digest must be 'SHA384'; found {digest!r}")
         timestamp = body["timestamp"]
         if (
@@ -189,6 +248,8 @@ class AttestationDocument:
             )
         pcr_key = "pcrs" if has_pcrs else "nitrotpm_pcrs"
         pcrs = _pcrs(body[pcr_key], pcr_key)
+        kind = DocumentKind.ENCLAVE if has_pcrs else DocumentKind.NITROTPM
+        named, names_both = _module_id_kinds(module_id)
         certificate = _bytes_field(body["certificate"], "certificate", 1, MAX_CERT_SIZE)
         cabundle_raw = body["cabundle"]
         _require(isinstance(cabundle_raw, list), "cabundle", "an array", cabundle_raw)
@@ -202,17 +263,27 @@ class AttestationDocument:
         optional = {
             key: _optional(body.get(key), key) for key in ("public_key", "user_data", "nonce")
         }
+        request = smallest_attestation_request(**optional)
+        if request > MAX_NSM_REQUEST:
+            sizes = ", ".join(f"{k} {'null' if v is None else len(v)}" for k, v in optional.items())
+            raise MalformedInput(
+                f"public_key, user_data and nonce ({sizes} bytes) need an NSM Attestation request of "
+                f"at least {request} bytes; the NSM refuses requests over {MAX_NSM_REQUEST} bytes "
+                "(InputTooLarge), so no NSM signed this document"
+            )
         return cls(
             module_id=module_id,
             digest=digest,
             timestamp_ms=timestamp,
-            pcrs=pcrs,
+            pcrs=pcrs if kind is DocumentKind.ENCLAVE else _NO_PCRS,
+            nitrotpm_pcrs=pcrs if kind is DocumentKind.NITROTPM else _NO_PCRS,
+            kind=kind,
             certificate=certificate,
             cabundle=cabundle,
             public_key=optional["public_key"],
             user_data=optional["user_data"],
             nonce=optional["nonce"],
-            is_nitrotpm=has_tpm or "-tpm" in module_id,
+            is_nitrotpm=has_tpm or named is DocumentKind.NITROTPM or names_both,
             protected=protected,
             payload=payload,
             signature=signature,
@@ -300,7 +371,47 @@ def _bytes_field(value: object, field: str, low: int, high: int) -> bytes:
 def _optional(value: object, field: str) -> bytes | None:
     if value is None:
         return None
-    return _bytes_field(value, field, 0, MAX_OPTIONAL_FIELD)
+    return _bytes_field(value, field, 0, MAX_NSM_REQUEST)
+
+
+def smallest_attestation_request(
+    public_key: bytes | None, user_data: bytes | None, nonce: bytes | None
+) -> int:
+    """The size of the smallest NSM Attestation request that yields these fields.
+
+    That request omits absent fields (serde reads a missing field as ``None``) and uses minimal CBOR heads:
+    ``{"Attestation": {"user_data": h'…', …}}``. The NSM signs any request up to :data:`MAX_NSM_REQUEST`
+    bytes, so a document whose fields need more was not signed by an NSM."""
+    size = _REQUEST_FIXED
+    for name, value in (("user_data", user_data), ("nonce", nonce), ("public_key", public_key)):
+        if value is not None:
+            size += _REQUEST_FIELDS[name] + len(_bstr_head(len(value))) + len(value)
+    return size
+
+
+def _is_es384_header(header: object) -> bool:
+    """Exactly ``{1: -35}``, both CBOR integers (Python's ``True == 1 == 1.0`` must not pass)."""
+    if type(header) is not dict or len(header) != 1:
+        return False
+    ((key, value),) = header.items()
+    return type(key) is int and key == 1 and type(value) is int and value == -35
+
+
+def _module_id_kinds(module_id: str) -> tuple[DocumentKind | None, bool]:
+    """(the kind the module id names, whether it names both). Parts after the first ``-`` are looked at:
+    ``enc…`` names an enclave, ``tpm…`` a NitroTPM (AWS: ``i-<hex>-enc<hex>`` / ``i-<hex>-tpm<hex>``)."""
+    named = {
+        kind
+        for part in module_id.split("-")[1:]
+        for prefix, kind in (("enc", DocumentKind.ENCLAVE), ("tpm", DocumentKind.NITROTPM))
+        if part.startswith(prefix)
+    }
+    if len(named) == 2:
+        return None, True
+    return (named.pop() if named else None), False
+
+
+_NO_PCRS: Mapping[int, bytes] = MappingProxyType({})
 
 
 def _pcrs(value: object, field: str) -> Mapping[int, bytes]:

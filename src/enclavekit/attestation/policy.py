@@ -5,6 +5,11 @@ Policies accept only a ``VerifiedAttestation``, which only the verifier creates,
 unverified document. Leaves compare raw bytes in constant time. Combinators keep the reasons of *every*
 failed check (and of every branch of an :class:`AnyOf`).
 
+Enclave PCR policies (:class:`PcrsEqual`, :class:`PcrAllowlist`, and every PCR set read from a file) are never
+satisfied by a NitroTPM document, whatever its PCR values: a NitroTPM's PCRs are the EC2 instance's, extended
+by its operating system. NitroTPM PCRs are checked only by :class:`NitroTpmPcrsEqual` (file key
+``nitrotpm_pcrs``), which in turn is never satisfied by an enclave document.
+
 Files: :func:`load_policy` reads JSON or YAML in enclavekit's format (see :func:`policy_from_mapping`) or
 nitro-cli's ``build-enclave`` / ``describe-eif`` output (``{"Measurements": {...}}``).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
+from enclavekit.attestation.document import DocumentKind
 from enclavekit.attestation.verifier import VerifiedAttestation
 from enclavekit.errors import Failure, UsageError
 
@@ -58,9 +65,24 @@ def _check_pcr_map(expected: Mapping[int, bytes], where: str) -> dict[int, bytes
     return dict(sorted(out.items()))
 
 
+def _not_enclave(verified: VerifiedAttestation) -> tuple[Failure, ...]:
+    """The failure of an enclave PCR check on a NitroTPM document (any mark of NitroTPM counts)."""
+    if verified.is_nitrotpm or verified.kind is not DocumentKind.ENCLAVE:
+        return (
+            Failure(
+                "document kind",
+                "a Nitro Enclaves document (enclave PCRs)",
+                f"a NitroTPM document ({verified.module_id}); its PCRs are an EC2 instance's TPM PCRs, "
+                "not enclave measurements",
+            ),
+        )
+    return ()
+
+
 @dataclass(frozen=True, slots=True)
 class PcrsEqual:
-    """Each listed PCR equals the expected value (any subset of indexes; unlisted PCRs are not checked)."""
+    """Each listed enclave PCR equals the expected value (any subset of indexes; unlisted PCRs are not
+    checked). Never satisfied by a NitroTPM document."""
 
     expected: Mapping[int, bytes]
 
@@ -68,6 +90,9 @@ class PcrsEqual:
         object.__setattr__(self, "expected", _check_pcr_map(self.expected, "PcrsEqual"))
 
     def failures(self, verified: VerifiedAttestation) -> tuple[Failure, ...]:
+        wrong_kind = _not_enclave(verified)
+        if wrong_kind:
+            return wrong_kind
         out = []
         for index, want in self.expected.items():
             found = verified.pcrs.get(index)
@@ -89,6 +114,9 @@ class PcrAllowlist:
         object.__setattr__(self, "alternatives", alts)
 
     def failures(self, verified: VerifiedAttestation) -> tuple[Failure, ...]:
+        wrong_kind = _not_enclave(verified)
+        if wrong_kind:
+            return wrong_kind
         collected: list[Failure] = []
         for number, alt in enumerate(self.alternatives, 1):
             branch = alt.failures(verified)
@@ -103,6 +131,36 @@ class PcrAllowlist:
                 for f in branch
             ]
         return tuple(collected)
+
+
+@dataclass(frozen=True, slots=True)
+class NitroTpmPcrsEqual:
+    """Each listed NitroTPM PCR (``nitrotpm_pcrs``) equals the expected value. Only for documents verified
+    with ``allow_nitrotpm=True``; never satisfied by an enclave document.
+
+    What a NitroTPM PCR proves is the EC2 instance's boot chain as its TPM measured it; PCR8-15 and 16/23
+    are under the instance's operating system's control. Not checked: anything about an enclave."""
+
+    expected: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expected", _check_pcr_map(self.expected, "NitroTpmPcrsEqual"))
+
+    def failures(self, verified: VerifiedAttestation) -> tuple[Failure, ...]:
+        if verified.kind is not DocumentKind.NITROTPM:
+            return (
+                Failure(
+                    "document kind",
+                    "a NitroTPM document (nitrotpm_pcrs)",
+                    f"a Nitro Enclaves document ({verified.module_id})",
+                ),
+            )
+        out = []
+        for index, want in self.expected.items():
+            found = verified.nitrotpm_pcrs.get(index)
+            if found is None or not hmac.compare_digest(found, want):
+                out.append(Failure(f"NitroTPM PCR{index}", want.hex(), _hex(found)))
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +294,19 @@ class UnsafeNoOp:
 # -- files -----------------------------------------------------------------------------------------
 
 _FILE_KEYS = frozenset(
-    {"pcrs", "allowlist", "nonce", "public_key", "user_data", "max_age", "allow_debug"}
+    {
+        "pcrs",
+        "allowlist",
+        "nitrotpm_pcrs",
+        "nonce",
+        "public_key",
+        "user_data",
+        "max_age",
+        "allow_debug",
+    }
 )
+#: ``0``..``31``, optionally prefixed ``PCR`` (any case): ASCII digits only (``str.isdigit`` accepts "²").
+_PCR_INDEX = re.compile(r"(?:[Pp][Cc][Rr])?([0-9]{1,2})")
 
 
 def parse_pcr_value(value: object, where: str) -> bytes:
@@ -254,13 +323,17 @@ def parse_pcr_value(value: object, where: str) -> bytes:
 
 
 def parse_pcr_index(key: object, where: str) -> int:
-    """``0``, ``"0"`` or ``"PCR0"`` → 0 (0..31)."""
-    text = str(key).strip()
-    if text.upper().startswith("PCR"):
-        text = text[3:]
-    if not text.isdigit() or not 0 <= int(text) < 32:
+    """``0``, ``"0"`` or ``"PCR0"`` → 0 (0..31). Text must be ASCII digits (after an optional ``PCR``)."""
+    if type(key) is int:
+        text = str(key)
+    elif type(key) is str:
+        text = key
+    else:
         raise UsageError(f"{where}: {key!r} is not a PCR index (0..31 or PCR0..PCR31)")
-    return int(text)
+    match = _PCR_INDEX.fullmatch(text)
+    if match is None or not 0 <= int(match.group(1)) < 32:
+        raise UsageError(f"{where}: {key!r} is not a PCR index (0..31 or PCR0..PCR31)")
+    return int(match.group(1))
 
 
 def _pcr_map(obj: object, where: str) -> dict[int, bytes]:
@@ -311,6 +384,7 @@ def policy_from_mapping(obj: object, *, source: str = "policy") -> Policy:
 
         pcrs: {0: hex, 1: hex, 2: hex}        # or "PCR0": hex, or a nitro-cli object
         allowlist: [{0: hex, ...}, {...}]     # any one set matches
+        nitrotpm_pcrs: {8: hex}               # NitroTPM PCRs (documents verified with allow_nitrotpm)
         nonce: hex
         public_key: hex
         user_data: hex
@@ -318,7 +392,9 @@ def policy_from_mapping(obj: object, *, source: str = "policy") -> Policy:
         allow_debug: false                    # debug-mode enclaves are refused unless true
 
     Unknown keys in enclavekit's format are refused (a typo must not weaken a policy). Debug-mode documents
-    are refused unless ``allow_debug: true``.
+    are refused unless ``allow_debug: true``. ``pcrs``/``allowlist``/nitro-cli measurements are enclave PCRs,
+    never satisfied by a NitroTPM document; ``nitrotpm_pcrs`` are NitroTPM PCRs, never satisfied by an
+    enclave document, so a file may not hold both.
     """
     if isinstance(obj, list):
         return AllOf(
@@ -348,6 +424,13 @@ def policy_from_mapping(obj: object, *, source: str = "policy") -> Policy:
         parts.append(
             PcrAllowlist([_pcr_map(e, f"{source}.allowlist[{i}]") for i, e in enumerate(entries)])
         )
+    if "nitrotpm_pcrs" in obj:
+        if "pcrs" in obj or "allowlist" in obj:
+            raise UsageError(
+                f"{source}: nitrotpm_pcrs (NitroTPM PCRs) cannot be combined with pcrs/allowlist "
+                "(enclave PCRs): no document carries both, so the policy could never be satisfied"
+            )
+        parts.append(NitroTpmPcrsEqual(_pcr_map(obj["nitrotpm_pcrs"], f"{source}.nitrotpm_pcrs")))
     if "nonce" in obj:
         parts.append(NonceEquals(_hex_bytes(obj["nonce"], f"{source}.nonce")))
     if "public_key" in obj:

@@ -3,7 +3,11 @@
 :class:`Verifier` turns raw document bytes into a :class:`VerifiedAttestation`, or raises. Steps (numbered
 in :meth:`Verifier._verify_crypto`):
 
-1. Decode strictly (:meth:`AttestationDocument.from_cbor`).
+1. Decode strictly (:meth:`AttestationDocument.from_cbor`), then check the document's kind: a NitroTPM
+   document (``nitrotpm_pcrs``) is refused with :class:`~enclavekit.errors.NitroTpmDocumentError` unless the
+   caller passes ``allow_nitrotpm=True``, and a module id that contradicts the PCR map (``-tpm`` with
+   ``pcrs``, ``-enc`` with ``nitrotpm_pcrs``) is always refused (:class:`~enclavekit.errors.DocumentKindError`).
+   This runs before, and independently of, the certificate chain.
 2. Parse the leaf and the cabundle; every certificate must be EC P-384 signed ecdsa-with-SHA384.
 3. The cabundle's own root (``cabundle[0]``) must be byte-identical to a pinned root. It is only *compared*,
    never trusted; the intermediates ``cabundle[1:]`` are offered as untrusted path material, never as anchors.
@@ -45,8 +49,15 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as pkix
 from cryptography.x509.oid import PublicKeyAlgorithmOID, SignatureAlgorithmOID
 
-from enclavekit.attestation.document import AttestationDocument
-from enclavekit.errors import Error, MalformedInput, PolicyViolation, VerificationError
+from enclavekit.attestation.document import AttestationDocument, DocumentKind
+from enclavekit.errors import (
+    DocumentKindError,
+    Error,
+    MalformedInput,
+    NitroTpmDocumentError,
+    PolicyViolation,
+    VerificationError,
+)
 from enclavekit.pki.roots import aws_root, fingerprint
 
 if TYPE_CHECKING:
@@ -70,6 +81,7 @@ class VerifiedAttestation:
 
     module_id: str
     timestamp: datetime
+    #: Enclave PCRs; empty for a NitroTPM document (whose PCRs are in :attr:`nitrotpm_pcrs`).
     pcrs: Mapping[int, bytes]
     public_key: bytes | None
     user_data: bytes | None
@@ -83,6 +95,9 @@ class VerifiedAttestation:
     chain: tuple[x509.Certificate, ...]
     document: AttestationDocument
     raw: bytes = field(repr=False)
+    kind: DocumentKind = DocumentKind.ENCLAVE
+    #: NitroTPM PCRs (only when verified with ``allow_nitrotpm=True``); empty for an enclave document.
+    nitrotpm_pcrs: Mapping[int, bytes] = field(default_factory=dict)
     _token: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -191,25 +206,33 @@ class Verifier:
         self._ca_paths.clear()
 
     def verify(
-        self, raw: bytes, policy: Policy, *, at: datetime | None = None
+        self,
+        raw: bytes,
+        policy: Policy,
+        *,
+        at: datetime | None = None,
+        allow_nitrotpm: bool = False,
     ) -> VerifiedAttestation:
         """Verify ``raw`` at ``at`` (default: now) and apply ``policy``; raise on any failure.
 
         Raises :class:`MalformedInput` (undecodable), :class:`VerificationError` (signature, chain, root,
-        time) or :class:`PolicyViolation` (every failed check).
+        time; :class:`~enclavekit.errors.NitroTpmDocumentError` for a NitroTPM document unless
+        ``allow_nitrotpm``) or :class:`PolicyViolation` (every failed check). Enclave policies are never
+        satisfied by a NitroTPM document; check its PCRs with
+        :class:`~enclavekit.attestation.policy.NitroTpmPcrsEqual`.
         """
-        verified = self.verify_signature_and_chain(raw, at=at)
+        verified = self.verify_signature_and_chain(raw, at=at, allow_nitrotpm=allow_nitrotpm)
         failures = policy.failures(verified)
         if failures:
             raise PolicyViolation(failures)
         return verified
 
     def verify_signature_and_chain(
-        self, raw: bytes, *, at: datetime | None = None
+        self, raw: bytes, *, at: datetime | None = None, allow_nitrotpm: bool = False
     ) -> VerifiedAttestation:
         """Steps 1-6 without a policy. Callers must still apply a policy before trusting the result."""
         when = _utc(at) if at is not None else datetime.now(UTC)
-        return self._verify_crypto(raw, when)
+        return self._verify_crypto(raw, when, allow_nitrotpm)
 
     def verify_many(
         self,
@@ -218,6 +241,7 @@ class Verifier:
         *,
         at: datetime | None = None,
         workers: int | None = None,
+        allow_nitrotpm: bool = False,
     ) -> list[VerifiedAttestation | Error]:
         """Verify many documents across processes; one result or error per input, in order.
 
@@ -234,21 +258,26 @@ class Verifier:
         if n <= 1 or len(docs) < max(2, PROCESS_MIN_DOCUMENTS):
             for raw in docs:  # no worker processes: verify here, with this verifier's cache
                 try:
-                    results.append(self.verify(raw, policy, at=when))
+                    results.append(self.verify(raw, policy, at=when, allow_nitrotpm=allow_nitrotpm))
                 except Error as exc:
                     results.append(exc)
             return results
         chunk = max(1, len(docs) // (n * 4))
         with ProcessPoolExecutor(n, initializer=_init_worker, initargs=(roots,)) as pool:
-            outcomes = list(pool.map(_verify_in_worker, docs, [when] * len(docs), chunksize=chunk))
+            outcomes = list(
+                pool.map(
+                    _verify_in_worker,
+                    docs,
+                    [when] * len(docs),
+                    [allow_nitrotpm] * len(docs),
+                    chunksize=chunk,
+                )
+            )
         chains: dict[tuple[bytes, ...], tuple[x509.Certificate, ...]] = {}
         for raw, outcome in zip(docs, outcomes, strict=True):
             if outcome[0] != "ok":
-                results.append(
-                    MalformedInput(str(outcome[1]))
-                    if outcome[0] == "MalformedInput"
-                    else VerificationError(str(outcome[1]))
-                )
+                error_class = _WORKER_ERRORS.get(str(outcome[0]), VerificationError)
+                results.append(error_class(str(outcome[1])))
                 continue
             ders = tuple(d for d in outcome[1:] if isinstance(d, bytes))
             chain = chains.get(ders)
@@ -261,9 +290,12 @@ class Verifier:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _verify_crypto(self, raw: bytes, at: datetime) -> VerifiedAttestation:
-        # 1. Decode strictly.
+    def _verify_crypto(
+        self, raw: bytes, at: datetime, allow_nitrotpm: bool = False
+    ) -> VerifiedAttestation:
+        # 1. Decode strictly; check the document's kind (before, and independent of, the chain).
         doc = AttestationDocument.from_cbor(raw)
+        check_document_kind(doc, allow_nitrotpm=allow_nitrotpm)
 
         # 2-4. Chain: from the cache when this exact chain was validated for a window containing `at`.
         bundle_key = hashlib.sha256(b"".join(len(c).to_bytes(2, "big") + c for c in doc.cabundle))
@@ -369,6 +401,27 @@ class Verifier:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__([x509.load_der_x509_certificate(d) for d in state["roots"]])  # type: ignore[misc]
+
+
+def check_document_kind(doc: AttestationDocument, *, allow_nitrotpm: bool = False) -> None:
+    """Refuse a document whose module id contradicts its PCR map, and a NitroTPM document unless allowed.
+
+    Decided on the decoded structure: the payload's PCR map (``pcrs`` / ``nitrotpm_pcrs``) and the parts of
+    the module id (:attr:`AttestationDocument.kind_inconsistency`)."""
+    inconsistency = doc.kind_inconsistency
+    if inconsistency is not None:
+        raise DocumentKindError(
+            f"inconsistent attestation document: {inconsistency}; AWS never issues such a document, "
+            "do not trust it"
+        )
+    if doc.kind is DocumentKind.NITROTPM and not allow_nitrotpm:
+        raise NitroTpmDocumentError(
+            f"the document is a NitroTPM attestation document (module {doc.module_id}, "
+            "'nitrotpm_pcrs'), not a Nitro Enclaves document: it comes from an EC2 instance's TPM, "
+            "whose PCRs the instance's operating system extends at will, so it proves nothing about an "
+            "enclave. Expected an enclave document ('pcrs', module id i-…-enc…); accept NitroTPM "
+            "documents only on purpose (--allow-nitrotpm, allow_nitrotpm=True) with NitroTPM PCR checks"
+        )
 
 
 def _utc(at: datetime) -> datetime:
@@ -511,12 +564,21 @@ def _init_worker(roots: list[bytes]) -> None:
     _worker_verifier = Verifier([x509.load_der_x509_certificate(d) for d in roots])
 
 
-def _verify_in_worker(raw: bytes, at: datetime) -> tuple[str | bytes, ...]:
+#: Error classes a worker may report, by name (others become VerificationError).
+_WORKER_ERRORS: dict[str, type[Error]] = {
+    cls.__name__: cls
+    for cls in (MalformedInput, VerificationError, DocumentKindError, NitroTpmDocumentError)
+}
+
+
+def _verify_in_worker(
+    raw: bytes, at: datetime, allow_nitrotpm: bool = False
+) -> tuple[str | bytes, ...]:
     """Run steps 1-5 in a worker: ("ok", chain DER...) or (error class name, message)."""
     active = _worker_verifier
     assert active is not None
     try:
-        verified = active._verify_crypto(raw, at)
+        verified = active._verify_crypto(raw, at, allow_nitrotpm)
     except Error as exc:
         return (type(exc).__name__, str(exc))
     return ("ok", *(c.public_bytes(Encoding.DER) for c in verified.chain))
@@ -539,5 +601,7 @@ def _result(
         chain=chain,
         document=doc,
         raw=bytes(raw),
+        kind=doc.kind,
+        nitrotpm_pcrs=doc.nitrotpm_pcrs,
         _token=_CONSTRUCT,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -17,6 +17,7 @@ from enclavekit.atls.ca import (
     load_ca_policy,
     revoke_certificate,
 )
+from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import host_port, nsm_verifier, root_option
 from enclavekit.cli._render import emit_json, json_option, stderr
@@ -83,10 +84,34 @@ def root(state_dir: Path, as_json: bool) -> None:
 )
 @root_option
 @_database
+@click.option(
+    "--audit-retention-days",
+    type=click.IntRange(1, 36500),
+    default=AUDIT_RETENTION.days,
+    show_default=True,
+    help="Delete audit events (and certificate records expired) older than this many days.",
+)
+@click.option(
+    "--audit-max-events",
+    type=click.IntRange(1000, 100_000_000),
+    default=AUDIT_MAX_EVENTS,
+    show_default=True,
+    help="Keep at most this many audit events (the newest).",
+)
 def serve(
-    listen: str, state_dir: Path, policy_file: Path, roots: tuple[str, ...], database: str | None
+    listen: str,
+    state_dir: Path,
+    policy_file: Path,
+    roots: tuple[str, ...],
+    database: str | None,
+    audit_retention_days: int,
+    audit_max_events: int,
 ) -> None:
-    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted."""
+    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
+
+    Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
+    service documentation.
+    """
     import uvicorn
 
     from enclavekit.atls.service import create_app
@@ -95,14 +120,33 @@ def serve(
     keys = load_ca_keys(state_dir)
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
+    retention = timedelta(days=audit_retention_days)
+    limits = CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
     store = open_store(state_dir, database)
-    issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(verifier))
+    issuer = Issuer(
+        keys,
+        policy,
+        store,
+        NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
+        limits=limits,
+    )
     app = create_app(issuer, admin_token=load_admin_token(state_dir))
     stderr.print(
         f"attestation CA on http://{host}:{port} (services: {', '.join(sorted(policy.services))})"
     )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=5,
+        )
     finally:
         store.close()
 

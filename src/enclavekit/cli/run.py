@@ -1,11 +1,14 @@
 """``run-enclave``, ``describe-enclaves``, ``console`` and ``terminate-enclave`` for local enclaves.
 
-Like nitro-cli, these always print their JSON object(s) on stdout; a short human summary goes to
-stderr unless ``--json`` is given.
+Like nitro-cli, these always print their JSON on stdout — one JSON value per command
+(``terminate-enclave --all``: one array); a short human summary goes to stderr unless ``--json``
+is given. ``run-enclave --attach-console`` writes the console on stdout after the JSON, so it is
+refused together with ``--json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -120,6 +123,31 @@ def _load_config(path: Path) -> dict[str, Any]:
     return obj
 
 
+class _SeveralCpuIds(click.Command):
+    """nitro-cli's ``--cpu-ids 1 3``: the option takes every CPU number that follows it (click
+    options take one value; ``--cpu-ids '1 3'`` and ``--cpu-ids 1,3`` keep working)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        rest = list(args)
+        while rest:
+            arg = rest.pop(0)
+            if arg == "--":
+                out += [arg, *rest]
+                break
+            if arg == "--cpu-ids" and rest:
+                values = [rest.pop(0)]
+            elif arg.startswith("--cpu-ids="):
+                values = [arg.split("=", 1)[1]]
+            else:
+                out.append(arg)
+                continue
+            while rest and rest[0].isascii() and rest[0].isdigit():
+                values.append(rest.pop(0))
+            out += ["--cpu-ids", " ".join(values)]
+        return super().parse_args(ctx, out)
+
+
 def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -129,7 +157,7 @@ def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--cpu-ids {text!r}: expected CPU numbers, e.g. '1 3'") from None
 
 
-@click.command("run-enclave")
+@click.command("run-enclave", cls=_SeveralCpuIds)
 @click.option(
     "--eif-path",
     default=None,
@@ -147,7 +175,9 @@ def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--cpu-count", type=click.IntRange(1), default=None, help="CPUs (default 2; or --cpu-ids)."
 )
-@click.option("--cpu-ids", default=None, help="Explicit CPU numbers, e.g. '1 3'.")
+@click.option(
+    "--cpu-ids", default=None, help="Explicit CPU numbers, one or several: --cpu-ids 1 3."
+)
 @click.option(
     "--memory",
     "memory_mib",
@@ -158,7 +188,7 @@ def _cpu_ids(text: str | None) -> tuple[int, ...] | None:
 @click.option(
     "--attach-console",
     is_flag=True,
-    help="Follow the console right after starting (nitro-cli allows it with --debug-mode only).",
+    help="Follow the console right after starting; implies --debug-mode, as in nitro-cli.",
 )
 @click.option(
     "--enclave-cid", type=int, default=None, help="The enclave's CID (>= 4; default 16+)."
@@ -275,6 +305,13 @@ def run_enclave_command(
         attach_console = bool(config.get("attach_console", False))
     if eif_path is None:
         raise UsageError("give --eif-path (or --config)")
+    if attach_console and as_json:
+        raise UsageError(
+            "--attach-console writes the console on stdout after the JSON, and --json prints one"
+            " JSON value only: drop one (follow the console with `enclavekit console`)"
+        )
+    # nitro-cli: "--attach-console ... (implies debug-mode)"; a console is a debug facility.
+    debug_mode = debug_mode or attach_console
     if cpu_count is not None and ids is not None:
         raise UsageError("give --cpu-count or --cpu-ids, not both")
     options = runner.RunOptions(
@@ -302,8 +339,6 @@ def run_enclave_command(
         )
     emit_json(record.run_info())
     if attach_console:
-        if not debug_mode:
-            warn("nitro-cli refuses --attach-console without --debug-mode; showing it anyway")
         for chunk in runner.follow_console(store, record):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
@@ -314,12 +349,32 @@ def run_enclave_command(
 @_state_dir_option
 @json_option
 def describe_enclaves_command(metadata: bool, state_dir: Path | None, as_json: bool) -> None:
-    """List the running local enclaves (nitro-cli's JSON array)."""
-    records = runner.describe_enclaves(_store(state_dir))
+    """List the running local enclaves (nitro-cli's JSON array).
+
+    Measurements are what the enclave's attestation documents carry: zero PCR0/1/2/8 in debug
+    mode. Without --json, the enclaves that ended most recently are named on stderr with their exit
+    status and console log.
+    """
+    store = _store(state_dir)
+    records = runner.describe_enclaves(store)
     emit_json(
         [r.describe(with_metadata=metadata) for r in records]
         + [r.describe_json() for r in _vm_records()]
     )
+    if not as_json:
+        ended = store.ended()
+        for item in ended[:_ENDED_SHOWN]:
+            stderr.print(item.summary(), markup=False)
+        if len(ended) > _ENDED_SHOWN:
+            stderr.print(
+                f"({len(ended) - _ENDED_SHOWN} more ended enclave(s): their summaries and logs are"
+                f" in {Path(ended[0].console_log).parent})",
+                markup=False,
+            )
+
+
+#: describe-enclaves names this many of the most recently ended enclaves.
+_ENDED_SHOWN = 3
 
 
 @click.command("console")
@@ -350,7 +405,16 @@ def console_command(
         )
         return
     store = _store(state_dir)
-    record = runner.find_enclave(store, enclave_id=enclave_id, name=enclave_name)
+    try:
+        record = runner.find_enclave(store, enclave_id=enclave_id, name=enclave_name)
+    except runner.EnclaveEnded as gone:
+        # What it printed is kept: show it, then say how it ended and where the log is.
+        with contextlib.suppress(FileNotFoundError), open(gone.ended.console_log, "rb") as log:
+            while chunk := log.read(65536):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        stderr.print(gone.ended.summary(), markup=False)
+        return
     if not record.debug_mode:
         warn(
             "on AWS, nitro-cli's console works only for enclaves started with --debug-mode; this"
@@ -375,7 +439,8 @@ def terminate_enclave_command(
     state_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Terminate one local enclave (or all); prints nitro-cli's {EnclaveName, EnclaveID, Terminated}."""
+    """Terminate one local enclave (or all); prints nitro-cli's {EnclaveName, EnclaveID, Terminated}
+    (for --all: one array of them)."""
     chosen = sum(x is not None for x in (enclave_id, enclave_name)) + int(terminate_all)
     if chosen != 1:
         raise UsageError("give exactly one of --enclave-id, --enclave-name and --all")
@@ -383,22 +448,23 @@ def terminate_enclave_command(
     vm_targets = (
         _vm_records() if terminate_all else [r for r in [_vm_record(enclave_id, enclave_name)] if r]
     )
+    results: list[dict[str, Any]] = []
     if vm_targets:
         from enclavekit.vm.runner import terminate_recorded
 
         for vm_record in vm_targets:
             done = terminate_recorded(vm_record.enclave_id)
-            emit_json(
+            results.append(
                 {
                     "EnclaveName": vm_record.enclave_name,
                     "EnclaveID": vm_record.enclave_id,
                     "Terminated": done,
                 }
             )
-        if not terminate_all:
-            return
     if terminate_all:
         targets = runner.describe_enclaves(store)
+    elif vm_targets:
+        targets = []
     else:
         targets = [runner.find_enclave(store, enclave_id=enclave_id, name=enclave_name)]
     for record in targets:
@@ -407,7 +473,11 @@ def terminate_enclave_command(
             stderr.print(
                 f"Enclave {record.enclave_id} {'terminated' if done else 'NOT terminated'}."
             )
-        emit_json({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": done})
+        results.append(
+            {"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": done}
+        )
+    # One JSON value: the object for one enclave, an array for --all (empty when none ran).
+    emit_json(results if terminate_all else results[0])
 
 
 def _vm_records() -> list[VmRecord]:

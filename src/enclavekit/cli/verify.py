@@ -13,6 +13,7 @@ from cryptography import x509
 from enclavekit.attestation.document import AttestationDocument, read_document_bytes
 from enclavekit.attestation.policy import (
     MaxAge,
+    NitroTpmPcrsEqual,
     NonceEquals,
     NotDebug,
     PcrsEqual,
@@ -70,16 +71,16 @@ def parse_at(value: str, doc: AttestationDocument) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def _pcr_options(values: tuple[str, ...]) -> dict[int, bytes]:
+def _pcr_options(values: tuple[str, ...], flag: str = "--pcr") -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     for item in values:
         index, sep, hexvalue = item.partition("=")
         if not sep:
-            raise UsageError(f"--pcr {item!r}: expected N=HEX (e.g. --pcr 0=abcd…)")
-        i = parse_pcr_index(index, "--pcr")
+            raise UsageError(f"{flag} {item!r}: expected N=HEX (e.g. {flag} 0=abcd…)")
+        i = parse_pcr_index(index, flag)
         if i in out:
-            raise UsageError(f"--pcr {i} given twice")
-        out[i] = parse_pcr_value(hexvalue, f"--pcr {index}")
+            raise UsageError(f"{flag} {i} given twice")
+        out[i] = parse_pcr_value(hexvalue, f"{flag} {index}")
     return out
 
 
@@ -108,15 +109,19 @@ def _hex_or_none(value: bytes | None) -> str | None:
 
 
 def document_json(doc: AttestationDocument) -> dict[str, Any]:
-    """Fields of a decoded document as JSON values (PCRs as lowercase hex)."""
+    """Fields of a decoded document as JSON values (PCRs as lowercase hex).
+
+    ``pcrs`` holds enclave PCRs only; a NitroTPM document's PCRs are under ``nitrotpm_pcrs``."""
     return {
         "module_id": doc.module_id,
+        "kind": doc.kind.value,
         "digest": doc.digest,
         "timestamp": doc.timestamp.isoformat(),
         "timestamp_ms": doc.timestamp_ms,
         "is_debug": doc.is_debug,
         "is_nitrotpm": doc.is_nitrotpm,
         "pcrs": {str(i): v.hex() for i, v in doc.pcrs.items()},
+        "nitrotpm_pcrs": {str(i): v.hex() for i, v in doc.nitrotpm_pcrs.items()},
         "public_key": _hex_or_none(doc.public_key),
         "user_data": _hex_or_none(doc.user_data),
         "nonce": _hex_or_none(doc.nonce),
@@ -130,6 +135,14 @@ def _short(text: str, limit: int = 96) -> str:
 def _print_document(doc: AttestationDocument, title: str) -> None:
     stderr.print(title)
     stderr.print(f"  module     {doc.module_id}" + ("  [NitroTPM]" if doc.is_nitrotpm else ""))
+    if doc.is_nitrotpm:
+        stderr.print(
+            "  kind       [yellow]NitroTPM: an EC2 instance's TPM, not a Nitro Enclave; its PCRs are "
+            "set by the instance's operating system[/]"
+        )
+    inconsistency = doc.kind_inconsistency
+    if inconsistency is not None:
+        stderr.print(f"  kind       [red]inconsistent: {inconsistency}[/]")
     stderr.print(f"  timestamp  {doc.timestamp.isoformat()}")
     for index, value in doc.pcrs.items():
         if any(value):
@@ -137,6 +150,8 @@ def _print_document(doc: AttestationDocument, title: str) -> None:
         else:
             note = "  [yellow]debug mode: image not measured[/]" if index in (0, 1, 2) else ""
             stderr.print(f"  PCR{index:<2}      0…0 ({len(value)} zero bytes){note}")
+    for index, value in doc.nitrotpm_pcrs.items():
+        stderr.print(f"  TPM PCR{index:<2}  {value.hex()}")
     for name in ("public_key", "user_data", "nonce"):
         value = getattr(doc, name)
         shown = "null" if value is None else f"{_short(value.hex())} ({len(value)} bytes)"
@@ -169,6 +184,19 @@ def _print_document(doc: AttestationDocument, title: str) -> None:
     help="Maximum document age in seconds at the verification time.",
 )
 @click.option("--allow-debug", is_flag=True, help="Accept debug-mode enclaves (PCR0-2 all zero).")
+@click.option(
+    "--allow-nitrotpm",
+    is_flag=True,
+    help="Also accept NitroTPM (EC2 instance) documents; they are not enclaves. "
+    "Check their PCRs with --nitrotpm-pcr.",
+)
+@click.option(
+    "--nitrotpm-pcr",
+    "tpm_pcrs",
+    multiple=True,
+    metavar="N=HEX",
+    help="Expected NitroTPM PCR value (repeatable; needs --allow-nitrotpm).",
+)
 @json_option
 def verify(
     doc: str,
@@ -179,13 +207,27 @@ def verify(
     nonce: str | None,
     max_age: float | None,
     allow_debug: bool,
+    allow_nitrotpm: bool,
+    tpm_pcrs: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Verify an attestation document (path, '-' for stdin; raw CBOR, hex or base64).
 
     Checks the COSE signature and the certificate chain to a pinned root, then the policy. Exit 0: verified
     and policy satisfied; 1: verification or policy failure (every reason printed); 2: unusable input.
+    NitroTPM (EC2 instance) documents are refused (exit 1) unless --allow-nitrotpm is given.
     """
+    if max_age is not None and at_value == "doc":
+        raise UsageError(
+            "--max-age with --at doc: the age would be measured against the document's own timestamp, "
+            "so it is always 0 and any old document passes. Use --max-age with --at now (the default) "
+            "or an explicit --at TIME"
+        )
+    if tpm_pcrs and not allow_nitrotpm:
+        raise UsageError(
+            "--nitrotpm-pcr checks NitroTPM documents, which are refused without --allow-nitrotpm; "
+            "add --allow-nitrotpm (or use --pcr for enclave PCRs)"
+        )
     raw = read_document(doc)
     decoded = AttestationDocument.from_cbor(raw)
     verifier = nsm_verifier(roots)
@@ -197,8 +239,12 @@ def verify(
     expected = _pcr_options(pcrs)
     if expected:
         parts.append(PcrsEqual(expected))
+    expected_tpm = _pcr_options(tpm_pcrs, "--nitrotpm-pcr")
+    if expected_tpm:
+        parts.append(NitroTpmPcrsEqual(expected_tpm))
     if policy_file:
         parts.append(load_policy(policy_file))
+    has_measurement_policy = bool(expected or expected_tpm or policy_file)
     nonce_bytes = _hex_option(nonce, "--nonce")
     if nonce_bytes is not None:
         parts.append(NonceEquals(nonce_bytes))
@@ -206,12 +252,23 @@ def verify(
         parts.append(MaxAge(timedelta(seconds=max_age)))
     if allow_debug:
         warn("--allow-debug: debug-mode enclaves (unmeasured images) are accepted.")
+    if allow_nitrotpm:
+        warn(
+            "--allow-nitrotpm: NitroTPM documents are accepted; they attest an EC2 instance's TPM, "
+            "not an enclave."
+        )
+    if not has_measurement_policy:
+        kinds = "enclave or NitroTPM document" if allow_nitrotpm else "enclave"
+        warn(
+            "no measurement policy (--pcr, --policy): any genuine AWS-signed "
+            f"{kinds} passes, whatever it runs. Pin the image with --pcr or --policy."
+        )
     policy = combine(parts) if parts else UnsafeNoOp()
 
     verified: VerifiedAttestation | None = None
     error: Error | None = None
     try:
-        verified = verifier.verify_signature_and_chain(raw, at=at)
+        verified = verifier.verify_signature_and_chain(raw, at=at, allow_nitrotpm=allow_nitrotpm)
         failures = policy.failures(verified)
         if failures:
             error = PolicyViolation(failures)
@@ -224,6 +281,7 @@ def verify(
             "ok": error is None,
             "signature_and_chain_valid": verified is not None,
             "policy_satisfied": error is None,
+            "policy": "explicit" if has_measurement_policy else "none",
             "verified_at": at.isoformat(),
             **document_json(decoded),
             "certificate": _cert_json(verified.certificate) if verified else None,

@@ -11,8 +11,10 @@ It speaks the KMS JSON 1.1 protocol over HTTP for ``Encrypt``, ``Decrypt``, ``Ge
 3. the key policy is evaluated: ``Allow``/``Deny`` statements with ``Action`` (``kms:Decrypt``,
    ``kms:*`` ...) and ``Condition`` operators ``StringEquals`` / ``StringEqualsIgnoreCase`` over
    ``kms:RecipientAttestation:ImageSha384`` (= PCR0) and ``kms:RecipientAttestation:PCR<n>`` (lower-case
-   hex); a condition on a key the request lacks (no Recipient) fails; an explicit Deny wins; no matching
-   Allow → ``AccessDeniedException``;
+   hex) for an enclave document, ``kms:RecipientAttestation:NitroTPMPCR<n>`` for a NitroTPM document (KMS
+   accepts both kinds; a NitroTPM document never provides the enclave keys, so no enclave condition is
+   satisfied by it); a condition on a key the request lacks (no Recipient) fails; an explicit Deny wins; no
+   matching Allow → ``AccessDeniedException``;
 4. with a Recipient the answer has ``CiphertextForRecipient`` (a real BER CMS envelope to the document's
    key) and no ``Plaintext``.
 
@@ -39,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from enclavekit.attestation.document import DocumentKind
 from enclavekit.attestation.verifier import VerifiedAttestation, Verifier
 from enclavekit.errors import Error
 from enclavekit.kms._sigv4 import check_signature
@@ -141,7 +144,15 @@ class KeyPolicy:
 
 
 def attestation_context(verified: VerifiedAttestation) -> dict[str, str]:
-    """KMS condition keys for a verified document (lower-case hex, as KMS documents them)."""
+    """KMS condition keys for a verified document (lower-case hex, as KMS documents them).
+
+    A NitroTPM document yields only ``NitroTPMPCR<n>`` keys, an enclave document only ``PCR<n>`` and
+    ``ImageSha384``: a TPM's PCR8 never satisfies a condition on an enclave's PCR8."""
+    if verified.kind is DocumentKind.NITROTPM or verified.is_nitrotpm:
+        return {
+            f"{_CONDITION_PREFIX}NitroTPMPCR{i}": value.hex()
+            for i, value in verified.nitrotpm_pcrs.items()
+        }
     context = {f"{_CONDITION_PREFIX}PCR{i}": value.hex() for i, value in verified.pcrs.items()}
     if 0 in verified.pcrs:
         context[f"{_CONDITION_PREFIX}ImageSha384"] = verified.pcrs[0].hex()
@@ -226,7 +237,10 @@ class StandInKms:
             )
         document = _b64field(recipient, "AttestationDocument")
         try:
-            verified = self.verifier.verify_signature_and_chain(document, at=self._clock())
+            # KMS accepts NitroTPM documents too; their PCRs become NitroTPMPCR<n> keys only.
+            verified = self.verifier.verify_signature_and_chain(
+                document, at=self._clock(), allow_nitrotpm=True
+            )
         except Error as exc:
             raise KmsFault(
                 "ValidationException",

@@ -38,9 +38,10 @@ def timestamp_ms(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
-def encode_pcrs(pcrs: Mapping[int, bytes]) -> bytes:
-    """The ``"pcrs": {...}`` payload entry (definite map, ascending indices)."""
-    return _KEYS["pcrs"] + cbor2.dumps({i: bytes(pcrs[i]) for i in sorted(pcrs)})
+def encode_pcrs(pcrs: Mapping[int, bytes], *, key: str = "pcrs") -> bytes:
+    """The ``"pcrs": {...}`` payload entry (definite map, ascending indices); ``key="nitrotpm_pcrs"`` for
+    a NitroTPM-shaped document."""
+    return cbor2.dumps(key) + cbor2.dumps({i: bytes(pcrs[i]) for i in sorted(pcrs)})
 
 
 def encode_payload(

@@ -12,13 +12,21 @@ mainline driver (``nsm.md`` §4):
 - Attestation: a COSE_Sign1 document over all *locked* PCRs, signed by :class:`EmulatedAwsPki`'s
   rotating leaf;
 - GetRandom: 256 bytes from the OS CSPRNG; unknown or malformed request → ``InvalidOperation``;
-  request larger than 4096 bytes → ``InputTooLarge``.
+  request larger than 4096 bytes → ``InputTooLarge``. That is the NSM's only limit on user_data, nonce
+  and public_key: an Attestation request (as serde encodes it) of at most 4096 bytes is answered,
+  a larger one refused, whether it arrives as bytes, as a decoded request or through :meth:`attest`.
+
+``nitrotpm=True`` makes a NitroTPM-shaped module instead (an EC2 instance's TPM, for tests of verifiers
+that must refuse it): module id ``i-<17 hex>-tpm<16 hex>``, documents carry ``nitrotpm_pcrs`` with all 24
+PCRs of the TPM's SHA-384 bank whatever their lock state, and PCR8-23 stay unlocked, so ExtendPCR can set
+them as an instance's operating system does. Only the document shape is NitroTPM's: the request path is
+still the NSM's, not the TPM vendor command.
 
 Debug mode (``nitro-cli run-enclave --debug-mode``) zeroes PCR0, 1, 2 and 8, like AWS; PCR3 and PCR4
 stay set. PCR4 defaults to SHA-384(48 zero bytes ‖ instance id), the value AWS puts there; PCR3 (IAM
 role) to zero.
 
-What is *not* emulated: the 120 s driver timeout, NitroTPM, AWS's exact (unpublished) version
+What is *not* emulated: the 120 s driver timeout, the NitroTPM's TPM interface, AWS's exact (unpublished) version
 numbers (1.0.0 is reported, as QEMU does) and any limit on the three attestation inputs other than
 the 4096-byte request size.
 """
@@ -34,7 +42,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from enclavekit.errors import MalformedInput
+from enclavekit.errors import MalformedInput, NsmError
 from enclavekit.nsm import _document
 from enclavekit.nsm.messages import (
     MAX_PCRS,
@@ -61,6 +69,7 @@ from enclavekit.nsm.messages import (
     Response,
     UnknownRequest,
     decode_request,
+    encode_request,
     encode_response,
 )
 from enclavekit.pki.emulated import Clock, EmulatedAwsPki, utc_now
@@ -72,7 +81,10 @@ BOOT_LOCKED_PCRS = range(16)
 DEBUG_ZEROED_PCRS = (0, 1, 2, 8)
 VERSION = (1, 0, 0)
 _ZERO = bytes(PCR_LENGTH)
-_MODULE_ID = re.compile(r"(i-[0-9a-f]{17})-enc([0-9a-f]{16})")
+_MODULE_ID = re.compile(r"(i-[0-9a-f]{17})-(enc|tpm)([0-9a-f]{16})")
+#: A NitroTPM's SHA-384 bank has 24 PCRs; PCR0-7 are the firmware's and boot loader's.
+NITROTPM_PCRS = 24
+NITROTPM_LOCKED_PCRS = range(8)
 
 
 def instance_pcr4(instance_id: str) -> bytes:
@@ -80,13 +92,20 @@ def instance_pcr4(instance_id: str) -> bytes:
     return hashlib.sha384(_ZERO + instance_id.encode()).digest()
 
 
-def new_module_id(now: datetime, instance_id: str | None = None) -> str:
-    """A module id shaped like AWS's: ``i-<17 hex>-enc<16 hex>``, the enclave id starting with the
-    launch ms.
+def new_module_id(now: datetime, instance_id: str | None = None, *, nitrotpm: bool = False) -> str:
+    """A module id shaped like AWS's: ``i-<17 hex>-enc<16 hex>`` (``-tpm`` for a NitroTPM), the enclave
+    id starting with the launch ms.
     """
     instance = instance_id or "i-0" + secrets.token_hex(8)
     enclave_id = (_document.timestamp_ms(now) & 0xFFFF_FFFF_FFFF) << 16 | secrets.randbits(16)
-    return f"{instance}-enc{enclave_id:016x}"
+    return f"{instance}-{'tpm' if nitrotpm else 'enc'}{enclave_id:016x}"
+
+
+def attestation_request_size(
+    user_data: bytes | None, nonce: bytes | None, public_key: bytes | None
+) -> int:
+    """The size of the Attestation request the NSM client library (serde) sends for these fields."""
+    return len(encode_request(Attestation(user_data, nonce, public_key)))
 
 
 class NsmEmulator:
@@ -111,17 +130,22 @@ class NsmEmulator:
         clock: Clock = utc_now,
         definite_payload: bool = False,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        nitrotpm: bool = False,
     ) -> None:
+        if nitrotpm and debug_mode:
+            raise ValueError("a NitroTPM has no debug mode")
         self._clock = clock
+        self.nitrotpm = nitrotpm
         self.pki = pki if pki is not None else EmulatedAwsPki.ephemeral(clock=clock)
-        self.module_id = module_id or new_module_id(clock())
+        self.module_id = module_id or new_module_id(clock(), nitrotpm=nitrotpm)
         match = _MODULE_ID.fullmatch(self.module_id)
-        if match is None:
+        kind = "tpm" if nitrotpm else "enc"
+        if match is None or match.group(2) != kind:
             raise ValueError(
-                f"module_id must look like AWS's 'i-<17 hex>-enc<16 hex>', got {self.module_id!r}"
+                f"module_id must look like AWS's 'i-<17 hex>-{kind}<16 hex>', got {self.module_id!r}"
             )
         self.instance_id = match.group(1)
-        self.enclave_id = int(match.group(2), 16)
+        self.enclave_id = int(match.group(3), 16)
         self.debug_mode = debug_mode
         self.definite_payload = definite_payload
         self._random_bytes = random_bytes
@@ -137,7 +161,8 @@ class NsmEmulator:
             for index in DEBUG_ZEROED_PCRS:
                 values[index] = _ZERO
         self._pcrs = values
-        self._locked = [i in BOOT_LOCKED_PCRS for i in range(MAX_PCRS)]
+        boot_locked = NITROTPM_LOCKED_PCRS if nitrotpm else BOOT_LOCKED_PCRS
+        self._locked = [i in boot_locked for i in range(MAX_PCRS)]
         self._state = threading.Lock()
         self._encoded_module_id = _document.encode_module_id(self.module_id)
         self._encoded_pcrs: bytes | None = None  # cache: locked PCRs never change
@@ -222,7 +247,10 @@ class NsmEmulator:
                     digest="SHA384",
                 )
             case Attestation(user_data, nonce, public_key):
-                return AttestationDocument(self.attest(user_data, nonce, public_key))
+                try:
+                    return AttestationDocument(self.attest(user_data, nonce, public_key))
+                except NsmError:  # the only refusal of attest(): InputTooLarge
+                    return ErrorResponse(ErrorCode.INPUT_TOO_LARGE)
             case GetRandom():
                 return RandomBytes(self._random_bytes(RANDOM_LENGTH))
         return ErrorResponse(ErrorCode.INVALID_OPERATION)
@@ -236,12 +264,26 @@ class NsmEmulator:
         now: datetime | None = None,
     ) -> bytes:
         """A signed attestation document at ``now`` (default: the clock) over the currently locked
-        PCRs.
+        PCRs (a NitroTPM: over all 24).
+
+        Raises :class:`NsmError` ``InputTooLarge`` when the fields do not fit in one NSM request, as the
+        NSM refuses them.
         """
+        size = attestation_request_size(user_data, nonce, public_key)
+        if size > MAX_REQUEST_SIZE:
+            raise NsmError(
+                ErrorCode.INPUT_TOO_LARGE.value,
+                f"NSM InputTooLarge: user_data, nonce and public_key make a {size}-byte Attestation "
+                f"request; the NSM accepts at most {MAX_REQUEST_SIZE}",
+            )
         moment = now or self._clock()
         with self._state:
             encoded_pcrs = self._encoded_pcrs
-            if encoded_pcrs is None:
+            if self.nitrotpm:  # the whole bank, changing with every extend: not cached
+                encoded_pcrs = _document.encode_pcrs(
+                    {i: self._pcrs[i] for i in range(NITROTPM_PCRS)}, key="nitrotpm_pcrs"
+                )
+            elif encoded_pcrs is None:
                 locked = {i: self._pcrs[i] for i in range(MAX_PCRS) if self._locked[i]}
                 encoded_pcrs = self._encoded_pcrs = _document.encode_pcrs(locked)
         credentials = self.pki.credentials(

@@ -13,19 +13,35 @@ process, so ``unshare``/``mount``/``chroot`` happen before anything else runs). 
 5. look ``argv[0]`` up in init's fixed ``PATH=/sbin:/usr/sbin:/bin:/usr/bin`` and ``execve`` it
    with the image's environment (plus the runner's variables).
 
+Every entry of the image used on the way (``rootfs``, the mount points, each component of a
+``--mount-host`` path) is reached through :mod:`enclavekit.run.rootfs` without following links and
+mounted on through ``/proc/self/fd/N``; the chroot is ``fchdir`` + ``chroot(".")`` on the checked
+descriptor. The runner checks the same layout before starting (so a refusal is a clear exit 1);
+this is the enforcement at the moment of use.
+
 Not done: sysfs and cgroup mounts, ``setsid`` (the supervisor already started a new session), user
 or network namespaces (the application shares the host's network and users).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
+
+from enclavekit.run.rootfs import (
+    CHROOT_MOUNT_POINTS,
+    UnsafeImageEntry,
+    host_path_parts,
+    open_directory,
+)
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 1
@@ -69,24 +85,65 @@ def _mount(
     )
 
 
-def _inside(rootfs: Path, path: str) -> Path:
-    return rootfs / path.lstrip("/")
+def _fd_path(fd: int) -> str:
+    """Mount on what a descriptor refers to, never on a name that could be swapped for a link."""
+    return f"/proc/self/fd/{fd}"
 
 
-def _bind_host_path(libc: ctypes.CDLL, rootfs: Path, host_path: str) -> None:
-    target = _inside(rootfs, host_path)
-    if os.path.islink(host_path):
-        if not os.path.lexists(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.readlink(host_path), target)
-        return
-    if os.path.isdir(host_path):
-        target.mkdir(parents=True, exist_ok=True)
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.touch(exist_ok=True)
-    _mount(libc, host_path, str(target), None, MS_BIND | MS_REC)
-    _mount(libc, None, str(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+def _open_dir(dir_fd: int, parts: tuple[str, ...], shown: str, why: str) -> int:
+    fd = open_directory(dir_fd, parts, shown=shown, create=True, why=why)
+    assert fd is not None  # created when missing
+    return fd
+
+
+def _mount_on_dir(
+    libc: ctypes.CDLL, source: str | None, rootfs: int, name: str, fstype: str | None, flags: int
+) -> None:
+    fd = _open_dir(rootfs, (name,), "/rootfs", f"the runner mounts on /{name}")
+    try:
+        _mount(libc, source, _fd_path(fd), fstype, flags)
+    finally:
+        os.close(fd)
+
+
+def _bind_host_path(libc: ctypes.CDLL, rootfs: int, host_path: str) -> None:
+    parts = host_path_parts(host_path)
+    why = f"--mount-host {host_path} binds the host path there"
+    parent = _open_dir(rootfs, parts[:-1], "/rootfs", why)
+    try:
+        name = parts[-1]
+        if os.path.islink(host_path):
+            try:
+                os.lstat(name, dir_fd=parent)
+            except FileNotFoundError:
+                os.symlink(os.readlink(host_path), name, dir_fd=parent)
+            return
+        if os.path.isdir(host_path):
+            target = _open_dir(parent, (name,), "/rootfs/" + "/".join(parts[:-1]), why)
+        else:
+            try:
+                target = os.open(
+                    name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=parent,
+                )  # fmt: skip
+            except OSError as exc:
+                raise EnterError(f"/rootfs/{'/'.join(parts)}: {exc.strerror} ({why})") from None
+            if not stat.S_ISREG(os.fstat(target).st_mode):
+                os.close(target)
+                raise EnterError(f"/rootfs/{'/'.join(parts)} is not a regular file ({why})")
+        try:
+            _mount(libc, host_path, _fd_path(target), None, MS_BIND | MS_REC)
+        finally:
+            os.close(target)
+        # Remount read-only what is now mounted there (reopened: the old descriptor is below it).
+        mounted = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            _mount(libc, None, _fd_path(mounted), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        finally:
+            os.close(mounted)
+    finally:
+        os.close(parent)
 
 
 def _lookup(argv0: str) -> str:
@@ -99,35 +156,63 @@ def _lookup(argv0: str) -> str:
     raise EnterError(f"{argv0}: not found in {':'.join(INIT_PATH)} inside the enclave")
 
 
+def exec_failure(program: str, exc: OSError) -> str:
+    """Why ``execve(program)`` failed, in words a user can act on."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOENT and os.path.lexists(program):
+        reason += " (its interpreter or dynamic loader is missing from the image)"
+    elif exc.errno == errno.EACCES:
+        reason += " (not executable: check its mode bits)"
+    return f"cannot execute {program}: {reason}"
+
+
 def enter(spec: dict[str, Any]) -> None:
     """Steps 1-5 of the module docstring; returns only by raising."""
     libc = _libc()
-    rootfs = Path(spec["rootfs"])
     # 1.
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    # 2.
-    for name in ("proc", "dev", "tmp", "run", "sys"):
-        _inside(rootfs, name).mkdir(exist_ok=True)
-    _mount(libc, "proc", str(_inside(rootfs, "proc")), "proc", MS_NOSUID | MS_NODEV)
-    _mount(libc, "/dev", str(_inside(rootfs, "dev")), None, MS_BIND | MS_REC)
-    _mount(libc, "tmpfs", str(_inside(rootfs, "tmp")), "tmpfs", MS_NOSUID | MS_NODEV)
-    _mount(libc, "tmpfs", str(_inside(rootfs, "run")), "tmpfs", MS_NOSUID | MS_NODEV)
-    runtime = _inside(rootfs, IN_ENCLAVE_RUNTIME)
-    runtime.mkdir(parents=True, exist_ok=True)
-    _mount(libc, spec["runtime_dir"], str(runtime), None, MS_BIND)
-    (runtime / "vsock").mkdir(exist_ok=True)
-    _mount(libc, spec["vsock_dir"], str(runtime / "vsock"), None, MS_BIND)
+    # The rootfs is reached from the runner's own unpack directory without following links
+    # (opened in the new namespace: a descriptor from before unshare is not mountable on).
+    initramfs = os.open(os.path.dirname(spec["rootfs"]), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rootfs = _open_dir(initramfs, ("rootfs",), "/", "nitro's init chroots into it")
+    finally:
+        os.close(initramfs)
+    # 2. (every mount point checked and created before anything is mounted)
+    for name in CHROOT_MOUNT_POINTS:
+        os.close(_open_dir(rootfs, (name,), "/rootfs", f"the runner mounts on /{name}"))
+    _mount_on_dir(libc, "proc", rootfs, "proc", "proc", MS_NOSUID | MS_NODEV)
+    _mount_on_dir(libc, "/dev", rootfs, "dev", None, MS_BIND | MS_REC)
+    _mount_on_dir(libc, "tmpfs", rootfs, "tmp", "tmpfs", MS_NOSUID | MS_NODEV)
+    _mount_on_dir(libc, "tmpfs", rootfs, "run", "tmpfs", MS_NOSUID | MS_NODEV)
+    runtime = IN_ENCLAVE_RUNTIME.strip("/").split("/")
+    runtime_fd = _open_dir(rootfs, tuple(runtime), "/rootfs", "the runner's NSM socket")
+    try:
+        _mount(libc, spec["runtime_dir"], _fd_path(runtime_fd), None, MS_BIND)
+    finally:
+        os.close(runtime_fd)
+    vsock_fd = _open_dir(rootfs, (*runtime, "vsock"), "/rootfs", "the runner's vsock directory")
+    try:
+        _mount(libc, spec["vsock_dir"], _fd_path(vsock_fd), None, MS_BIND)
+    finally:
+        os.close(vsock_fd)
     # 3.
     for host_path in spec.get("host_mounts", []):
         _bind_host_path(libc, rootfs, host_path)
     # 4.
-    os.chroot(rootfs)
+    os.fchdir(rootfs)
+    os.close(rootfs)
+    os.chroot(".")
     os.chdir("/")
     # 5.
     argv = list(spec["argv"])
     env = dict(item.split("=", 1) for item in spec["env"] if "=" in item)
-    os.execve(_lookup(argv[0]), argv, env)  # noqa: S606 - init execs the image's cmd the same way
+    program = _lookup(argv[0])
+    try:
+        os.execve(program, argv, env)  # noqa: S606 - init execs the image's cmd the same way
+    except OSError as exc:
+        raise EnterError(exec_failure(program, exc)) from None
 
 
 def main() -> None:
@@ -135,10 +220,19 @@ def main() -> None:
         sys.stderr.write("usage: python -m enclavekit.run.enter SPEC.json\n")
         raise SystemExit(2)
     spec = json.loads(Path(sys.argv[1]).read_text())
+    # The supervisor learns the outcome from this pipe: closed by a successful execve (it is
+    # close-on-exec), or carrying the reason when the application could not be started.
+    status_fd = spec.get("status_fd")
+    if status_fd is not None:
+        os.set_inheritable(status_fd, False)
     try:
         enter(spec)
-    except (EnterError, OSError) as exc:
-        sys.stderr.write(f"enclavekit: cannot start the enclave application: {exc}\n")
+    except (EnterError, UnsafeImageEntry, OSError) as exc:
+        message = f"cannot start the enclave application: {exc}"
+        sys.stderr.write(f"enclavekit: {message}\n")
+        if status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(status_fd, str(exc).encode("utf-8", "replace")[:4096])
         raise SystemExit(127) from None
 
 

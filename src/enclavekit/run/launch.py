@@ -9,7 +9,9 @@ Steps of :func:`prepare`:
    one initramfs; later entries win);
 4. read ``/cmd`` and ``/env`` as nitro's ``init`` does: one item per line, no quoting, missing or
    empty ``cmd`` → ``sh`` with ``PATH=/sbin:/usr/sbin:/bin:/usr/bin``; the application's root is
-   ``/rootfs``.
+   ``/rootfs``. ``/rootfs`` must be a real directory and ``/cmd``/``/env`` regular files: they are
+   opened without following links (:mod:`enclavekit.run.rootfs`), so an image cannot make a host
+   directory its root or a host file its argv.
 
 Not done: booting the kernel, loading ``nsm.ko`` or running ``init`` (the runner plays ``init``'s
 part itself), and checking the signing certificate's validity period.
@@ -17,6 +19,7 @@ part itself), and checking the signing certificate's validity period.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,15 @@ from enclavekit.eif.metadata import IdentityInfo
 from enclavekit.eif.reader import Eif
 from enclavekit.errors import EifIntegrityError, MalformedInput
 from enclavekit.run.cpio import extract
+from enclavekit.run.rootfs import open_directory, opened_directory, read_regular_file
 
 #: ``init``'s defaults when ``/cmd`` is missing or empty.
 DEFAULT_ARGV = ("sh",)
 DEFAULT_ENV = ("PATH=/sbin:/usr/sbin:/bin:/usr/bin",)
 #: A ramdisk is unpacked from memory; bound what one may take.
 MAX_RAMDISK_SIZE = 2 * 1024 * 1024 * 1024
+#: ``/cmd`` and ``/env`` are a few lines; bound what is read.
+MAX_CMD_ENV_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +61,14 @@ class PreparedEnclave:
         return self.initramfs / "rootfs"
 
 
-def read_lines(path: Path) -> tuple[str, ...]:
-    """``init``'s reading of ``/cmd`` and ``/env``: split on ``\\n``, empty lines dropped."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+def read_lines(initramfs_fd: int, name: str) -> tuple[str, ...]:
+    """``init``'s reading of ``/cmd`` and ``/env``: split on ``\\n``, empty lines dropped; a missing
+    file reads as no lines; a link or a non-regular file is refused (not followed)."""
+    raw = read_regular_file(initramfs_fd, name, shown=f"/{name}", limit=MAX_CMD_ENV_SIZE)
+    if raw is None:
         return ()
     if b"\0" in raw:
-        raise MalformedInput(f"{path.name} contains a NUL byte; init would cut the line there")
+        raise MalformedInput(f"{name} contains a NUL byte; init would cut the line there")
     return tuple(line for line in raw.decode("utf-8", "surrogateescape").split("\n") if line)
 
 
@@ -94,14 +100,16 @@ def prepare(eif_path: Path, directory: Path) -> PreparedEnclave:
             except MalformedInput as exc:
                 raise MalformedInput(f"{eif_path}: ramdisk {section.index}: {exc}") from exc
         size = eif.file_size
-    argv = read_lines(initramfs / "cmd")
-    if argv:
-        env = read_lines(initramfs / "env")
-    else:
-        argv, env = DEFAULT_ARGV, DEFAULT_ENV
-    if not (initramfs / "rootfs").is_dir():
-        raise MalformedInput(
-            f"{eif_path}: the ramdisks hold no /rootfs directory; nitro's init chroots into"
-            " /rootfs (was the image built by build-enclave?)"
-        )
+    with opened_directory(initramfs) as top:
+        rootfs = open_directory(top, ("rootfs",), shown="/", why="nitro's init chroots into it")
+        if rootfs is None:
+            raise MalformedInput(
+                f"{eif_path}: the ramdisks hold no /rootfs directory; nitro's init chroots into"
+                " /rootfs (was the image built by build-enclave?)"
+            )
+        os.close(rootfs)
+        argv = read_lines(top, "cmd")
+        env = read_lines(top, "env") if argv else DEFAULT_ENV
+    if not argv:
+        argv = DEFAULT_ARGV
     return PreparedEnclave(eif_path, size, measurements, metadata, initramfs, argv, env, described)

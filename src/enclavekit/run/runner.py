@@ -36,6 +36,7 @@ from enclavekit.errors import Error, UsageError
 from enclavekit.nsm.emulator import new_module_id
 from enclavekit.run import state as st
 from enclavekit.run.launch import prepare
+from enclavekit.run.rootfs import check_chroot_layout, host_path_parts
 from enclavekit.run.supervisor import LAUNCH_FILE
 
 #: nitro-cli: enclave memory must be at least this many times the EIF size.
@@ -167,72 +168,123 @@ def _pick_cid(options: RunOptions, live: Sequence[st.EnclaveRecord]) -> int:
     return cid
 
 
+def _pick_name(options: RunOptions, eif_path: Path, live: Sequence[st.EnclaveRecord]) -> str:
+    """``--enclave-name`` if no running enclave has it (else a usage error); without one, the EIF's
+    stem made unique as nitro-cli does (``app``, ``app_1``, ``app_2``, ...)."""
+    names = {r.name for r in live}
+    if options.enclave_name is not None:
+        holder = next((r for r in live if r.name == options.enclave_name), None)
+        if holder is not None:
+            raise UsageError(
+                f"--enclave-name {options.enclave_name}: the running enclave {holder.enclave_id}"
+                " has that name, and name-based commands must never be ambiguous; pick another"
+                " name or terminate that enclave"
+            )
+        return options.enclave_name
+    base = eif_path.stem
+    name, index = base, 0
+    while name in names:
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def _check_host_mounts(host_mounts: Sequence[str]) -> None:
+    for host_path in host_mounts:
+        host_path_parts(host_path)
+        if not os.path.lexists(host_path):
+            raise UsageError(f"--mount-host {host_path}: no such path on this machine")
+
+
 def run_enclave(options: RunOptions, *, store: st.EnclaveStore | None = None) -> st.EnclaveRecord:
-    """Start an enclave from ``options.eif_path``; returns its record once the app runs."""
+    """Start an enclave from ``options.eif_path``; returns its record once the app runs.
+
+    Everything that can be checked is checked before anything is created: options, host mounts,
+    then (after unpacking into the enclave's private directory) the image's ``rootfs``,
+    ``cmd``/``env`` and, in chroot mode, every entry the runner will create or mount on
+    (:mod:`enclavekit.run.rootfs`).
+    """
     store = store or st.EnclaveStore()
     eif_path = options.eif_path.resolve()
     if not eif_path.is_file():
         raise UsageError(f"--eif-path {options.eif_path}: no such file")
-    live = store.all()
-    cpu_ids = _check_options(options, live)
-    eif_size = eif_path.stat().st_size
-    needed = -(-ENCLAVE_MEMORY_EIF_SIZE_RATIO * eif_size // (1024 * 1024))
-    if options.memory_mib < needed:
-        raise UsageError(
-            f"--memory {options.memory_mib} MiB is too small for a {eif_size}-byte EIF: nitro-cli"
-            f" requires at least {ENCLAVE_MEMORY_EIF_SIZE_RATIO} x the EIF size, i.e. {needed} MiB"
-        )
-    cid = _pick_cid(options, live)
-    enclave_id = new_module_id(datetime.now(UTC), st.instance_id(store.root))
-    directory = store.enclave_dir(enclave_id)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # 0700: the unpacked image may hold set-uid files owned by root; keep other users out.
-    directory.mkdir(mode=0o700, exist_ok=False)
-    try:
-        prepared = prepare(eif_path, directory)
-    except BaseException:
-        st.remove_tree(directory)
-        raise
     isolation = options.isolation or default_isolation()
-    vsock = st.ensure_private_dir(st.vsock_dir(store.root))
-    st.ensure_private_dir(st.runtime_dir(store.root, enclave_id))
     mounts = list(options.host_mounts)
     if options.host_python:
         mounts = list(python_runtime_paths()) + mounts
-    launch = {
-        "rootfs": str(prepared.rootfs),
-        "argv": list(prepared.argv),
-        "env": list(prepared.env),
-        "isolation": isolation,
-        "host_mounts": mounts,
-        "vsock_dir": str(vsock),
-        "runtime_dir": str(st.runtime_dir(store.root, enclave_id)),
-        "cpu_ids": list(cpu_ids),
-        "extra_env": {
-            "ENCLAVEKIT_VSOCK_CID": str(cid),
-            "ENCLAVEKIT_ENCLAVE_ID": enclave_id,
-            "ENCLAVEKIT_PYTHON": sys.executable,
-        },
-    }
-    write_atomic(directory / LAUNCH_FILE, json.dumps(launch, indent=2).encode())
-    record = st.EnclaveRecord(
-        name=options.enclave_name or eif_path.stem,
-        enclave_id=enclave_id,
-        cid=cid,
-        cpu_ids=cpu_ids,
-        memory_mib=options.memory_mib,
-        debug_mode=options.debug_mode,
-        eif_path=str(eif_path),
-        measurements=prepared.measurements.to_json(),
-        isolation=isolation,
-        metadata=prepared.described_metadata or None,
-    )
-    store.save(record)
+    _check_host_mounts(mounts)
+    with store.locked():  # the CID and name checks hold until the record reserves them
+        live = store.all()
+        cpu_ids = _check_options(options, live)
+        eif_size = eif_path.stat().st_size
+        needed = -(-ENCLAVE_MEMORY_EIF_SIZE_RATIO * eif_size // (1024 * 1024))
+        if options.memory_mib < needed:
+            raise UsageError(
+                f"--memory {options.memory_mib} MiB is too small for a {eif_size}-byte EIF:"
+                f" nitro-cli requires at least {ENCLAVE_MEMORY_EIF_SIZE_RATIO} x the EIF size,"
+                f" i.e. {needed} MiB"
+            )
+        cid = _pick_cid(options, live)
+        name = _pick_name(options, eif_path, live)
+        enclave_id = new_module_id(datetime.now(UTC), st.instance_id(store.root))
+        directory = store.enclave_dir(enclave_id)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # 0700: the unpacked image may hold set-uid files owned by root; keep other users out.
+        directory.mkdir(mode=0o700, exist_ok=False)
+        try:
+            prepared = prepare(eif_path, directory)
+            if isolation == "chroot":
+                check_chroot_layout(prepared.initramfs, mounts)
+        except BaseException:
+            st.remove_tree(directory)
+            raise
+        vsock = st.ensure_private_dir(st.vsock_dir(store.root))
+        st.ensure_private_dir(st.runtime_dir(store.root, enclave_id))
+        launch = {
+            "rootfs": str(prepared.rootfs),
+            "argv": list(prepared.argv),
+            "env": list(prepared.env),
+            "isolation": isolation,
+            "host_mounts": mounts,
+            "vsock_dir": str(vsock),
+            "runtime_dir": str(st.runtime_dir(store.root, enclave_id)),
+            "cpu_ids": list(cpu_ids),
+            "extra_env": {
+                "ENCLAVEKIT_VSOCK_CID": str(cid),
+                "ENCLAVEKIT_ENCLAVE_ID": enclave_id,
+                "ENCLAVEKIT_PYTHON": sys.executable,
+            },
+        }
+        write_atomic(directory / LAUNCH_FILE, json.dumps(launch, indent=2).encode())
+        record = st.EnclaveRecord(
+            name=name,
+            enclave_id=enclave_id,
+            cid=cid,
+            cpu_ids=cpu_ids,
+            memory_mib=options.memory_mib,
+            debug_mode=options.debug_mode,
+            eif_path=str(eif_path),
+            measurements=prepared.measurements.to_json(),
+            isolation=isolation,
+            metadata=prepared.described_metadata or None,
+        )
+        store.save(record)
     try:
         return _spawn_supervisor(store, record, directory)
     except OSError:  # the enclave process could not be spawned
         store.remove(record.enclave_id)
         raise
+
+
+def _console_log(store: st.EnclaveStore, enclave_id: str) -> Path:
+    """Where an ended enclave's console is kept."""
+    return st.logs_dir(store.root) / f"{enclave_id}.log"
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while st.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _spawn_supervisor(
@@ -263,7 +315,11 @@ def _spawn_supervisor(
         if current.state == st.STATE_FAILED:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(current.pid, signal.SIGTERM)
-            raise EnclaveStartError(f"the enclave failed to start: {current.error}")
+            _wait_gone(current.pid, 5.0)  # the console log is in place when we name it
+            raise EnclaveStartError(
+                f"the enclave application could not be started: {current.error}; console log:"
+                f" {_console_log(store, record.enclave_id)}"
+            )
         if (current.pid and not st.pid_alive(current.pid)) or (proc.returncode and not current.pid):
             store.remove(record.enclave_id)
             raise EnclaveStartError(
@@ -283,16 +339,28 @@ def describe_enclaves(store: st.EnclaveStore | None = None) -> list[st.EnclaveRe
     return (store or st.EnclaveStore()).all()
 
 
+class EnclaveEnded(UsageError):
+    """The enclave asked for has ended; carries how (exit 2: nothing runs under that id/name)."""
+
+    def __init__(self, ended: st.EndedEnclave) -> None:
+        self.ended = ended
+        super().__init__(f"no running enclave: {ended.summary()}")
+
+
 def find_enclave(
     store: st.EnclaveStore, *, enclave_id: str | None = None, name: str | None = None
 ) -> st.EnclaveRecord:
-    """The running enclave with this id or name, or a UsageError listing what is running."""
+    """The running enclave with this id or name; else :class:`EnclaveEnded` when one with it has
+    ended (its exit status and console log), else a UsageError listing what is running."""
     live = store.all()
     for record in live:
         if (enclave_id is not None and record.enclave_id == enclave_id) or (
             name is not None and record.name == name
         ):
             return record
+    ended = store.find_ended(enclave_id=enclave_id, name=name)
+    if ended is not None:
+        raise EnclaveEnded(ended)
     wanted = f"id {enclave_id}" if enclave_id is not None else f"name {name}"
     running = ", ".join(r.enclave_id for r in live) or "none"
     raise UsageError(f"no running enclave with {wanted} (running: {running})")

@@ -9,14 +9,18 @@ Layout (``root`` = ``$ENCLAVEKIT_STATE_DIR``, else ``$XDG_STATE_HOME/enclavekit`
     root/enclaves/<id>/record.json   one running enclave (this module)
     root/enclaves/<id>/rootfs/       its unpacked ramdisks; runtime/ its NSM socket; console.log
     root/logs/<id>.log            the console of an enclave that has ended
+    root/logs/<id>.ended.json     how it ended (exit status or start failure; newest 64 kept)
+    root/enclaves.lock            held while an enclave is chosen a CID and name and recorded
 
 Records are written atomically (temp file + rename). A record whose supervisor process is gone is
-stale and is removed when enclaves are listed.
+stale and is removed when enclaves are listed. Of the enclaves that ended, the newest
+:data:`MAX_ENDED` keep their summary and logs; older ones are purged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,8 +29,9 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,11 @@ STATE_TERMINATING = "TERMINATING"
 STATE_FAILED = "FAILED"
 #: A record still STARTING after this many seconds belongs to a launcher that died.
 STALE_STARTING_AGE = 120.0
+ENDED_SUFFIX = ".ended.json"
+#: How many ended enclaves keep their summary and logs under ``root/logs``.
+MAX_ENDED = 64
+#: nitro-cli: in debug mode the attestation documents carry zeros for these PCRs.
+DEBUG_ZEROED_PCRS = ("PCR0", "PCR1", "PCR2", "PCR8")
 
 
 def state_root(environ: Mapping[str, str] | None = None) -> Path:
@@ -137,8 +147,20 @@ class EnclaveRecord:
     def flags(self) -> str:
         return "DEBUG_MODE" if self.debug_mode else "NONE"
 
+    def attested_measurements(self) -> dict[str, str]:
+        """The PCRs the enclave's attestation documents carry: in debug mode PCR0/1/2/8 are zero
+        (nitro-cli's describe-enclaves shows the image's values there, aws-nitro-enclaves-cli#695)."""
+        out = dict(self.measurements)
+        if self.debug_mode:
+            for key in DEBUG_ZEROED_PCRS:
+                if key in out:
+                    out[key] = "00" * (len(out[key]) // 2)
+        return out
+
     def describe(self, *, with_metadata: bool = False) -> dict[str, Any]:
-        """nitro-cli's ``describe-enclaves`` object for this enclave (field order as nitro-cli)."""
+        """nitro-cli's ``describe-enclaves`` object for this enclave (field order as nitro-cli);
+        ``Measurements`` are what its attestation documents carry (see
+        :meth:`attested_measurements`)."""
         out: dict[str, Any] = {
             "EnclaveName": self.name,
             "EnclaveID": self.enclave_id,
@@ -149,7 +171,7 @@ class EnclaveRecord:
             "MemoryMiB": self.memory_mib,
             "State": self.state,
             "Flags": self.flags,
-            "Measurements": dict(self.measurements),
+            "Measurements": self.attested_measurements(),
         }
         if with_metadata and self.metadata:
             out.update(self.metadata)
@@ -190,6 +212,36 @@ class EnclaveRecord:
         return EnclaveRecord(**obj)
 
 
+@dataclass(frozen=True, slots=True)
+class EndedEnclave:
+    """How an enclave ended: its exit status, or why its application could not start."""
+
+    name: str
+    enclave_id: str
+    ended_at: str
+    #: The application's exit status (negative: killed by that signal); None if it never ran.
+    exit_status: int | None
+    #: Why the application could not be started, or why the enclave process ended ("" if neither).
+    error: str
+    terminated: bool
+    console_log: str
+
+    def summary(self) -> str:
+        """One line: which enclave, when, how, and where its console is kept."""
+        if self.error:
+            how = f"could not run: {self.error}"
+        elif self.terminated:
+            how = "was terminated (terminate-enclave)"
+        elif self.exit_status is not None and self.exit_status < 0:
+            how = f"was killed by signal {-self.exit_status}"
+        else:
+            how = f"ended: its application exited with status {self.exit_status}"
+        log = self.console_log if os.path.exists(self.console_log) else "none (no console output)"
+        return (
+            f"enclave {self.enclave_id} ({self.name}) {how} at {self.ended_at}; console log: {log}"
+        )
+
+
 class EnclaveStore:
     """The enclave records of one state directory."""
 
@@ -228,12 +280,17 @@ class EnclaveStore:
                 continue
             if record is None:
                 continue
-            age = time.time() - entry.stat().st_mtime
-            starting = record.state == STATE_STARTING and age < STALE_STARTING_AGE
+            try:
+                # The enclave may end (and its supervisor remove the entry) while we look.
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            starting = record.state == STATE_STARTING and time.time() - mtime < STALE_STARTING_AGE
             if not starting and not pid_alive(record.pid):
+                self.record_end(record, error="its enclave process ended unexpectedly")
                 self.remove(record.enclave_id)
                 continue
-            found.append((entry.stat().st_mtime, record))
+            found.append((mtime, record))
         return [r for _, r in sorted(found, key=lambda item: item[0])]
 
     def remove(self, enclave_id: str, *, keep_console: bool = True) -> None:
@@ -250,6 +307,79 @@ class EnclaveStore:
                     shutil.move(str(source), logs_dir(self.root) / target)
         remove_tree(directory)
         remove_tree(runtime_dir(self.root, enclave_id))
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive among runners of this state directory (choosing a CID and a name, then
+        recording the enclave, must not interleave with another run-enclave)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "enclaves.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def record_end(
+        self,
+        record: EnclaveRecord,
+        *,
+        exit_status: int | None = None,
+        error: str = "",
+        terminated: bool = False,
+    ) -> EndedEnclave:
+        """Keep how ``record`` ended (``logs/<id>.ended.json``), purging beyond :data:`MAX_ENDED`."""
+        logs = logs_dir(self.root)
+        logs.mkdir(parents=True, exist_ok=True)
+        ended = EndedEnclave(
+            name=record.name,
+            enclave_id=record.enclave_id,
+            ended_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            exit_status=exit_status,
+            error=error,
+            terminated=terminated,
+            console_log=str(logs / f"{record.enclave_id}.log"),
+        )
+        write_atomic(
+            logs / f"{record.enclave_id}{ENDED_SUFFIX}", json.dumps(asdict(ended)).encode()
+        )
+        for old in self._ended_paths()[MAX_ENDED:]:
+            stem = old.name[: -len(ENDED_SUFFIX)]
+            for name in (old.name, f"{stem}.log", f"{stem}.supervisor.log"):
+                with contextlib.suppress(OSError):
+                    (logs / name).unlink()
+        return ended
+
+    def _ended_paths(self) -> list[Path]:
+        """Summaries of ended enclaves, newest first."""
+        found: list[tuple[float, Path]] = []
+        with contextlib.suppress(OSError):
+            for path in logs_dir(self.root).iterdir():
+                if path.name.endswith(ENDED_SUFFIX):
+                    with contextlib.suppress(OSError):
+                        found.append((path.stat().st_mtime, path))
+        return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+    def ended(self) -> list[EndedEnclave]:
+        """The kept summaries of ended enclaves, newest first (damaged ones skipped)."""
+        out: list[EndedEnclave] = []
+        for path in self._ended_paths():
+            try:
+                out.append(EndedEnclave(**json.loads(path.read_bytes())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return out
+
+    def find_ended(
+        self, *, enclave_id: str | None = None, name: str | None = None
+    ) -> EndedEnclave | None:
+        """The newest ended enclave with this id or name."""
+        for ended in self.ended():
+            if (enclave_id is not None and ended.enclave_id == enclave_id) or (
+                name is not None and ended.name == name
+            ):
+                return ended
+        return None
 
 
 def remove_tree(path: Path) -> None:

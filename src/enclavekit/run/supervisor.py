@@ -8,11 +8,15 @@ enclavekit.run.supervisor <enclave-dir>``. It
    measurements (zero in debug mode), module id = the enclave id, signed by the state directory's
    emulated AWS PKI, served on ``<enclave-dir>/runtime/nsm.sock``;
 3. starts the application (chrooted through :mod:`enclavekit.run.enter`, or as a plain process
-   whose working directory is the rootfs) in its own session, output to ``console.log``;
-4. marks the record RUNNING (or FAILED with the reason) — the runner waits for this;
+   whose working directory is the rootfs) in its own session, output to ``console.log``, and
+   waits until its ``execve`` succeeded (chroot mode: ``enter`` reports through a close-on-exec
+   pipe; process mode: ``subprocess`` does the same);
+4. marks the record RUNNING, or FAILED with the reason (also written to the console) when the
+   command could not be executed — the runner waits for this;
 5. waits until the application exits or SIGTERM/SIGINT arrives; then stops the application's
-   process group (SIGTERM, SIGKILL after :data:`STOP_GRACE` s), the NSM server, and removes the
-   enclave directory (the console log moves to ``<state>/logs/``).
+   process group (SIGTERM, SIGKILL after :data:`STOP_GRACE` s), the NSM server, keeps how the
+   enclave ended (:meth:`~enclavekit.run.state.EnclaveStore.record_end`) and removes the enclave
+   directory (the console log moves to ``<state>/logs/``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -34,11 +39,17 @@ from enclavekit.nsm.emulator import NsmEmulator
 from enclavekit.nsm.server import serve_in_background
 from enclavekit.pki.emulated import EmulatedAwsPki
 from enclavekit.run import state as st
-from enclavekit.run.enter import IN_ENCLAVE_RUNTIME, INIT_PATH
+from enclavekit.run.enter import IN_ENCLAVE_RUNTIME, INIT_PATH, exec_failure
 
 #: Seconds between SIGTERM and SIGKILL when stopping the application.
 STOP_GRACE = 3.0
+#: Seconds the chroot entry may take to reach the application's execve.
+EXEC_TIMEOUT = 30.0
 LAUNCH_FILE = "launch.json"
+
+
+class AppStartError(Exception):
+    """The application's command could not be executed; the message says why."""
 
 
 def _pcrs(measurements: dict[str, str]) -> dict[int, bytes]:
@@ -67,6 +78,41 @@ def _host_lookup(argv0: str, rootfs: Path) -> str:
     return argv0
 
 
+def _process_exec_failure(argv0: str, program: str, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError) and not os.path.lexists(program):
+        if "/" in argv0:
+            return f"cannot execute {argv0}: no such file in the rootfs or on this machine"
+        return (
+            f"cannot execute {argv0}: not found in {':'.join(INIT_PATH)} of the rootfs or of this"
+            " machine"
+        )
+    return exec_failure(program, exc)
+
+
+def _wait_for_exec(app: subprocess.Popen[bytes], status: int) -> None:
+    """Block until ``enter`` has exec'd the application (pipe closed, empty) or failed (reason)."""
+    deadline = time.monotonic() + EXEC_TIMEOUT
+    chunks: list[bytes] = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _stop(app)
+                raise AppStartError(f"the application was not started within {EXEC_TIMEOUT:.0f} s")
+            ready, _, _ = select.select([status], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(status, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(status)
+    if chunks:
+        app.wait()
+        raise AppStartError(b"".join(chunks).decode("utf-8", "replace"))
+
+
 def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subprocess.Popen[bytes]:
     rootfs = Path(launch["rootfs"])
     env_items = list(launch["env"])
@@ -92,30 +138,55 @@ def _start_app(directory: Path, launch: dict[str, Any], console: Any) -> subproc
             "argv": launch["argv"],
             "env": env_items,
         }
+        status, status_w = os.pipe()
+        spec["status_fd"] = status_w
         spec_path = directory / "enter.json"
         write_atomic(spec_path, json.dumps(spec).encode(), mode=0o600)
         argv = [sys.executable, "-m", "enclavekit.run.enter", str(spec_path)]
-        env = dict(os.environ)
-        cwd = str(directory)
+        try:
+            app = subprocess.Popen(
+                argv,
+                cwd=str(directory),
+                env=dict(os.environ),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(status_w,),
+            )
+        except BaseException:
+            os.close(status)
+            raise
+        finally:
+            os.close(status_w)
+        _pin(app, launch)  # before the exec: the application inherits it
+        _wait_for_exec(app, status)
     else:
         argv = list(launch["argv"])
         argv[0] = _host_lookup(argv[0], rootfs)
-        env = dict(item.split("=", 1) for item in env_items if "=" in item)
-        cwd = str(rootfs)
-    app = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=console,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+        try:
+            app = subprocess.Popen(
+                argv,
+                cwd=str(rootfs),
+                env=dict(item.split("=", 1) for item in env_items if "=" in item),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:  # subprocess reports the child's failed execve here
+            raise AppStartError(_process_exec_failure(launch["argv"][0], argv[0], exc)) from None
+        _pin(app, launch)
+    return app
+
+
+def _pin(app: subprocess.Popen[bytes], launch: dict[str, Any]) -> None:
+    """Pin the application to the enclave's CPUs (from here: preexec_fn is unsafe in this
+    multi-threaded process)."""
     cpu_ids = launch.get("cpu_ids") or []
-    if cpu_ids:  # set from here: preexec_fn is unsafe in this multi-threaded process
+    if cpu_ids:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(app.pid, cpu_ids)
-    return app
 
 
 def _stop(app: subprocess.Popen[bytes]) -> None:
@@ -148,6 +219,7 @@ def supervise(directory: Path) -> int:
     record = record.replace(pid=os.getpid())
     store.save(record)
     app: subprocess.Popen[bytes] | None = None
+    console_path = directory / "console.log"
     try:
         launch = json.loads((directory / LAUNCH_FILE).read_text())
         pki = EmulatedAwsPki.load_or_create(store.root / "nsm")
@@ -161,7 +233,7 @@ def supervise(directory: Path) -> int:
         runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
         with (
             serve_in_background(emulator, f"unix://{runtime}/nsm.sock", workers=2),
-            open(directory / "console.log", "ab", buffering=0) as console,
+            open(console_path, "ab", buffering=0) as console,
         ):
             app = _start_app(directory, launch, console)
             record = record.replace(state=st.STATE_RUNNING, app_pid=app.pid)
@@ -172,11 +244,19 @@ def supervise(directory: Path) -> int:
                 store.save(record.replace(state=st.STATE_TERMINATING))
             _stop(app)
             console.write(f"\n[enclavekit] enclave exited with status {app.returncode}\n".encode())
+        store.record_end(record, exit_status=app.returncode, terminated=stop.is_set())
     except Exception as exc:  # the runner must learn why, whatever it was
+        if isinstance(exc, AppStartError):
+            reason = str(exc)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        with contextlib.suppress(OSError), open(console_path, "ab") as console:
+            console.write(f"[enclavekit] the enclave could not start: {reason}\n".encode())
         if app is not None:
             _stop(app)
-        store.save(record.replace(state=st.STATE_FAILED, error=f"{type(exc).__name__}: {exc}"))
-        traceback.print_exc()
+        store.record_end(record, error=reason)
+        store.save(record.replace(state=st.STATE_FAILED, error=reason))
         # Give the runner time to read the reason before the record goes away.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not stop.is_set():

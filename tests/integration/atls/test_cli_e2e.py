@@ -158,3 +158,62 @@ def test_atls_get_with_crl_url(loop: Loop) -> None:
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, _get_args(loop, "--crl", str(loop.tmp / "missing.crl")))
     assert r.exit_code == 2
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):  # peak resident set size
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")  # pragma: no cover
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_attack_ca_serve_buffers_a_chunked_body_whole(tmp_path: Path) -> None:
+    """`enclavekit ca serve` as a process: a chunked 8 MiB body is refused with 413 before it is
+    all sent, without input in the answer and without the server's memory growing with the body;
+    its state directory is 0700 and its database files 0600."""
+    from tests.unit.atls.test_hostile_clients import MARKER, _stream_chunked
+
+    exe = [str(Path(sys.executable).parent / "enclavekit")]
+    (tmp_path / "ca-policy.yaml").write_text(
+        "services:\n  web:\n    dns_names: [localhost]\n    pcrs:\n      - {'0': '"
+        + "00" * 48
+        + "'}\n"
+    )
+    state = tmp_path / "ca"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    subprocess.run(
+        ["sh", "-c", 'umask 022 && exec "$@"', "sh", *exe, "ca", "init", "--state-dir", str(state)],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    port = _free_port()
+    ca = subprocess.Popen(
+        ["sh", "-c", 'umask 022 && exec "$@"', "sh", *exe, "ca", "serve",
+         "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
+         "--policy", str(tmp_path / "ca-policy.yaml"), "--audit-retention-days", "7"],
+        stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        _wait_port(port, ca)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/challenges").status_code == 201
+        before = _peak_rss_kib(ca.pid)
+        total = 8 * 1024 * 1024
+        sent, response = _stream_chunked(port, "/v1/certificates", total)
+        after = _peak_rss_kib(ca.pid)
+        assert response.startswith(b"HTTP/1.1 413"), response[:200]
+        assert sent < total // 2
+        assert MARKER not in response
+        assert after - before < 8 * 1024, (before, after)
+        assert os.stat(state).st_mode & 0o777 == 0o700
+        modes = {p.name: p.stat().st_mode & 0o777 for p in state.glob("ca.sqlite3*")}
+        assert "ca.sqlite3" in modes
+        assert set(modes.values()) == {0o600}, modes
+    finally:
+        ca.send_signal(signal.SIGINT)
+        try:
+            ca.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            ca.kill()
+            ca.wait()
+        assert ca.stderr is not None
+        ca.stderr.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import shutil
@@ -244,3 +246,48 @@ def test_crl_from_another_ca_or_expired_is_refused(loop: Loop) -> None:
     with pytest.raises(VerificationError, match="expired"):
         check_crl(crl, loop.issuer.keys.root, crl.next_update_utc + timedelta(seconds=1))
     check_crl(crl, loop.issuer.keys.root, crl.next_update_utc)
+
+
+#: The domain-separation label of /.well-known/attestation documents (a test vector: the format
+#: is a protocol constant, so the test spells it out rather than importing it).
+WELL_KNOWN_CONTEXT = b"enclavekit/atls/v1/fresh-attestation\x00"
+
+
+def test_attack_well_known_document_answers_another_protocols_challenge(loop: Loop) -> None:
+    """The proxy signs a document for any nonce the network sends. Its user_data starts with a
+    fixed context label, then SHA-256(certificate), then the nonce, so the document cannot pass
+    as the answer to another protocol's challenge (whose user_data would not carry the label)."""
+    nonce = secrets.token_bytes(32)
+    ctx = ssl.create_default_context(cafile=str(loop.ca_root_path))
+    r = httpx.get(
+        loop.url.rstrip("/") + f"/.well-known/attestation?nonce={nonce.hex()}", verify=ctx
+    )
+    assert r.status_code == 200
+    document = base64.b64decode(r.json()["document"])
+    verified = loop.verifier().verify(document, PcrsEqual(PCRS))
+    cert_der = loop.identity.current.certificate_der
+    assert verified.user_data == WELL_KNOWN_CONTEXT + hashlib.sha256(cert_der).digest() + nonce
+    assert verified.nonce == nonce
+
+
+def test_attack_unlabelled_fresh_document_is_accepted(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server answering the fresh challenge with a document whose user_data lacks the context
+    label (SHA-256(cert) ‖ nonce, as before the label) is refused by the client."""
+    identity = loop.identity
+
+    def unlabelled(nonce: bytes) -> dict[str, str]:
+        current = identity.current
+        document = identity.nsm.attestation(
+            user_data=hashlib.sha256(current.certificate_der).digest() + nonce,
+            nonce=nonce,
+            public_key=current.public_key_der,
+        )
+        return {"document": base64.b64encode(document).decode(), "nonce": nonce.hex()}
+
+    monkeypatch.setattr(identity, "attestation_for", unlabelled)
+    client = _client(loop, policy=PcrsEqual(PCRS), fresh=True)
+    with pytest.raises(PolicyViolation, match="user_data"):
+        client.request("GET", loop.url)
+    assert loop.upstream_requests == []

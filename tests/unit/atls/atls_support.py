@@ -26,6 +26,7 @@ from enclavekit.attestation import Verifier
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 PCRS = {i: bytes([i + 1]) * 48 for i in range(3)} | {i: bytes(48) for i in range(3, 16)}
 DEBUG_PCRS = {i: bytes(48) for i in range(16)}
+NITROTPM_MODULE_ID = "i-0123456789abcdef0-tpm0123456789abcdef"
 
 
 def _name(cn: str) -> x509.Name:
@@ -120,13 +121,17 @@ class DocumentFactory:
         user_data: bytes | None = None,
         pcrs: Mapping[int, bytes] = PCRS,
         timestamp: datetime = T0,
+        nitrotpm: bool = False,
     ) -> bytes:
+        """A signed document; ``nitrotpm`` makes it NitroTPM-shaped (``-tpm`` id, ``nitrotpm_pcrs``)."""
         payload = cbor2.dumps(
             {
-                "module_id": "i-0123456789abcdef0-enc0123456789abcdef",
+                "module_id": NITROTPM_MODULE_ID
+                if nitrotpm
+                else "i-0123456789abcdef0-enc0123456789abcdef",
                 "digest": "SHA384",
                 "timestamp": int(timestamp.timestamp() * 1000),
-                "pcrs": dict(pcrs),
+                "nitrotpm_pcrs" if nitrotpm else "pcrs": dict(pcrs),
                 "certificate": self.leaf.public_bytes(serialization.Encoding.DER),
                 "cabundle": [
                     self.root.public_bytes(serialization.Encoding.DER),

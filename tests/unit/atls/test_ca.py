@@ -154,11 +154,14 @@ def test_unknown_service_is_refused(issuer: Issuer, factory: DocumentFactory) ->
 def test_expired_document_is_refused(
     issuer: Issuer, factory: DocumentFactory, clock: Clock
 ) -> None:
-    """A document whose NSM certificate has expired is refused (chain validity)."""
+    """A document whose NSM certificate has expired is refused (chain validity). Its challenge has
+    expired too and is checked first (the cheap check); the verifier refuses the chain itself."""
     csr, doc = _attest(issuer, factory)
     clock.advance(hours=3, seconds=1)
-    with pytest.raises(VerificationError, match="chain"):
+    with pytest.raises(VerificationError, match="expired"):
         issuer.issue("web", csr, doc)
+    with pytest.raises(VerificationError, match="chain"):
+        issuer.verifier.verify(doc, at=clock())
 
 
 def test_stale_document_is_refused(issuer: Issuer, factory: DocumentFactory, clock: Clock) -> None:
@@ -189,8 +192,9 @@ def test_forged_csr_signature_is_refused(issuer: Issuer, factory: DocumentFactor
     "csr", [b"", b"garbage", b"-----BEGIN CERTIFICATE REQUEST-----\n", b"\x30" * 20000]
 )
 def test_malformed_csr_is_refused(issuer: Issuer, factory: DocumentFactory, csr: bytes) -> None:
+    _, doc = _attest(issuer, factory)
     with pytest.raises(MalformedInput):
-        issuer.issue("web", csr, factory.make())
+        issuer.issue("web", csr, doc)
 
 
 def test_malformed_document_is_refused(issuer: Issuer) -> None:

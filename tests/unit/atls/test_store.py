@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from enclavekit.atls.store import (
     CertificateRecord,
+    ChallengeAdmission,
     ConsumeResult,
     Event,
     PostgresStore,
@@ -181,3 +183,100 @@ def test_postgres_store_reconnects_after_a_dropped_connection() -> None:
     finally:
         pg.drop()
         pg.close()
+
+
+def _rows(store: Store, table: str) -> int:
+    with store._tx() as cur:  # type: ignore[attr-defined]
+        cur.execute(f"SELECT COUNT(*) FROM {table}")
+        return int(cur.fetchone()[0])
+
+
+def test_attack_challenge_flood_is_capped_per_client_and_in_total(any_store: Store) -> None:
+    """Live challenges are capped per client and in total; expired ones are purged on insert."""
+    ttl = timedelta(seconds=60)
+
+    def add(n: int, client: str, at: datetime = T0) -> ChallengeAdmission:
+        return any_store.add_challenge(
+            n.to_bytes(32, "big"), at, at + ttl, client=client, max_live=5, max_live_per_client=3
+        )
+
+    assert [add(i, "a") for i in range(4)] == [ChallengeAdmission.ADDED] * 3 + [
+        ChallengeAdmission.TOO_MANY_FOR_CLIENT
+    ]
+    assert [add(10 + i, "b") for i in range(3)] == [ChallengeAdmission.ADDED] * 2 + [
+        ChallengeAdmission.TOO_MANY
+    ]
+    assert _rows(any_store, "challenges") == 5
+    # Consumed challenges still count until they expire (they are the replay record).
+    assert any_store.consume_challenge((0).to_bytes(32, "big"), T0) is ConsumeResult.CONSUMED
+    assert add(20, "c") is ChallengeAdmission.TOO_MANY
+    later = T0 + ttl
+    assert add(21, "a", later) is ChallengeAdmission.ADDED
+    assert _rows(any_store, "challenges") == 1
+
+
+def test_attack_challenge_status_is_read_only(any_store: Store) -> None:
+    any_store.add_challenge(b"q" * 32, T0, T0 + timedelta(seconds=60))
+    assert any_store.challenge_status(b"q" * 32, T0) is None
+    assert any_store.challenge_status(b"q" * 32, T0) is None
+    assert any_store.challenge_status(b"z" * 32, T0) is ConsumeResult.UNKNOWN
+    assert any_store.challenge_status(b"q" * 32, T0 + timedelta(seconds=60)) is (
+        ConsumeResult.EXPIRED
+    )
+    assert any_store.consume_challenge(b"q" * 32, T0) is ConsumeResult.CONSUMED
+    assert any_store.challenge_status(b"q" * 32, T0) is ConsumeResult.ALREADY_USED
+
+
+def test_attack_audit_log_and_certificates_grow_without_bound(any_store: Store) -> None:
+    """prune() keeps events younger than the retention, at most max_events of them, and deletes
+    certificate records expired before the cut-off."""
+    for i in range(30):
+        any_store.record_event(Event(T0 + timedelta(days=i), "refused", "web", None, f"e{i}"))
+    any_store.add_certificate(_record(1))
+    old = _record(2)
+    any_store.add_certificate(
+        dataclasses.replace(
+            old,
+            not_before=T0 - timedelta(days=200),
+            not_after=T0 - timedelta(days=100),
+            issued_at=T0 - timedelta(days=200),
+        )
+    )
+    counts = any_store.prune(
+        T0 + timedelta(days=30),
+        events_before=T0 + timedelta(days=10),
+        max_events=15,
+        certificates_expired_before=T0 - timedelta(days=90),
+    )
+    assert (counts.events, counts.certificates) == (15, 1)
+    kept = any_store.events(1000)
+    assert len(kept) == 15
+    assert kept[-1].detail == "e15"
+    assert any_store.get_certificate(1) is not None
+    assert any_store.get_certificate(2) is None
+
+
+def test_attack_old_database_gains_the_client_column(tmp_path: Path) -> None:
+    """A database created before the per-client caps is migrated in place."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE challenges (nonce BLOB PRIMARY KEY, created_at BIGINT NOT NULL,"
+        " expires_at BIGINT NOT NULL, consumed_at BIGINT)"
+    )
+    conn.commit()
+    conn.close()
+    os.chmod(path, 0o644)
+    store = SqliteStore(path)
+    try:
+        assert (
+            store.add_challenge(
+                b"m" * 32, T0, T0 + timedelta(seconds=60), client="a", max_live_per_client=1
+            )
+            is ChallengeAdmission.ADDED
+        )
+    finally:
+        store.close()
+    assert path.stat().st_mode & 0o777 == 0o600

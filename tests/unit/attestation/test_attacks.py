@@ -294,9 +294,10 @@ def test_indefinite_and_definite_payload_maps_both_verify(pki: TestPki) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("user_data", b"u" * 1025, "user_data is 1025 bytes"),
-        ("nonce", b"n" * 1025, "nonce is 1025 bytes"),
-        ("public_key", b"k" * 1025, "public_key is 1025 bytes"),
+        # One byte more than fits in a 4096-byte NSM Attestation request with only that field.
+        ("user_data", b"u" * 4070, "request of at least 4097 bytes"),
+        ("nonce", b"n" * 4074, "request of at least 4097 bytes"),
+        ("public_key", b"k" * 4069, "request of at least 4097 bytes"),
         ("module_id", "", "module_id has 0 characters"),
         ("module_id", 5, "module_id must be a text string"),
         ("digest", "SHA256", "digest must be 'SHA384'"),
@@ -364,9 +365,10 @@ def test_nitrotpm_document_is_recognised(pki: TestPki) -> None:
     fields = payload_fields(pki, module_id="i-0123456789abcdef0-tpm0123456789abcdef")
     fields["nitrotpm_pcrs"] = fields.pop("pcrs")
     raw = make_document(pki, raw_payload=encode_payload(fields, indefinite=True))
-    verified = verifier_for(pki).verify(raw, UnsafeNoOp(), at=NOW)
+    verified = verifier_for(pki).verify(raw, UnsafeNoOp(), at=NOW, allow_nitrotpm=True)
     assert verified.is_nitrotpm
-    assert verified.pcrs[1] == b"\xa1" * 48
+    assert verified.pcrs == {}
+    assert verified.nitrotpm_pcrs[1] == b"\xa1" * 48
 
 
 def test_document_with_both_pcr_maps_is_refused(pki: TestPki) -> None:

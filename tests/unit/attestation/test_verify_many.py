@@ -22,7 +22,9 @@ def _verdicts(results: list[object]) -> list[tuple[str, str]]:
     return out
 
 
-def test_small_batches_do_not_start_processes(pki: TestPki, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_batches_do_not_start_processes(
+    pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Below the threshold nothing is sent to worker processes (they would only cost start-up)."""
 
     def no_pool(*args: object, **kwargs: object) -> None:

@@ -47,6 +47,20 @@ def link(name: str, target: str) -> Entry:
     return (name, 0o120777, target.encode())
 
 
+def make_crafted_eif(path: Path, customer: Sequence[Entry]) -> Path:
+    """An EIF whose customer ramdisk is exactly ``customer`` (for images crafted to attack the
+    runner: a ``rootfs`` or ``cmd`` that is a symbolic link, ...)."""
+    bootstrap = newc([d("dev"), f("init", b"#!stand-in init\n", 0o755), f("nsm.ko", b"ko", 0o755)])
+    write_eif(
+        path,
+        kernel=b"synthetic kernel",
+        cmdline="console=ttyS0",
+        ramdisks=[bootstrap, newc(customer)],
+        metadata=IdentityInfo("crafted", "1.0", BuildInfo(build_time="2026-01-01T00:00:00+00:00")),
+    )
+    return path
+
+
 def make_eif(
     path: Path,
     *,

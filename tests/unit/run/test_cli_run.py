@@ -46,11 +46,9 @@ def test_lifecycle_through_the_cli(tmp_path: Path) -> None:
 
     code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", state, "--json")
     assert code == 0
-    assert json.loads(out) == {
-        "EnclaveName": "cli",
-        "EnclaveID": run_info["EnclaveID"],
-        "Terminated": True,
-    }
+    assert json.loads(out) == [
+        {"EnclaveName": "cli", "EnclaveID": run_info["EnclaveID"], "Terminated": True}
+    ]
     code, out, _ = _invoke("describe-enclaves", "--state-dir", state)
     assert json.loads(out) == []
 
@@ -183,7 +181,7 @@ def test_relative_state_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "RUNNING"
     )
     code, out, _ = _invoke("terminate-enclave", "--all", "--state-dir", "st", "--json")
-    assert json.loads(out)["Terminated"] is True
+    assert json.loads(out)[0]["Terminated"] is True
     assert eif.exists()
 
 
@@ -234,3 +232,23 @@ def test_describe_and_terminate_see_enclaves_running_in_qemu(
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        ["--cpu-ids", "9998", "9999"],
+        ["--cpu-ids=9998", "9999"],
+        ["--cpu-ids", "9998 9999"],
+        ["--cpu-ids", "9998,9999"],
+    ],
+)
+def test_cpu_ids_take_several_values_without_eating_the_next_flag(
+    tmp_path: Path, form: list[str]
+) -> None:
+    eif = make_eif(tmp_path / "c.eif", cmd=["/bin/true"])
+    code, _, err = _invoke(
+        "run-enclave", "--eif-path", str(eif), *form, "--memory", "64",
+        "--state-dir", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 2 and "not available: [9998, 9999]" in err

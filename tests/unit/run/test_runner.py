@@ -196,10 +196,12 @@ def test_chroot_mode_reports_a_command_missing_from_the_image(
     tmp_path: Path, store: EnclaveStore
 ) -> None:
     eif = make_eif(tmp_path / "missing.eif", cmd=["no-such-program", "arg"])
-    record = runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="chroot"), store=store)
-    text = _console(store, record, "exited with status")
-    assert "no-such-program: not found in /sbin:/usr/sbin:/bin:/usr/bin" in text
-    assert "status 127" in text
+    with pytest.raises(runner.EnclaveStartError) as caught:
+        runner.run_enclave(runner.RunOptions(eif_path=eif, isolation="chroot"), store=store)
+    assert "no-such-program: not found in /sbin:/usr/sbin:/bin:/usr/bin" in str(caught.value)
+    log = str(caught.value).rsplit("console log: ", 1)[1]
+    assert "no-such-program: not found" in Path(log).read_text()
+    assert runner.describe_enclaves(store) == []
 
 
 def test_signed_eif_puts_pcr8_in_the_nsm(tmp_path: Path, store: EnclaveStore) -> None:

@@ -117,3 +117,29 @@ def time_ago(seconds: float) -> float:
     import time
 
     return time.time() - seconds
+
+
+def test_ended_enclaves_are_kept_bounded_with_their_logs(tmp_path: Path) -> None:
+    store = st.EnclaveStore(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ids = [f"i-0123456789abcdef0-enc{n:016x}" for n in range(st.MAX_ENDED + 5)]
+    for n, enclave_id in enumerate(ids):
+        (logs / f"{enclave_id}.log").write_text("console")
+        store.record_end(_record(enclave_id=enclave_id), exit_status=n)
+        stamp = 1_700_000_000 + n  # distinct times, whatever the file system's resolution
+        os.utime(logs / f"{enclave_id}{st.ENDED_SUFFIX}", (stamp, stamp))
+    store.record_end(_record(enclave_id=ids[-1]), exit_status=len(ids) - 1)  # purges
+    kept = store.ended()
+    assert len(kept) == st.MAX_ENDED and kept[0].enclave_id == ids[-1]
+    assert not (logs / f"{ids[0]}.log").exists() and (logs / f"{ids[-1]}.log").exists()
+    assert "exited with status" in kept[0].summary() and str(logs) in kept[0].summary()
+    assert store.find_ended(name="app") == kept[0]
+
+
+def test_describe_shows_what_a_debug_mode_enclave_attests() -> None:
+    """Zero PCR0/1/2/8 in debug mode (nitro-cli shows the image's, aws-nitro-enclaves-cli#695)."""
+    measured = {"HashAlgorithm": "Sha384 { ... }", "PCR0": "ab" * 48, "PCR8": "cd" * 48}
+    described = _record(debug_mode=True, measurements=measured).describe()["Measurements"]
+    assert described == {"HashAlgorithm": "Sha384 { ... }", "PCR0": "00" * 48, "PCR8": "00" * 48}
+    assert _record(measurements=measured).describe()["Measurements"] == measured
