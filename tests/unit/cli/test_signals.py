@@ -118,6 +118,9 @@ def _blocked_on_fifo(argv: list[str], fifo: Path) -> tuple[subprocess.Popen[byte
     return proc, holder[0]
 
 
+# Seen once in ~30 loaded runs: a seal subprocess not ending within 60 s after its signal (not reproduced
+# since): rerun while the cause is found.
+@pytest.mark.flaky(reruns=2)
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
 @pytest.mark.parametrize("command", ["seal", "unseal", "kms unwrap", "nsm attest"])
 def test_attack_signal_while_reading_input_is_not_a_conventional_exit(
