@@ -139,9 +139,14 @@ def read_pass(
     *,
     parallel: bool,
     progress: Callable[[int], None] | None,
+    consume: Callable[[Any, memoryview], None] | None = None,
 ) -> tuple[int, dict[int, bytes]]:
     """Stream every section after ``header`` (already read): returns the CRC-32 and the data of the
-    metadata and signature sections (bounded in size by the reader's layout checks)."""
+    metadata and signature sections (bounded in size by the reader's layout checks).
+
+    ``consume(section, chunk)`` is called on this thread with every chunk of the kernel, cmdline
+    and ramdisk sections, in file order, before the chunk is handed on (the view is valid only
+    during the call)."""
     sink = _ThreadedSink() if parallel else _Sink()
     kept: dict[int, bytes] = {}
     try:
@@ -161,6 +166,8 @@ def read_pass(
                 buffer = sink.buffer()
                 view = _fill(stream, buffer, min(CHUNK_SIZE, remaining), section.index)
                 remaining -= len(view)
+                if consume is not None:
+                    consume(section, view)
                 if measured:
                     measurer.update_pcr0_only(view)
                 sink.chunk(view, buffer, pcr2)

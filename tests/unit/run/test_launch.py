@@ -170,12 +170,15 @@ def test_attack_eif_rewritten_after_its_check_runs_unmeasured_code(
     assert (prepared.rootfs / "bin" / "app").read_bytes() == genuine
 
 
+# VmHWM (this process image's peak RSS), not ru_maxrss: a child spawned with vfork inherits the
+# parent's (pytest's) peak in ru_maxrss across exec.
 _MEASURE_PREPARE = """
-import resource, sys
+import sys
 from pathlib import Path
 from enclavekit.run.launch import prepare
 prepare(Path(sys.argv[1]), Path(sys.argv[2]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+with open("/proc/self/status") as status:
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 """
 
 
@@ -197,9 +200,7 @@ def test_attack_huge_ramdisk_file_exhausts_the_runners_memory(tmp_path: Path) ->
         cmdline="console=ttyS0",
         ramdisks=[
             newc([d("dev"), f("init", b"#!stand-in init\n", 0o755)]),
-            newc_chunks(
-                [d("rootfs"), ("rootfs/big.bin", 0o100644, big), f("cmd", b"/bin/true\n")]
-            ),
+            newc_chunks([d("rootfs"), ("rootfs/big.bin", 0o100644, big), f("cmd", b"/bin/true\n")]),
         ],
         metadata=IdentityInfo("big", "1.0", BuildInfo(build_time="2026-01-01T00:00:00+00:00")),
     )
