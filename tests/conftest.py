@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,19 @@ def _hypothesis_profiles() -> None:
 
 
 _hypothesis_profiles()
+
+
+@pytest.fixture(autouse=True)
+def _reset_service_logging() -> Iterator[None]:
+    """A service command run in process (CliRunner) configures the package logger and the warning format
+    for the rest of its process; a CLI process runs one command, a test process many: undo it."""
+    yield
+    import logging
+
+    from enclavekit.cli import _log
+
+    _log.active_format = None
+    package = logging.getLogger("enclavekit")
+    package.handlers = []
+    package.propagate = True
+    package.setLevel(logging.NOTSET)

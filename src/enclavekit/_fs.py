@@ -18,14 +18,19 @@ def write_atomic(
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
+    fd = -1
+    try:  # created inside the try: a signal handler raising right after creation still removes it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except FileExistsError:
+        if fd != -1:
+            tmp.unlink(missing_ok=True)
+        raise  # else another file of that name, not ours to remove
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

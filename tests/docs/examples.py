@@ -189,6 +189,88 @@ def fixture_build(page: Page, ns: dict[str, Any]) -> None:
     write_blobs(page.dir / "blobs")
 
 
+def fixture_eif_with_kms(page: Page, ns: dict[str, Any]) -> None:
+    """eif.md: as :func:`fixture_eif`, plus moto's KMS (server mode) with an ECC_NIST_P384 signing key,
+    ``$KMS_KEY_ARN`` naming it and ``kms-cert.pem`` holding its public key (what ``aws kms`` and a CA
+    would give)."""
+    fixture_eif(page, ns)
+    import botocore.session
+    from moto.server import ThreadedMotoServer
+
+    from tests.unit.kms.test_kms_signing import _certificate_for
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    page.cleanups.append(server.stop)
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    page.env.update(
+        {
+            "AWS_ACCESS_KEY_ID": "docs",
+            "AWS_SECRET_ACCESS_KEY": "docs",
+            "AWS_REGION": "eu-central-1",
+            "AWS_ENDPOINT_URL_KMS": endpoint,
+        }
+    )
+    kms = botocore.session.get_session().create_client(
+        "kms",
+        region_name="eu-central-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="docs",
+        aws_secret_access_key="docs",
+    )
+    arn = kms.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
+    alias = f"alias/eif-signer-{os.getpid()}-{time.monotonic_ns()}"  # moto's state is per process
+    kms.create_alias(AliasName=alias, TargetKeyId=arn)
+    page.env["KMS_KEY_ARN"] = arn
+    page.env["KMS_ALIAS_ARN"] = arn.split(":key/")[0] + ":" + alias
+    _certificate_for(endpoint, arn, page.dir / "kms-cert.pem")
+
+
+def fixture_registry(page: Page, ns: dict[str, Any]) -> None:
+    """registry.md: docker-registry instances on 127.0.0.1 (``$REGISTRY`` open, ``$PRIVATE_REGISTRY``
+    with htpasswd user ``ci``/``ci-password``) holding ``hello:v1`` pushed by skopeo; nitro-cli's
+    blobs; a blob cache inside the page's directory."""
+    import bcrypt
+
+    from enclavekit.demo import write_blobs
+    from tests.unit.registry.harness import (
+        app_layers,
+        require_tools,
+        skopeo_push,
+        start_registry,
+        write_layout,
+    )
+
+    require_tools()
+    write_blobs(page.dir / "blobs")
+    storage = page.dir / ".registry-storage"
+    open_registry = start_registry(page.dir / ".registry-open", storage)
+    page.cleanups.append(open_registry.stop)
+    users = page.dir / ".htpasswd"
+    users.write_text(f"ci:{bcrypt.hashpw(b'ci-password', bcrypt.gensalt(rounds=4)).decode()}\n")
+    private = start_registry(
+        page.dir / ".registry-private",
+        storage,
+        extra=f"auth:\n  htpasswd:\n    realm: docs\n    path: {users}\n",
+    )
+    page.cleanups.append(private.stop)
+    layout = write_layout(
+        page.dir / ".layout",
+        {"amd64": app_layers("hello"), "arm64": app_layers("hello-arm64")},
+        ref="v1",
+    )
+    skopeo_push(f"oci:{layout}:v1", open_registry.host, "hello:v1", all_images=True)
+    page.env.update(
+        {
+            "REGISTRY": open_registry.host,
+            "PRIVATE_REGISTRY": private.host,
+            "XDG_CACHE_HOME": str(page.dir / ".cache"),
+            "SOURCE_DATE_EPOCH": "1700000000",
+        }
+    )
+
+
 def fixture_nsm(page: Page, ns: dict[str, Any]) -> None:
     """nsm.md: ``Nsm.open()`` reaches an emulator served in the background (``ENCLAVEKIT_NSM``)."""
     from cryptography.hazmat.primitives import serialization
@@ -265,7 +347,8 @@ def fixture_run(page: Page, ns: dict[str, Any]) -> None:
 
 FIXTURES: dict[str, Callable[[Page, dict[str, Any]], None]] = {
     "verify.md": fixture_verify,
-    "eif.md": fixture_eif,
+    "eif.md": fixture_eif_with_kms,
+    "registry.md": fixture_registry,
     "build.md": fixture_build,
     "nsm.md": fixture_nsm,
     "run.md": fixture_run,

@@ -18,6 +18,12 @@ Modules (one job each):
   :func:`~.server.run_proxy`, and ``/.well-known/attestation``.
 - :mod:`.client` — :class:`~.client.AttestedClient` (verify before sending; pinned follow-up
   connection; ``request()`` and ``httpx_client()``).
+- :mod:`.acme` — :class:`~.acme.AcmeIdentity`: publicly trusted certificates by ACME (http-01,
+  :class:`~.acme.Http01Responder`), bound to the enclave by the fresh attestation answer.
+- :mod:`.client_auth` — mutual attested TLS: :class:`~.client_auth.ClientAuthPolicy` (the proxy's
+  client check) and the forwarded identity header.
+- :mod:`.ca_tls` — the CA's own HTTPS certificate (``ca serve --tls``) and the CA client's trust.
+- :mod:`.metrics` — Prometheus metrics: :class:`~.metrics.CaMetrics`, :class:`~.metrics.ProxyMetrics`.
 - :mod:`.seal` — HPKE sealed payloads (:func:`~.seal.seal`, :func:`~.seal.unseal`, format v1).
 
 Library use without the CLI (what ``enclavekit demo`` / ``run`` build on)::

@@ -65,6 +65,7 @@ from enclavekit.attestation.document import AttestationDocument
 from enclavekit.attestation.policy import MaxAge, parse_pcr_index
 from enclavekit.attestation.verifier import Verifier
 from enclavekit.errors import (
+    Error,
     Failure,
     MalformedInput,
     PolicyViolation,
@@ -218,6 +219,10 @@ class NitroEvidenceVerifier:
 # ------------------------------------------------------------------------------------------ policy
 
 
+#: Certificate usages a service may have (``usage:`` in the CA policy).
+USAGES = frozenset({"server", "client"})
+
+
 @dataclass(frozen=True, slots=True)
 class ServicePolicy:
     """Which enclaves may obtain a certificate for one service, and what the certificate says."""
@@ -229,9 +234,16 @@ class ServicePolicy:
     unsafe_allow_debug: bool = False
     #: IP addresses for the SAN as well (clients connecting by address); DNS names are required.
     ip_addresses: tuple[str, ...] = ()
+    #: ``server`` (EKU serverAuth, DNS names required) or ``client`` (EKU clientAuth, for mutual
+    #: attested TLS; names optional).
+    usage: str = "server"
 
     def __post_init__(self) -> None:
-        if not self.dns_names:
+        if self.usage not in USAGES:
+            raise ValueError(
+                f"service {self.name!r}: usage must be one of {sorted(USAGES)}, found {self.usage!r}"
+            )
+        if not self.dns_names and self.usage == "server":
             raise ValueError(f"service {self.name!r}: dns_names must not be empty")
         for address in self.ip_addresses:
             ipaddress.ip_address(address)  # ValueError for a bad address
@@ -301,7 +313,14 @@ def _pcr_value(value: Any) -> bytes:
 
 _POLICY_KEYS = frozenset({"services", "challenge_ttl_seconds"})
 _SERVICE_KEYS = frozenset(
-    {"dns_names", "ip_addresses", "pcrs", "certificate_validity_seconds", "unsafe_allow_debug"}
+    {
+        "dns_names",
+        "ip_addresses",
+        "pcrs",
+        "certificate_validity_seconds",
+        "unsafe_allow_debug",
+        "usage",
+    }
 )
 
 
@@ -335,7 +354,8 @@ def ca_policy_from_mapping(obj: Any) -> CaPolicy:
             ips = spec.get("ip_addresses", [])
             if not isinstance(ips, list) or not all(isinstance(i, str) for i in ips):
                 raise UsageError(f"CA policy: service {name!r}: ip_addresses must be a list")
-            dns = spec.get("dns_names")
+            usage = spec.get("usage", "server")
+            dns = spec.get("dns_names", [] if usage == "client" else None)
             pcrs = spec.get("pcrs")
             if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
                 raise UsageError(f"CA policy: service {name!r}: dns_names must be a list of names")
@@ -358,6 +378,7 @@ def ca_policy_from_mapping(obj: Any) -> CaPolicy:
                 validity=timedelta(seconds=int(spec.get("certificate_validity_seconds", 3600))),
                 unsafe_allow_debug=debug,
                 ip_addresses=tuple(ips),
+                usage=str(usage),
             )
         ttl = timedelta(seconds=int(obj.get("challenge_ttl_seconds", 60)))
         return CaPolicy(services=services, challenge_ttl=ttl)
@@ -626,11 +647,21 @@ class Issuer:
         try:
             issued = self._issue(service, csr_data, document, now)
         except (MalformedInput, VerificationError, PolicyViolation, UsageError) as exc:
+            self._notify(exc)
             self.store.record_event(
                 Event(now, "refused", service[:200], None, exc.diagnostics()[:2000])
             )
-            log.info("refused certificate for %r: %s", service, exc.diagnostics())
+            log.info(
+                "refused certificate for %r: %s",
+                service[:200],
+                exc.diagnostics(),
+                extra={
+                    "event": "refused",
+                    "fields": {"service": service[:200], "reason": exc.diagnostics()[:2000]},
+                },
+            )
             raise
+        self._notify(None)
         self.store.record_event(
             Event(
                 now,
@@ -639,6 +670,20 @@ class Issuer:
                 issued.record.serial,
                 f"not_after={issued.record.not_after.isoformat()}",
             )
+        )
+        log.info(
+            "issued certificate %x for %r, valid until %s",
+            issued.record.serial,
+            service,
+            issued.record.not_after.isoformat(),
+            extra={
+                "event": "issued",
+                "fields": {
+                    "service": service,
+                    "serial": format(issued.record.serial, "x"),
+                    "not_after": issued.record.not_after.isoformat(),
+                },
+            },
         )
         return issued
 
@@ -720,7 +765,14 @@ class Issuer:
                 f"CSR key type {type(public_key).__name__} is not supported; expected EC or RSA"
             )
         not_after = min(now + svc.validity, self.keys.root.not_valid_after_utc)
-        return (
+        eku = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if svc.usage == "client"
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in svc.dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in svc.ip_addresses]
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, svc.name)]))
             .issuer_name(self.keys.root.subject)
@@ -743,22 +795,31 @@ class Issuer:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(d) for d in svc.dns_names]
-                    + [x509.IPAddress(ipaddress.ip_address(a)) for a in svc.ip_addresses]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.keys.key.public_key()),
                 critical=False,
             )
             .add_extension(attestation_extension(document), critical=False)
-            .sign(self.keys.key, hashes.SHA384())
         )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(self.keys.key, hashes.SHA384())
+
+    # observers (metrics)
+    _observers: tuple[Callable[[Error | None], None], ...] = ()
+
+    def add_observer(self, callback: Callable[[Error | None], None]) -> None:
+        """Call ``callback(None)`` after each issuance and ``callback(exc)`` after each refusal."""
+        self._observers = (*self._observers, callback)
+
+    def _notify(self, outcome: Error | None) -> None:
+        for callback in self._observers:
+            try:
+                callback(outcome)
+            except Exception:  # an observer never changes an issuance's outcome
+                log.exception("issuance observer failed")
 
     # 3 -- lookup, revocation, CRL
     def get(self, serial: int) -> CertificateRecord | None:

@@ -2,7 +2,8 @@
 
 :meth:`AttestedClient.attest` does, in order, on a connection where nothing has been sent yet:
 
-1. a TLS handshake that trusts **only** the attestation CA root (hostname checked);
+1. a TLS handshake that trusts **only** the attestation CA root (hostname checked) — or, with no
+   root given, the system trust store (ACME certificates; then ``fresh`` is required);
 2. take the peer's leaf certificate (DER), extract the embedded attestation document
    (:mod:`.extension`) and verify it with :class:`enclavekit.attestation.Verifier` against the
    configured NSM roots, at the time the CA issued the certificate (its notBefore + the CA's
@@ -40,8 +41,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enclavekit.atls.ca import CLOCK_SKEW, Clock, utc_now
-from enclavekit.atls.extension import document_from_certificate
-from enclavekit.atls.server import WELL_KNOWN_PATH, attestation_user_data
+from enclavekit.atls.extension import document_from_certificate, has_attestation_extension
+from enclavekit.atls.server import (
+    WELL_KNOWN_PATH,
+    EnclaveIdentity,
+    ServingIdentity,
+    attestation_user_data,
+    load_identity,
+)
 from enclavekit.attestation.policy import (
     AllOf,
     NonceEquals,
@@ -66,9 +73,19 @@ class AttestedPeer:
     port: int
     server_hostname: str
     certificate: x509.Certificate
-    embedded: VerifiedAttestation
+    #: The document embedded in the certificate; None for a certificate without one (ACME), which
+    #: is accepted only with ``fresh``.
+    embedded: VerifiedAttestation | None
     fresh: VerifiedAttestation | None = None
     _root_pem: bytes = field(default=b"", repr=False)
+    _client: ServingIdentity | None = field(default=None, repr=False)
+
+    @property
+    def attestation(self) -> VerifiedAttestation:
+        """The fresh document if one was verified, else the embedded one."""
+        verified = self.fresh or self.embedded
+        assert verified is not None  # attest() never returns a peer with neither
+        return verified
 
     @property
     def certificate_der(self) -> bytes:
@@ -86,6 +103,8 @@ class AttestedPeer:
             cadata=self.certificate.public_bytes(serialization.Encoding.PEM).decode()
         )
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        if self._client is not None:
+            load_identity(ctx, self._client.key, self._client.chain)
         return ctx
 
     def summary(self) -> dict[str, Any]:
@@ -95,19 +114,23 @@ class AttestedPeer:
             "certificate_serial": format(self.certificate.serial_number, "x"),
             "certificate_sha256": self.certificate_sha256.hex(),
             "not_after": self.certificate.not_valid_after_utc.isoformat(),
-            "module_id": self.embedded.module_id,
-            "pcrs": {str(i): v.hex() for i, v in sorted(self.embedded.pcrs.items())},
+            "module_id": self.attestation.module_id,
+            "pcrs": {str(i): v.hex() for i, v in sorted(self.attestation.pcrs.items())},
             "fresh": self.fresh is not None,
+            "embedded": self.embedded is not None,
         }
         if self.fresh is not None:
             out["fresh_timestamp"] = self.fresh.timestamp.isoformat()
         return out
 
 
-def _ca_context(ca_root: x509.Certificate) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+def _ca_context(ca_root: x509.Certificate | None) -> ssl.SSLContext:
+    if ca_root is None:  # an ACME (publicly trusted) certificate: the system trust store
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=ca_root.public_bytes(serialization.Encoding.PEM).decode())
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cadata=ca_root.public_bytes(serialization.Encoding.PEM).decode())
     return ctx
 
 
@@ -118,13 +141,17 @@ class AttestedClient:
     default via :meth:`Verifier.aws`). ``policy``: what the enclave must be (PCRs, …; default
     ``NotDebug()`` only — policy files from :func:`~enclavekit.attestation.policy.load_policy`
     refuse debug enclaves unless they say ``allow_debug``); the key binding is always added.
-    ``fresh``: also demand a new document for our own nonce.
+    ``fresh``: also demand a new document for our own nonce — required for a certificate that
+    embeds no document (an ACME certificate; ``ca_root`` None trusts the system store for it).
+    ``identity``: the client's own attested certificate (an :class:`~.server.EnclaveIdentity` for
+    a ``usage: client`` service), presented on every connection (mutual attested TLS).
     """
 
     def __init__(
         self,
-        ca_root: x509.Certificate,
+        ca_root: x509.Certificate | None,
         *,
+        identity: EnclaveIdentity | None = None,
         verifier: Verifier | None = None,
         policy: Policy | None = None,
         fresh: bool = False,
@@ -133,13 +160,25 @@ class AttestedClient:
         crl: x509.CertificateRevocationList | None = None,
     ) -> None:
         self.ca_root = ca_root
-        self.crl = check_crl(crl, ca_root, clock()) if crl is not None else None
+        if crl is not None and ca_root is None:
+            raise UsageError("a CRL needs the CA root that signs it (--ca-cert)")
+        self.crl = check_crl(crl, ca_root, clock()) if crl is not None and ca_root else None
         self.verifier = verifier if verifier is not None else Verifier.aws()
         self.policy = policy
         self.fresh = fresh
         self.clock = clock
         self.timeout = timeout
         self._context = _ca_context(ca_root)
+        self.identity = identity
+        if identity is not None:
+            if identity._current is None:
+                identity.obtain()
+            current = identity.current
+            load_identity(self._context, current.key, current.chain)
+            identity.add_listener(self._on_identity)
+
+    def _on_identity(self, new: ServingIdentity) -> None:
+        load_identity(self._context, new.key, new.chain)
 
     def _policy(self, *extra: Policy) -> Policy:
         return AllOf([*extra, self.policy if self.policy is not None else NotDebug()])
@@ -177,17 +216,26 @@ class AttestedClient:
                 spki = cert.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                 )
-                # 2. The embedded document, at issuance time.
-                document = document_from_certificate(cert)
-                issued_at = cert.not_valid_before_utc + CLOCK_SKEW
-                embedded = self.verifier.verify(
-                    document, self._policy(PublicKeyEquals(spki)), at=issued_at
-                )
+                # 2. The embedded document, at issuance time (absent from ACME certificates).
+                embedded = None
+                if has_attestation_extension(cert):
+                    document = document_from_certificate(cert)
+                    issued_at = cert.not_valid_before_utc + CLOCK_SKEW
+                    embedded = self.verifier.verify(
+                        document, self._policy(PublicKeyEquals(spki)), at=issued_at
+                    )
+                elif not self.fresh:
+                    raise VerificationError(
+                        f"the certificate of {name} embeds no attestation document (an ACME or"
+                        " other public certificate); only a fresh document can show what runs"
+                        " behind it: use --fresh (fresh=True)"
+                    )
                 # 3. Optionally a fresh one for our nonce, on this same connection.
                 fresh = self._fresh(tls, name, der, spki) if self.fresh else None
         finally:
             raw.close()
-        return AttestedPeer(host, port, name, cert, embedded, fresh)
+        client = self.identity.current if self.identity is not None else None
+        return AttestedPeer(host, port, name, cert, embedded, fresh, _client=client)
 
     def _fresh(self, tls: ssl.SSLSocket, name: str, der: bytes, spki: bytes) -> VerifiedAttestation:
         nonce = secrets.token_bytes(FRESH_NONCE_LENGTH)

@@ -81,6 +81,11 @@ def decode_extension_value(value: bytes) -> bytes:
     return bytes(value[offset:])
 
 
+def has_attestation_extension(certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` carries the extension at all (decided on the parsed OID)."""
+    return any(ext.oid == ATTESTATION_EXTENSION_OID for ext in certificate.extensions)
+
+
 def document_from_certificate(certificate: x509.Certificate) -> bytes:
     """The embedded attestation document; raises :class:`MalformedInput` if absent or malformed."""
     try:

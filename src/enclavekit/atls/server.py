@@ -45,7 +45,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
@@ -54,7 +54,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclavekit.atls.ca import Clock, utc_now
+from enclavekit.atls.client_auth import (
+    BadRequestHead,
+    ClientAuthPolicy,
+    ClientIdentity,
+    ClientRefused,
+    rewrite_request_head,
+)
 from enclavekit.errors import Error, MalformedInput, UsageError, VerificationError
+
+if TYPE_CHECKING:
+    from enclavekit.atls.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +103,10 @@ def attestation_user_data(certificate_der: bytes, nonce: bytes) -> bytes:
 class CaClient:
     """A small HTTP client for the CA service (httpx, from the ``service`` extra)."""
 
-    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 10.0, verify: ssl.SSLContext | bool = True
+    ) -> None:
+        """``verify``: the TLS trust for an ``https://`` CA (:func:`.ca_tls.ca_client_context`)."""
         import httpx
 
         self.url = url.rstrip("/")
@@ -103,6 +116,7 @@ class CaClient:
             base_url=self.url,
             timeout=timeout,
             limits=httpx.Limits(max_keepalive_connections=0),
+            verify=verify,
         )
 
     def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -261,19 +275,34 @@ class EnclaveIdentity:
         chain = tuple(
             self.ca.issue(self.service, csr.public_bytes(serialization.Encoding.PEM), document)
         )
+        return self._install(key, chain)
+
+    def _install(
+        self, key: ec.EllipticCurvePrivateKey, chain: tuple[x509.Certificate, ...]
+    ) -> ServingIdentity:
+        """Check that ``chain`` is for ``key``, make it current and tell the listeners."""
         if not chain or chain[0].public_key() != key.public_key():
             raise VerificationError("the CA returned a certificate for another key; refusing it")
         identity = ServingIdentity(key, chain, server_context(key, chain))
         with self._lock:
+            renewal = self._current is not None
             self._current = identity
             self._obtained_at = self.clock()
         for callback in list(self._listeners):
             callback(identity)
         log.info(
-            "attested certificate %x for %r valid until %s",
+            "certificate %x for %r valid until %s",
             chain[0].serial_number,
             self.service,
             chain[0].not_valid_after_utc.isoformat(),
+            extra={
+                "event": "renewed" if renewal else "obtained",
+                "fields": {
+                    "service": self.service,
+                    "serial": format(chain[0].serial_number, "x"),
+                    "not_after": chain[0].not_valid_after_utc.isoformat(),
+                },
+            },
         )
         return identity
 
@@ -305,7 +334,12 @@ class EnclaveIdentity:
                     backoff = 1.0
                     wait = min(poll, max(0.5, (self.renew_at() - self.clock()).total_seconds()))
                 except Error as exc:
-                    log.warning("certificate renewal failed (retrying in %.0f s): %s", backoff, exc)
+                    log.warning(
+                        "certificate renewal failed (retrying in %.0f s): %s",
+                        backoff,
+                        exc,
+                        extra={"event": "renewal_failed", "fields": {"reason": str(exc)}},
+                    )
                     wait, backoff = backoff, min(backoff * 2, poll)
                 self._stop.wait(wait)
 
@@ -355,18 +389,32 @@ class AttestedTlsProxy:
         upstream: tuple[str, int],
         *,
         handshake_timeout: float = 10.0,
+        client_auth: ClientAuthPolicy | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
+        """``client_auth``: demand attested client certificates (:mod:`.client_auth`).
+        ``metrics``: count handshakes, attestations, refusals, bytes (:mod:`.metrics`)."""
         self.identity = identity
         self.upstream = upstream
         self.handshake_timeout = handshake_timeout
+        self.client_auth = client_auth
+        self.metrics = metrics
         current = identity.current
         # One context for the listener; renewals reload it on the event loop's thread, so OpenSSL
         # never sees the context change while it creates a connection.
         self.context = server_context(current.key, current.chain)
+        if client_auth is not None:
+            client_auth.configure(self.context)
+        if metrics is not None:
+            metrics.set_certificate(current.certificate.not_valid_after_utc)
+            # Called for every ClientHello (server_name None without SNI): handshakes started.
+            self.context.sni_callback = lambda *_: metrics.handshakes.labels("started").inc()
         self._loop: asyncio.AbstractEventLoop | None = None
         identity.add_listener(self._on_renewal)
 
     def _on_renewal(self, new: ServingIdentity) -> None:
+        if self.metrics is not None:
+            self.metrics.set_certificate(new.certificate.not_valid_after_utc)
         loop = self._loop
         if loop is None or loop.is_closed():
             load_identity(self.context, new.key, new.chain)
@@ -376,6 +424,13 @@ class AttestedTlsProxy:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.metrics is not None:
+                self.metrics.handshakes.labels("ok").inc()
+            client: ClientIdentity | None = None
+            if self.client_auth is not None:
+                client = await self._check_client(writer)
+                if client is None:
+                    return
             first = await reader.read(RELAY_CHUNK)
             if not first:
                 return
@@ -385,6 +440,9 @@ class AttestedTlsProxy:
                     self._attestation(first, reader, writer), self.handshake_timeout
                 )
                 return
+            if client is not None and self.client_auth and self.client_auth.forward_identity:
+                await self._relay_with_identity(first, reader, writer, client)
+                return
             await self._relay(first, reader, writer)
         except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.debug("connection ended: %s", exc)
@@ -392,6 +450,83 @@ class AttestedTlsProxy:
             with contextlib.suppress(Exception):
                 writer.close()
                 await writer.wait_closed()
+
+    async def _check_client(self, writer: asyncio.StreamWriter) -> ClientIdentity | None:
+        """The verified client (mutual TLS), or None after refusing it (nothing read or relayed)."""
+        assert self.client_auth is not None
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self.client_auth.check, der
+            )
+        except ClientRefused as exc:
+            if self.metrics is not None:
+                self.metrics.client_refusals.labels(exc.reason).inc()
+            peer = writer.get_extra_info("peername")
+            log.warning("refused client %s (%s): %s", peer, exc.reason, exc)
+            return None
+
+    async def _relay_with_identity(
+        self,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: ClientIdentity,
+    ) -> None:
+        """One request: its head rewritten (:func:`.client_auth.rewrite_request_head`), its
+        Content-Length body, then only the upstream's answer."""
+        head = first
+        while b"\r\n\r\n" not in head:
+            if len(head) > MAX_HEAD:
+                writer.write(_http_response("431 Request Header Fields Too Large", b""))
+                await writer.drain()
+                return
+            more = await reader.read(RELAY_CHUNK)
+            if not more:
+                return
+            head += more
+        raw_head, _, rest = head.partition(b"\r\n\r\n")
+        if len(raw_head) > MAX_HEAD:
+            writer.write(_http_response("431 Request Header Fields Too Large", b""))
+            await writer.drain()
+            return
+        try:
+            new_head, length = rewrite_request_head(raw_head, client)
+        except BadRequestHead as exc:
+            body = json.dumps({"error": str(exc)}).encode()
+            writer.write(_http_response(exc.status, body))
+            await writer.drain()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        try:
+            body = rest[:length]
+            up_writer.write(new_head + body)
+            remaining = length - len(body)
+            while remaining > 0:
+                data = await reader.read(min(RELAY_CHUNK, remaining))
+                if not data:
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+                remaining -= len(data)
+            self._count("up", len(new_head) + length)
+            with contextlib.suppress(OSError):
+                if up_writer.can_write_eof():
+                    up_writer.write_eof()
+            while data := await up_reader.read(RELAY_CHUNK):
+                writer.write(data)
+                await writer.drain()
+                self._count("down", len(data))
+        finally:
+            up_writer.close()
+            # Wait for the close, so a stopping event loop leaves no upstream socket behind.
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
+
+    def _count(self, direction: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes_relayed.labels(direction).inc(n)
 
     async def _attestation(
         self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -412,27 +547,38 @@ class AttestedTlsProxy:
                 )
             ).encode()
             writer.write(_http_response("200 OK", body))
+            self._attested("ok")
         except (IndexError, KeyError, ValueError, UsageError):
+            self._attested("bad_request")
             msg = f"expected ?nonce= with {MIN_NONCE}-{MAX_NONCE} bytes as hex"
             writer.write(_http_response("400 Bad Request", json.dumps({"error": msg}).encode()))
         except Error as exc:
+            self._attested("failed")
             log.warning("attestation failed: %s", exc)
             writer.write(
                 _http_response("503 Service Unavailable", json.dumps({"error": str(exc)}).encode())
             )
         await writer.drain()
 
+    def _attested(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.attestation_requests.labels(result).inc()
+
     async def _relay(
         self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         up_writer.write(first)
+        self._count("up", len(first))
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str
+        ) -> None:
             try:
                 while data := await src.read(RELAY_CHUNK):
                     dst.write(data)
                     await dst.drain()
+                    self._count(direction, len(data))
             finally:
                 # Half-close where the transport can (TCP to the upstream); TLS cannot, so a
                 # finished upstream closes the client connection.
@@ -443,9 +589,12 @@ class AttestedTlsProxy:
                         dst.close()
 
         try:
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+            await asyncio.gather(pump(reader, up_writer, "up"), pump(up_reader, writer, "down"))
         finally:
             up_writer.close()
+            # Wait for the close, so a stopping event loop leaves no upstream socket behind.
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         self._loop = asyncio.get_running_loop()
@@ -518,11 +667,23 @@ def run_proxy(
     upstream: tuple[str, int],
     *,
     on_ready: Callable[[str, int], None] | None = None,
+    client_auth: ClientAuthPolicy | None = None,
+    metrics: ProxyMetrics | None = None,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> None:
-    """Obtain a certificate, start renewal and serve until interrupted (the CLI's ``atls proxy``)."""
+    """Obtain a certificate, start renewal and serve until interrupted (the CLI's ``atls proxy``).
+
+    ``metrics_listen``: also serve ``metrics`` (a :class:`.metrics.ProxyMetrics`) at ``/metrics``.
+    """
     identity.obtain()
     identity.start_renewal()
-    proxy = AttestedTlsProxy(identity, upstream)
+    proxy = AttestedTlsProxy(identity, upstream, client_auth=client_auth, metrics=metrics)
+    if metrics is not None and metrics_listen is not None:
+        try:
+            metrics.serve(*metrics_listen)
+        except OSError as exc:
+            identity.stop()
+            raise UsageError(f"--metrics-listen: cannot listen on {metrics_listen}: {exc}") from exc
 
     async def main() -> None:
         server = await proxy.serve(*listen)

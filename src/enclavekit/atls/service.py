@@ -21,8 +21,8 @@ attempts pass per-client and total token buckets before their body is read (429 
 the request: validation errors name the field and the problem only, and refusal details are
 capped at ``max_error_detail`` characters.
 
-Not provided: TLS for the CA endpoint itself (put it behind a TLS terminator, or on a private
-network).
+TLS for the endpoint: :func:`start_in_thread` ``tls=`` / ``ca serve --tls`` (:mod:`.ca_tls`);
+metrics: :class:`.metrics.CaMetrics` adds ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -387,31 +388,54 @@ class RunningService:
     port: int
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
 
 
-def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> RunningService:
-    """Serve ``app`` with uvicorn on a background thread; ``port=0`` picks a free port."""
+def start_in_thread(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls: tuple[Any, Sequence[Any]] | None = None,
+) -> RunningService:
+    """Serve ``app`` with uvicorn on a background thread; ``port=0`` picks a free port.
+
+    ``tls=(key, chain)`` serves HTTPS (see :mod:`.ca_tls`; the key stays in memory).
+    """
     import uvicorn
+
+    from enclavekit.atls.ca_tls import in_memory_pem_files
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("CA service did not start")
-        time.sleep(0.01)
-    return RunningService(host, bound_port, server, thread)
+    with contextlib.ExitStack() as files:
+        keyfile = certfile = None
+        if tls is not None:
+            keyfile, certfile = files.enter_context(in_memory_pem_files(*tls))
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_keyfile=keyfile,
+            ssl_certfile=certfile,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("CA service did not start")
+            time.sleep(0.01)
+    return RunningService(host, bound_port, server, thread, "https" if tls else "http")

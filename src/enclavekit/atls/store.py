@@ -358,6 +358,20 @@ class _SqlStore:
             for r in rows
         ]
 
+    def count_challenges(self, now: datetime) -> tuple[int, int]:
+        """Unconsumed challenges at ``now``: (live, expired but not yet purged) — for metrics."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT COALESCE(SUM(CASE WHEN expires_at > ? THEN 1 ELSE 0 END), 0),"
+                    " COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0)"
+                    " FROM challenges WHERE consumed_at IS NULL"
+                ),
+                (to_ms(now), to_ms(now)),
+            )
+            row = cur.fetchone()
+        return int(row[0]), int(row[1])
+
     def prune(
         self,
         now: datetime,
@@ -439,7 +453,10 @@ class PostgresStore(_SqlStore):
         try:
             import psycopg  # noqa: F401 - fail early with a clear message
         except ImportError as exc:  # pragma: no cover - depends on the installed extra
-            raise UsageError("PostgreSQL needs psycopg; install enclavekit[service]") from exc
+            raise UsageError(
+                "--database postgresql://… needs psycopg, which is not installed; install it with:"
+                " pip install 'enclavekit[postgres]'"
+            ) from exc
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema name must be alphanumeric/underscore, got {schema!r}")
         self.schema = schema

@@ -12,14 +12,23 @@ in :meth:`Verifier._verify_crypto`):
 3. The cabundle's own root (``cabundle[0]``) must be byte-identical to a pinned root. It is only *compared*,
    never trusted; the intermediates ``cabundle[1:]`` are offered as untrusted path material, never as anchors.
 4. RFC 5280 path validation from the leaf to a pinned root at the injected time ``at`` (pyca/cryptography,
-   web-PKI CA profile; the leaf is checked explicitly: CA:FALSE, digitalSignature).
+   web-PKI CA profile) and the leaf profile (:func:`_path_verifier`, :func:`_check_leaf`: no critical extension
+   pyca does not process, CA:FALSE, digitalSignature).
 5. The COSE ES384 signature over the exact Sig_structure, with the leaf key; r ‖ s as received, leading zero
    bytes and high-S accepted.
 6. A frozen :class:`VerifiedAttestation` is built; then the caller's policy runs on it.
 
-Verified chains are cached per verifier by the fingerprint of (leaf, cabundle), together with the time window
-in which every certificate of the validated path is valid; a later document with the same chain, verified at a
-time inside that window, skips step 4 (so a stream from one enclave costs about one ECDSA verify each).
+Verified chains are cached per verifier, and the caches may only skip work whose result they provably have
+(the full argument is in :meth:`Verifier._validate_chain`): a chain is cached only when its cabundle is exactly
+the validated path, root first, with distinct subject encodings, so that pyca's path building over it is a
+single walk whose outcome at any instant inside the path's validity window is the cached one. Two levels:
+
+- the full path by (leaf, cabundle), usable at any ``at`` inside the window where every certificate of the path
+  is valid: a stream of documents from one enclave costs one ECDSA verification each;
+- the CA path by cabundle alone: a new leaf under a cached cabundle is validated by the *same* pyca validator
+  and leaf profile as a cold one, with the cabundle's last CA as the only anchor (its signature on the leaf,
+  the leaf's validity, extensions and profile; the CA's own checks at the same depth). If that does not
+  accept the leaf, the document gets full path validation, so every refusal is a cold verifier's refusal.
 
 Not checked: revocation (AWS prescribes none), freshness or nonce (policies do that), and the meaning of
 ``public_key``/``user_data``.
@@ -47,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification as pkix
-from cryptography.x509.oid import PublicKeyAlgorithmOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from enclavekit.attestation.document import AttestationDocument, DocumentKind
 from enclavekit.errors import (
@@ -69,6 +78,9 @@ logger = logging.getLogger(__name__)
 CHAIN_CACHE_SIZE = 1024
 #: Real chains have 3 intermediates; Sui caps the chain at 10 certificates.
 MAX_CHAIN_DEPTH = 8
+#: pyca's path building gives up after this many signature checks (``Budget::DEFAULT_SIGNATURE_CHECK_LIMIT``
+#: in cryptography-x509-verification); a chain is cached only when its path building provably stays below it.
+PYCA_SIGNATURE_BUDGET = 128
 
 _CONSTRUCT = object()  # only this module can build a VerifiedAttestation
 #: The COSE ES384 signature algorithm (immutable; built once, its constructor imports on every call).
@@ -117,17 +129,21 @@ class _CachedChain:
     chain: tuple[x509.Certificate, ...]
     not_before: datetime
     not_after: datetime
+    #: A full path: the leaf's key (step 5 needs it).
     leaf_key: ec.EllipticCurvePublicKey | None = None
+    #: A CA path: a pyca store holding only ``chain[0]``, the CA that issued the path's leaf (kept so that pyca
+    #: loads that CA's key once, not once per leaf).
+    issuer_store: pkix.Store | None = None
+    #: A full path over a simple cabundle (:meth:`Verifier._validate_chain`): the full-path cache may keep it.
+    cacheable: bool = False
 
     @classmethod
-    def of(
-        cls, chain: tuple[x509.Certificate, ...], leaf_key: ec.EllipticCurvePublicKey | None = None
-    ) -> _CachedChain:
+    def of_ca_path(cls, chain: tuple[x509.Certificate, ...]) -> _CachedChain:
         return cls(
             chain,
             max(c.not_valid_before_utc for c in chain),
             min(c.not_valid_after_utc for c in chain),
-            leaf_key,
+            issuer_store=pkix.Store([chain[0]]),
         )
 
 
@@ -293,9 +309,11 @@ class Verifier:
         check_document_kind(doc, allow_nitrotpm=allow_nitrotpm)
 
         # 2-4. Chain: from the cache when this exact chain was validated for a window containing `at`.
-        bundle_key = hashlib.sha256(b"".join(len(c).to_bytes(2, "big") + c for c in doc.cabundle))
+        #      The keys encode (cabundle) and (cabundle, leaf) injectively: every certificate, the leaf too, is
+        #      prefixed with its 4-byte length, so no leaf can spill into the cabundle or back.
+        bundle_key = hashlib.sha256(b"".join([len(c).to_bytes(4, "big") + c for c in doc.cabundle]))
         path_key = bundle_key.copy()
-        path_key.update(doc.certificate)
+        path_key.update(len(doc.certificate).to_bytes(4, "big") + doc.certificate)
         cached = self._paths.get(path_key.digest(), at)
         if cached is None:
             try:
@@ -305,7 +323,8 @@ class Verifier:
                 raise MalformedInput(
                     f"a certificate of the document cannot be decoded: {exc}"
                 ) from None
-            self._paths.put(path_key.digest(), cached)
+            if cached.cacheable:
+                self._paths.put(path_key.digest(), cached)
         leaf_key = cached.leaf_key
         assert leaf_key is not None
 
@@ -326,17 +345,59 @@ class Verifier:
     def _validate_chain(
         self, doc: AttestationDocument, at: datetime, bundle_key: bytes
     ) -> _CachedChain:
-        # 2. Parse; restrict algorithms (the CA certificates only when their path is not cached).
+        """Steps 2-4; the result says whether the caches may keep it.
+
+        Why the caches are sound. pyca's path building is a depth-first search: from the leaf (depth 0), try
+        every pinned root and every offered intermediate whose subject encoding equals the working
+        certificate's issuer, in turn; a candidate that passes the CA profile at that depth and whose key
+        verifies the working certificate is recursed into; a pinned root ends the search. It gives up after
+        :data:`PYCA_SIGNATURE_BUDGET` signature checks. A path is cached only when it is *simple*: the
+        cabundle is exactly the path, root first (``cabundle == reversed(chain[1:])``), its subject encodings
+        are distinct, and ``len(cabundle) × (1 + roots) < budget``. Over a simple cabundle each depth has one
+        intermediate candidate (the path's certificate) besides pinned roots, each of which ends the search,
+        so the search costs at most ``len(cabundle) × (1 + roots)`` signature checks; it never runs out of
+        budget, and at any instant where every certificate of the path is valid it accepts (along the path, or
+        earlier at a pinned root). Signatures, names and extension profiles do not depend on the time; so the
+        verdict for the same (leaf, cabundle) at any instant of the window is "accept": that is the full-path
+        cache.
+
+        The CA-path cache holds the simple CA path ``chain[1:]`` of a cabundle without name constraints,
+        policy constraints or inhibitAnyPolicy anywhere (nor in the pinned roots): the only checks of a path
+        that involve both the leaf and a CA above its issuer. For a new leaf, pyca validates it with the same
+        policy against a store holding only the cached issuer ``chain[1]`` (= ``cabundle[-1]``): the leaf
+        profile, the issuer's CA profile at depth 0, the issuer's signature on the leaf, the validity of both.
+        If it accepts, a full search over the cabundle would reach the same issuer at depth 0 (the only
+        intermediate with that subject) with the same outcome, and continue from it exactly as for the leaf
+        the path was cached for: it accepts too. If it does not accept, the full validation below runs, so
+        that the verdict and the message are a fresh verifier's.
+        """
         ca_path = self._ca_paths.get(bundle_key, at)
-        if ca_path is None:
-            leaf, *bundle = _parse_certs((doc.certificate, *doc.cabundle))
-        else:
+        if ca_path is not None:
+            # The cabundle parsed, passed the P-384 checks and had a pinned root when it was cached (the
+            # cache key is its exact bytes and the roots are immutable): a fresh verifier would get as far.
             (leaf,) = _parse_certs((doc.certificate,))
-            bundle = []
+            leaf_key = _require_p384(leaf, "certificate")
+            assert ca_path.issuer_store is not None
+            try:
+                link = _path_verifier(ca_path.issuer_store, at).verify(leaf, [])
+            except (pkix.VerificationError, ValueError, UnsupportedAlgorithm):
+                link = None  # not a provable accept: decide by full path validation
+            if link is not None and len(link.chain) == 2:
+                _check_leaf(leaf)
+                return _CachedChain(
+                    (leaf, *ca_path.chain),
+                    max(ca_path.not_before, leaf.not_valid_before_utc),
+                    min(ca_path.not_after, leaf.not_valid_after_utc),
+                    leaf_key,
+                    cacheable=True,
+                )
+
+        # 2. Parse; restrict algorithms.
+        leaf, *bundle = _parse_certs((doc.certificate, *doc.cabundle))
         leaf_key = _require_p384(leaf, "certificate")
 
         # 3. The bundle's root is compared with the pinned roots, never trusted.
-        if doc.cabundle[0] not in self._root_der:
+        if doc.cabundle[0] not in self._root_der:  # whole-certificate equality, not a byte pattern
             root = _parse_cert(doc.cabundle[0], "cabundle[0]")
             raise VerificationError(
                 f"the document's root certificate ({root.subject.rfc4514_string()}, SHA-256 "
@@ -345,46 +406,57 @@ class Verifier:
                 "issued by the PKI you trust. Pass --root only for a root you trust"
             )
 
-        # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material. When this cabundle's
-        #    CA path was already validated (by pyca, for another leaf) for a window containing `at`, only the
-        #    leaf's own link is checked here: its signature by the cached issuer, its validity, its profile.
-        if ca_path is not None:
-            chain = (leaf, *ca_path.chain)
-            _check_leaf_link(leaf, ca_path.chain[0], at)
-        else:
-            for i, (cert, der) in enumerate(zip(bundle, doc.cabundle, strict=True)):
-                _require_p384_ca(cert, der, f"cabundle[{i}]")
-            chain = self._validate_path(leaf, bundle[1:], at)
-            ca_path = _CachedChain.of(chain[1:])
-            # Conservative: every offered certificate and every pinned root, not only those on the path.
-            if not self._roots_constrain and not any(
-                _has_constraints(c, der) for c, der in zip(bundle, doc.cabundle, strict=True)
-            ):
-                self._ca_paths.put(bundle_key, ca_path)
+        # 4. RFC 5280 path validation at `at`; intermediates are untrusted path material.
+        fields = [_certificate_fields(der) for der in doc.cabundle]
+        for i, (cert, found) in enumerate(zip(bundle, fields, strict=True)):
+            _require_p384_ca(cert, found[1] if found else None, f"cabundle[{i}]")
+        chain = self._validate_path(leaf, bundle[1:], at)
         _check_leaf(leaf)
+        simple = self._is_simple(chain, bundle, [found[0] if found else None for found in fields])
+        if (
+            simple
+            and not self._roots_constrain
+            and not any(
+                _has_constraints(c, der) for c, der in zip(bundle, doc.cabundle, strict=True)
+            )
+        ):
+            self._ca_paths.put(bundle_key, _CachedChain.of_ca_path(chain[1:]))
         return _CachedChain(
             chain,
-            max(ca_path.not_before, leaf.not_valid_before_utc),
-            min(ca_path.not_after, leaf.not_valid_after_utc),
+            max(c.not_valid_before_utc for c in chain),
+            min(c.not_valid_after_utc for c in chain),
             leaf_key,
+            cacheable=simple,
+        )
+
+    def _is_simple(
+        self,
+        chain: tuple[x509.Certificate, ...],
+        bundle: list[x509.Certificate],
+        subjects: list[bytes | None],
+    ) -> bool:
+        """The cabundle is exactly the validated path, root first, with distinct subjects, and small enough
+        that pyca's search over it cannot run out of budget (see :meth:`_validate_chain`).
+
+        ``subjects`` are the DER of the cabundle's subject names: pyca matches an issuer name to a subject by
+        its encoding (a PrintableString "a" is not a UTF8String "a"), so distinct encodings mean distinct
+        candidates."""
+        # pyca returns the certificate objects it was given: identity (cheap) stands for equality, and a
+        # miss only means "not cached". The root on the path is the pinned root's object, not bundle[0]'s.
+        return (
+            len(chain) == len(bundle) + 1
+            and len(bundle) * (1 + len(self._roots)) < PYCA_SIGNATURE_BUDGET
+            and all(a is b for a, b in zip(chain[1:-1], bundle[:0:-1], strict=True))
+            and chain[-1] == bundle[0]
+            and None not in subjects
+            and len(set(subjects)) == len(subjects)
         )
 
     def _validate_path(
         self, leaf: x509.Certificate, intermediates: list[x509.Certificate], at: datetime
     ) -> tuple[x509.Certificate, ...]:
-        verifier = (
-            pkix.PolicyBuilder()
-            .store(self._store)
-            .time(at.replace(tzinfo=None))
-            .max_chain_depth(MAX_CHAIN_DEPTH)
-            .extension_policies(
-                ca_policy=pkix.ExtensionPolicy.webpki_defaults_ca(),
-                ee_policy=pkix.ExtensionPolicy.permit_all(),
-            )
-            .build_client_verifier()
-        )
         try:
-            return tuple(verifier.verify(leaf, intermediates).chain)
+            return tuple(_path_verifier(self._store, at).verify(leaf, intermediates).chain)
         except pkix.VerificationError as exc:
             raise VerificationError(
                 f"the certificate chain does not validate to a pinned root at {at.isoformat()}: {exc}. "
@@ -396,6 +468,27 @@ class Verifier:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__([x509.load_der_x509_certificate(d) for d in state["roots"]])  # type: ignore[misc]
+
+
+#: The CA profile of every path: pyca's web-PKI defaults for CA certificates.
+_CA_EXTENSIONS = pkix.ExtensionPolicy.webpki_defaults_ca()
+#: The leaf profile, one definition for the cold and the cached path: pyca's RFC 5280 end-entity checks with
+#: this extension policy (any extension allowed, but a critical one that pyca does not process — an
+#: unrecognised OID, PolicyConstraints — is refused), then :func:`_check_leaf` (CA:FALSE, digitalSignature).
+#: AWS leaves carry only basicConstraints and keyUsage; a web-PKI end-entity profile would demand SANs.
+_LEAF_EXTENSIONS = pkix.ExtensionPolicy.permit_all()
+
+
+def _path_verifier(store: pkix.Store, at: datetime) -> pkix.ClientVerifier:
+    """The one path validator: every chain, cold or under a cached CA path, is validated by it."""
+    return (
+        pkix.PolicyBuilder()
+        .store(store)
+        .time(at.replace(tzinfo=None))
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_CA_EXTENSIONS, ee_policy=_LEAF_EXTENSIONS)
+        .build_client_verifier()
+    )
 
 
 def check_document_kind(doc: AttestationDocument, *, allow_nitrotpm: bool = False) -> None:
@@ -466,26 +559,78 @@ def _require_p384(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKe
     return key
 
 
-#: DER of a P-384 SubjectPublicKeyInfo up to the point: SEQUENCE { SEQUENCE { id-ecPublicKey, secp384r1 },
-#: BIT STRING (98 bytes, 0 unused bits, uncompressed point 0x04 …) }.
-_P384_SPKI_HEADER = bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004")
+#: The DER of a P-384 SubjectPublicKeyInfo is these 24 bytes and the 96 bytes of the point's coordinates:
+#: SEQUENCE (118) { SEQUENCE (16) { id-ecPublicKey, secp384r1 }, BIT STRING (98) { 0 unused bits, 0x04 (an
+#: uncompressed point), X, Y } }. DER being unique, a SubjectPublicKeyInfo field of 120 bytes beginning with
+#: them *is* (by value) an uncompressed P-384 key with exactly these algorithm parameters.
+_P384_SPKI_PREFIX = bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004")
+_P384_SPKI_SIZE = len(_P384_SPKI_PREFIX) + 96
 
 
-def _require_p384_ca(cert: x509.Certificate, der: bytes, name: str) -> None:
-    """:func:`_require_p384` for CA certificates without parsing their keys (pyca parses them again to
-    verify, and key parsing is a noticeable part of a cold verification): the key algorithm must be EC and
-    the DER must hold a P-384 SubjectPublicKeyInfo; the signature algorithm must be ecdsa-with-SHA384."""
+def _require_p384_ca(cert: x509.Certificate, spki: bytes | None, name: str) -> None:
+    """:func:`_require_p384` for CA certificates without loading their keys (pyca loads them again to verify,
+    and a first key load is a noticeable part of a cold verification).
+
+    Decides on the certificate's own SubjectPublicKeyInfo field ``spki`` (:func:`_certificate_fields`, read
+    from the bytes pyca parsed into ``cert``), never on bytes found elsewhere in the certificate: it must
+    have the P-384 shape above, and the signature algorithm must be ecdsa-with-SHA384. Any other
+    SubjectPublicKeyInfo goes to :func:`_require_p384`, which loads the key and accepts it only if it is P-384
+    (so the shortcut can only send a certificate to the slower check). Not checked here: that the point is on
+    the curve — pyca checks that when the key verifies a signature, as the key of every certificate on the
+    validated path does."""
     if (
-        cert.public_key_algorithm_oid != PublicKeyAlgorithmOID.EC_PUBLIC_KEY
-        or _P384_SPKI_HEADER not in der
+        spki is None
+        or len(spki) != _P384_SPKI_SIZE
+        or spki[: len(_P384_SPKI_PREFIX)] != _P384_SPKI_PREFIX
     ):
-        _require_p384(cert, name)  # slow path: parse the key and explain what was found
+        _require_p384(cert, name)  # slow path: load the key and explain what was found
         return
     if cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
         raise VerificationError(
             f"{name} is signed with {cert.signature_algorithm_oid.dotted_string}; "
             "expected ecdsa-with-SHA384"
         )
+
+
+def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of the contents, end) of the DER element at ``pos``: one-byte tag, definite length."""
+    tag, first = data[pos], data[pos + 1]
+    if first < 0x80:
+        return tag, pos + 2, pos + 2 + first
+    count = first & 0x7F
+    length = int.from_bytes(data[pos + 2 : pos + 2 + count], "big")
+    return tag, pos + 2 + count, pos + 2 + count + length
+
+
+def _certificate_fields(der: bytes) -> tuple[bytes, bytes] | None:
+    """The DER of a certificate's subject and subjectPublicKeyInfo fields, found by walking the structure
+    (RFC 5280 §4.1: Certificate = SEQUENCE { tbsCertificate, ... }; tbsCertificate = SEQUENCE { [0] version,
+    serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ... }).
+
+    ``der`` must be bytes pyca has parsed as a certificate (strict DER, nothing after it), so the walk meets
+    only well-formed elements; anything unexpected returns None (the caller then loads the key, and does not
+    cache)."""
+    try:
+        tag, pos, end = _der_element(der, 0)  # Certificate
+        if tag != 0x30 or end != len(der):
+            return None
+        tag, pos, end = _der_element(der, pos)  # tbsCertificate
+        if tag != 0x30:
+            return None
+        if der[pos] == 0xA0:  # [0] EXPLICIT version
+            pos = _der_element(der, pos)[2]
+        # serialNumber, signature, issuer, validity
+        for expected in (0x02, 0x30, 0x30, 0x30):
+            tag, _, pos = _der_element(der, pos)
+            if tag != expected:
+                return None
+        tag, _, subject_end = _der_element(der, pos)
+        spki_tag, _, spki_end = _der_element(der, subject_end)
+    except IndexError:
+        return None
+    if tag != 0x30 or spki_tag != 0x30 or spki_end > end:
+        return None
+    return der[pos:subject_end], der[subject_end:spki_end]
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:
@@ -508,7 +653,9 @@ def _check_leaf(leaf: x509.Certificate) -> None:
 
 
 #: DER of the OIDs of NameConstraints (2.5.29.30), PolicyConstraints (2.5.29.36) and InhibitAnyPolicy
-#: (2.5.29.54). A certificate whose DER contains none of them cannot carry those extensions.
+#: (2.5.29.54): tag, length and value of the extnID, whose DER encoding is unique (pyca's parser refuses
+#: non-minimal lengths and OID arcs). A certificate whose DER contains none of them cannot carry those
+#: extensions; one that contains one of them somewhere is parsed to decide.
 _CONSTRAINT_OIDS = (b"\x06\x03\x55\x1d\x1e", b"\x06\x03\x55\x1d\x24", b"\x06\x03\x55\x1d\x36")
 
 
@@ -516,8 +663,13 @@ def _has_constraints(cert: x509.Certificate, der: bytes) -> bool:
     """Constraints a CA imposes on what it issues; paths with them are never short-cut by the CA cache.
 
     ``der`` is ``cert``'s DER encoding (passed in: re-encoding costs as much as the check)."""
+    # Byte-pattern shortcut, sound in one direction only: "absent ⇒ no such extension" holds for any DER
+    # certificate pyca parsed (a cached certificate's extensions were all parsed by path validation, which
+    # refuses undecodable ones); "present" decides nothing and parses. An error can only be a false
+    # "present": a certificate not cached. Parsing a fresh certificate's extensions costs more than a
+    # signature check, hence the shortcut.
     if not any(oid in der for oid in _CONSTRAINT_OIDS):
-        return False  # fast path: parsing a fresh certificate's extensions costs more than a signature check
+        return False
     for ext_type in (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy):
         try:
             cert.extensions.get_extension_for_class(ext_type)
@@ -525,23 +677,6 @@ def _has_constraints(cert: x509.Certificate, der: bytes) -> bool:
             continue
         return True
     return False
-
-
-def _check_leaf_link(leaf: x509.Certificate, issuer: x509.Certificate, at: datetime) -> None:
-    """The leaf's own link, for a leaf under an already validated CA path: signature, names, validity."""
-    try:
-        leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        raise VerificationError(
-            "the leaf certificate is not signed by the cabundle's last CA "
-            f"({issuer.subject.rfc4514_string()}); the chain is broken"
-        ) from None
-    if not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
-        raise VerificationError(
-            f"the leaf certificate is valid {leaf.not_valid_before_utc.isoformat()} .. "
-            f"{leaf.not_valid_after_utc.isoformat()}, not at {at.isoformat()}. "
-            "If the document is archived, verify it at its own time (--at doc)"
-        )
 
 
 # -- batch workers ---------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from enclavekit.attestation.verifier import Verifier
 from enclavekit.cli._render import warn
 from enclavekit.errors import UsageError
-from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
+if TYPE_CHECKING:  # imported where used: command modules load fast for --help
+    from enclavekit.attestation.verifier import Verifier
 
 #: ``--root PEM`` (repeatable), read by :func:`nsm_verifier`; shared by every command that verifies NSM
 #: attestations, so the option means the same everywhere.
@@ -22,6 +25,9 @@ root_option = click.option(
 
 def nsm_verifier(roots: tuple[str, ...]) -> Verifier:
     """A verifier for the given PEM roots (``--root``; default: AWS); warns loudly about any non-AWS root."""
+    from enclavekit.attestation.verifier import Verifier
+    from enclavekit.pki.roots import aws_root, fingerprint, load_pem_roots
+
     trust = [c for path in roots for c in load_pem_roots(path)] if roots else [aws_root()]
     verifier = Verifier(trust)
     if not verifier.trusts_only_aws:
@@ -34,8 +40,25 @@ def nsm_verifier(roots: tuple[str, ...]) -> Verifier:
 
 
 def host_port(value: str, option: str) -> tuple[str, int]:
-    """Parse HOST:PORT (IPv6 as [addr]:port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"{option}: expected HOST:PORT, found {value!r}")
-    return host.strip("[]"), int(port)
+    """Parse a TCP address flag: ``HOST:PORT`` or ``tcp://HOST:PORT`` (IPv6 as ``[addr]:port``)."""
+    from enclavekit.transport.address import TcpAddress, parse_endpoint
+
+    address = parse_endpoint(value, option=option, kinds=("tcp",))
+    assert isinstance(address, TcpAddress)
+    return address.host, address.port
+
+
+def endpoint_url(value: str, option: str, kinds: tuple[str, ...] = ("tcp", "unix")) -> str:
+    """An address flag in its canonical ``scheme://`` text (``HOST:PORT`` becomes ``tcp://HOST:PORT``)."""
+    from enclavekit.transport.address import parse_endpoint
+
+    return str(parse_endpoint(value, option=option, kinds=kinds))
+
+
+def bind_error(option: str, value: str, exc: OSError) -> UsageError:
+    """A failed bind as the user's mistake: which flag, which address, why."""
+    reason = exc.strerror or str(exc)
+    return UsageError(
+        f"{option} {value}: cannot listen there: {reason}; choose a free port or an address of"
+        " this machine"
+    )

@@ -12,15 +12,35 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
-from rich.progress import DownloadColumn, Progress, SpinnerColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
-from enclavekit.cli._render import emit_json, json_option, stderr
-from enclavekit.eif.build import blobs_directory, build_enclave
-from enclavekit.eif.image import check_env, export_from_docker, open_source, parse_cmd
+from enclavekit.cli._files import output_error
+from enclavekit.cli._render import emit_json, json_option, stderr, warn
+from enclavekit.eif.build import BuildResult, blobs_directory, build_enclave
+from enclavekit.eif.image import (
+    Image,
+    RootfsDir,
+    check_env,
+    docker_daemon_reachable,
+    export_from_docker,
+    open_source,
+    parse_cmd,
+)
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, HASH_ALGORITHM_SHA512_384
 from enclavekit.eif.metadata import load_custom_metadata
+from enclavekit.eif.registry.pull import BlobProgress, PulledImage, pull_image
+from enclavekit.eif.registry.reference import parse_reference
 from enclavekit.eif.sign import EifSigner
 from enclavekit.errors import UsageError
 
@@ -48,15 +68,33 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
     "--image",
     "image",
     metavar="SOURCE",
-    help="A docker-save tarball, an OCI layout (directory or tar; PATH:REF picks a tagged image) "
-    "or a root file-system directory.",
+    help="A docker-save tarball, an OCI layout (directory or tar; PATH:REF picks a tagged image), "
+    "a root file-system directory, or docker://REF to pull REF from its registry.",
 )
 @click.option(
     "--docker-uri",
     metavar="NAME",
-    help="Export NAME from a reachable Docker daemon (docker save) and build from that.",
+    help="Export NAME from a reachable Docker daemon (docker save); with no daemon (or --pull "
+    "always) pull NAME straight from its registry.",
 )
 @click.option(
+    "--pull",
+    type=click.Choice(["missing", "always", "never"]),
+    default="missing",
+    show_default=True,
+    help="--docker-uri: missing = use the Docker daemon when one is reachable, else the registry; "
+    "always = pull from the registry; never = only the daemon.",
+)
+@click.option(
+    "--insecure-registry",
+    "insecure_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Allow plain HTTP and unchecked TLS for this registry (repeatable; warns). Loopback "
+    "registries may use plain HTTP without it.",
+)
+@click.option(
+    "-o",
     "--output-file",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -77,8 +115,9 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
 )
 @click.option(
     "--private-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="PEM EC private key matching --signing-certificate.",
+    metavar="FILE|KMS-ARN",
+    help="PEM EC private key matching --signing-certificate, or the ARN of an AWS KMS key or "
+    "alias (arn:aws:kms:...) whose public key the certificate holds.",
 )
 @click.option(
     "--metadata",
@@ -99,7 +138,7 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
 )
 @click.option(
     "--arch",
-    type=click.Choice(["x86_64", "aarch64"]),
+    type=click.Choice(["x86_64", "aarch64", "amd64", "arm64", "arm64/v8"]),
     help="Pick this architecture from multi-arch images; for root-fs directories, the kernel to use "
     "(default x86_64).",
 )
@@ -114,12 +153,14 @@ def _byte_progress() -> Iterator[Callable[[int], None] | None]:
 def build_enclave_command(
     image: str | None,
     docker_uri: str | None,
+    pull: str,
+    insecure_registries: tuple[str, ...],
     output_file: Path,
     blobs: Path | None,
     name: str | None,
     version: str | None,
     signing_certificate: Path | None,
-    private_key: Path | None,
+    private_key: str | None,
     metadata_file: Path | None,
     cmd: str | None,
     env: tuple[str, ...],
@@ -142,20 +183,31 @@ def build_enclave_command(
         else None
     )
     custom = load_custom_metadata(metadata_file.read_bytes()) if metadata_file else None
+    registry_ref = _registry_reference(image, docker_uri, pull)
+    eif_arch = _EIF_ARCH[arch] if arch is not None else None
+    if not output_file.parent.is_dir():
+        raise UsageError(
+            f"--output-file {output_file}: the directory {output_file.parent} does not exist"
+        )
     _say("Start building the Enclave Image...")
+    pulled = _pull(registry_ref, arch, insecure_registries) if registry_ref is not None else None
     with (
         tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
         _byte_progress() as written,
     ):
-        if docker_uri is not None:
+        source: Image | RootfsDir
+        if pulled is not None:
+            source, image_name = pulled.image, pulled.reference.familiar_repository
+        elif docker_uri is not None:
             _say(f"Exporting {docker_uri} from the Docker daemon...")
-            source = open_source(str(export_from_docker(docker_uri, Path(scratch))), arch=arch)
-            image_name = docker_uri.split(":")[0]
+            source = open_source(str(export_from_docker(docker_uri, Path(scratch))), arch=eif_arch)
+            image_name = _repository_of(docker_uri)
         else:
             assert image is not None
-            source = open_source(image, arch=arch)
+            source = open_source(image, arch=eif_arch)
             image_name = None
-        result = build_enclave(
+        result = _build(
+            output_file,
             source,
             output_file,
             blobs_dir=blobs_directory(blobs, os.environ),
@@ -163,7 +215,7 @@ def build_enclave_command(
             version=version,
             cmd=parse_cmd(cmd),
             env=check_env(env),
-            arch=arch,
+            arch=eif_arch,
             signer=signer,
             custom_metadata=custom,
             source_date_epoch=os.environ.get("SOURCE_DATE_EPOCH"),
@@ -174,6 +226,89 @@ def build_enclave_command(
         )
     _say(f"Enclave Image successfully created: {result.path} ({result.size} bytes).")
     emit_json({"Measurements": result.measurements.to_json()})
+
+
+#: ``--arch`` spellings → the EIF's architecture.
+_EIF_ARCH = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+    "arm64/v8": "aarch64",
+}
+
+
+def _registry_reference(image: str | None, docker_uri: str | None, pull: str) -> str | None:
+    """The reference to pull from a registry, or None to use a local source or the daemon."""
+    if image is not None and image.startswith("docker://"):
+        return image.removeprefix("docker://")
+    if docker_uri is None:
+        return None
+    if pull == "always":
+        return docker_uri
+    if pull == "missing" and not docker_daemon_reachable():
+        _say("No Docker daemon is reachable: pulling from the registry.")
+        return docker_uri
+    return None
+
+
+def _repository_of(uri: str) -> str:
+    """``host:5000/app:1`` → ``host:5000/app`` (the name recorded as ImageName)."""
+    try:
+        return parse_reference(uri).familiar_repository
+    except UsageError:
+        return uri  # not a reference Docker would accept either: recorded as given
+
+
+def _pull(reference: str, arch: str | None, insecure: tuple[str, ...]) -> PulledImage:
+    ref = parse_reference(reference)
+    _say(f"Pulling {ref} from {ref.api_host}...")
+    with _layer_progress() as progress:
+        pulled = pull_image(
+            ref, arch=arch, insecure_registries=insecure, progress=progress, warn=warn
+        )
+    _say(f"Pulled {ref} ({pulled.manifest_digest}).")
+    return pulled
+
+
+@contextmanager
+def _layer_progress() -> Iterator[BlobProgress]:
+    """One rich progress bar per layer on a terminal; otherwise one line per finished layer."""
+    if not stderr.is_terminal:
+        reported: set[str] = set()
+
+        def line(label: str, done: int, total: int) -> None:
+            if done == total and label not in reported:
+                reported.add(label)
+                _say(f"  {label}: {total} bytes")
+
+        yield line
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        yield update
+
+
+def _build(output_file: Path, *args: Any, **kwargs: Any) -> BuildResult:
+    try:
+        return build_enclave(*args, **kwargs)
+    except OSError as exc:  # the EIF is written beside its target: name the target, not the temp
+        error = output_error(exc, {"--output-file": output_file})
+        if error is None:
+            raise
+        raise error from None
 
 
 def register(group: click.Group) -> None:

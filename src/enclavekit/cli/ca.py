@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from enclavekit.atls.ca import (
 )
 from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
 from enclavekit.atls.store import open_store
-from enclavekit.cli._common import host_port, nsm_verifier, root_option
-from enclavekit.cli._render import emit_json, json_option, stderr
+from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
+from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
+from enclavekit.cli._log import event, log_format_option, service_logging
+from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.pki.roots import fingerprint
 
@@ -73,7 +76,12 @@ def root(state_dir: Path, as_json: bool) -> None:
 
 
 @ca_group.command("serve")
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Address of the HTTP API.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the HTTP API: HOST:PORT or tcp://HOST:PORT (port 0: any free port).",
+)
 @_state_dir
 @click.option(
     "--policy",
@@ -98,6 +106,24 @@ def root(state_dir: Path, as_json: bool) -> None:
     show_default=True,
     help="Keep at most this many audit events (the newest).",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve HTTPS with a certificate from the CA's own root (key in memory, new each start).",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="DNS name or IP address for the --tls certificate (repeatable; what clients connect to).",
+)
+@click.option(
+    "--unsafe-plain-http",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address (admin token and issuance in clear).",
+)
+@log_format_option
 def serve(
     listen: str,
     state_dir: Path,
@@ -106,20 +132,51 @@ def serve(
     database: str | None,
     audit_retention_days: int,
     audit_max_events: int,
+    tls: bool,
+    tls_names: tuple[str, ...],
+    unsafe_plain_http: bool,
+    log_format: str,
 ) -> None:
-    """Serve the CA HTTP API (OpenAPI at /openapi.json) until interrupted.
+    """Serve the CA HTTP API (OpenAPI at /openapi.json, Prometheus at /metrics) until interrupted.
 
-    Limits on clients (body size, challenges, issuance rate, connections) are listed in the CA
-    service documentation.
+    Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
+    clients (body size, challenges, issuance rate, connections) are listed in the CA service
+    documentation. Logs one line on stderr per start, issuance, refusal (with its reason) and stop.
     """
+    import contextlib
+
     import uvicorn
 
+    from enclavekit.atls.ca_tls import in_memory_pem_files, is_loopback, issue_ca_tls_certificate
+    from enclavekit.atls.metrics import CaMetrics
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
+    if tls_names and not tls:
+        raise UsageError("--tls-name goes with --tls")
+    if tls and unsafe_plain_http:
+        raise UsageError("--tls and --unsafe-plain-http contradict each other; choose one")
+    if not tls and not is_loopback(host):
+        if not unsafe_plain_http:
+            raise UsageError(
+                f"--listen {listen} is not a loopback address: plain HTTP would send the admin"
+                " token and issuance in clear. Use --tls --tls-name NAME (or --unsafe-plain-http)"
+            )
+        warn(
+            f"serving the CA over plain HTTP on {listen} (--unsafe-plain-http): the admin token,"
+            " challenges and certificates cross the network in clear"
+        )
+    logger = service_logging(log_format)
     keys = load_ca_keys(state_dir)
+    require_text(
+        read_input(policy_file, "--policy", limit=MAX_POLICY_FILE),
+        policy_file,
+        "--policy",
+        "a YAML or JSON CA policy",
+    )
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
+    tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
     retention = timedelta(days=audit_retention_days)
     limits = CaLimits(
         audit_retention=retention,
@@ -127,28 +184,58 @@ def serve(
         audit_max_events=audit_max_events,
     )
     store = open_store(state_dir, database)
-    issuer = Issuer(
-        keys,
-        policy,
-        store,
-        NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
-        limits=limits,
-    )
-    app = create_app(issuer, admin_token=load_admin_token(state_dir))
-    stderr.print(
-        f"attestation CA on http://{host}:{port} (services: {', '.join(sorted(policy.services))})"
-    )
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            limit_concurrency=limits.max_connections,
-            timeout_keep_alive=5,
+        issuer = Issuer(
+            keys,
+            policy,
+            store,
+            NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
+            limits=limits,
         )
+        app = create_app(issuer, admin_token=load_admin_token(state_dir))
+        CaMetrics().install(app, issuer)
+        try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
+            sock = socket.create_server((host, port), family=_family(host))
+        except OSError as exc:
+            raise bind_error("--listen", listen, exc) from None
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://{shown}:{bound_port}"
+        services = sorted(policy.services)
+        with contextlib.ExitStack() as files:
+            keyfile = certfile = None
+            if tls_identity is not None:
+                key, cert = tls_identity
+                keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
+            config = uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                limit_concurrency=limits.max_connections,
+                timeout_keep_alive=5,
+                ssl_keyfile=keyfile,
+                ssl_certfile=certfile,
+            )
+            server = uvicorn.Server(config)
+            try:
+                event(
+                    logger,
+                    "start",
+                    f"attestation CA listening on {url} (services: {', '.join(services)})",
+                    listen=url,
+                    services=services,
+                )
+                with sock:
+                    server.run(sockets=[sock])
+            finally:
+                event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
     finally:
         store.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 @ca_group.command("revoke")

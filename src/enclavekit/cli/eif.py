@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from enclavekit.cli._files import output_error
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.eif.describe import describe_report
 from enclavekit.eif.measure import (
@@ -162,10 +163,12 @@ def pcr_command(
 @click.option(
     "--private-key",
     required=True,
-    type=_existing_file,
-    help="PEM or DER EC private key (P-256/384/521) of the certificate.",
+    metavar="FILE|KMS-ARN",
+    help="PEM or DER EC private key (P-256/384/521) of the certificate, or the ARN of an AWS KMS "
+    "ECC_NIST_P256/384/521 key or alias (arn:aws:kms:...) that signs with KMS Sign.",
 )
 @click.option(
+    "-o",
     "--output-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the signed EIF here instead of replacing --eif-path.",
@@ -175,16 +178,22 @@ def pcr_command(
 def sign_eif_command(
     eif_path: Path,
     signing_certificate: Path,
-    private_key: Path,
+    private_key: str,
     output_file: Path | None,
     hash_algorithm_label: str,
     as_json: bool,
 ) -> None:
     """Add or replace an EIF's signature over PCR0 (nitro-cli sign-eif); written atomically."""
     signer = EifSigner.from_files(signing_certificate, private_key)
-    measurements = sign_eif(
-        eif_path, signer, output=output_file, hash_algorithm=_HASH_LABELS[hash_algorithm_label]
-    )
+    try:
+        measurements = sign_eif(
+            eif_path, signer, output=output_file, hash_algorithm=_HASH_LABELS[hash_algorithm_label]
+        )
+    except OSError as exc:  # the signed EIF is written beside its target: name the target
+        error = output_error(exc, {"--output-file": output_file or eif_path})
+        if error is None:
+            raise
+        raise error from None
     stderr.print("Enclave Image successfully signed.")
     emit_json({"Measurements": measurements.to_json()})  # nitro-cli's shape, always on stdout
     if not as_json:

@@ -5,46 +5,39 @@ from __future__ import annotations
 import base64
 import binascii
 import sys
-from pathlib import Path
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from enclavekit.cli._files import read_input, text_encoding_error
 from enclavekit.cli._render import emit_json, json_option
 from enclavekit.errors import MalformedInput, UsageError
 from enclavekit.kms.envelope import MAX_ENVELOPE_SIZE, Envelope, key_identifiers
 
 
-def _read(path: str, what: str, limit: int) -> bytes:
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read(limit + 1)
-        else:
-            with Path(path).open("rb") as handle:
-                data = handle.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if len(data) > limit:
-        raise MalformedInput(f"{what} {path} is larger than {limit} bytes")
-    return data
+def _read(path: str, option: str, limit: int) -> bytes:
+    return read_input(path, option, limit=limit)
 
 
-def _envelope_bytes(data: bytes) -> bytes:
+def _envelope_bytes(data: bytes, path: str) -> bytes:
     """Binary BER/DER as is; otherwise base64 text (as in the KMS JSON ``CiphertextForRecipient``)."""
     if data[:1] == b"\x30":
         return data
+    problem = text_encoding_error(data)
+    if problem is not None:
+        raise MalformedInput(f"--envelope {path}: {problem}")
     try:
         return base64.b64decode(b"".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise MalformedInput(
-            "the envelope is neither BER/DER (starting with 0x30) nor base64 text"
+            f"--envelope {path}: neither BER/DER (starting with 0x30) nor base64 text"
         ) from None
 
 
 def _private_key(path: str) -> rsa.RSAPrivateKey:
-    data = _read(path, "private key", 1024 * 1024)
+    data = _read(path, "--private-key", 1024 * 1024)
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_private_key(data, password=None)
@@ -52,10 +45,11 @@ def _private_key(path: str) -> rsa.RSAPrivateKey:
             key = serialization.load_der_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise UsageError(
-            f"cannot load private key {path}: {exc}; expected an unencrypted PEM or DER RSA key"
+            f"--private-key {path}: cannot load it ({exc}); expected an unencrypted PEM or DER RSA"
+            " key"
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise UsageError(f"private key {path} is {type(key).__name__}, expected an RSA key")
+        raise UsageError(f"--private-key {path} is {type(key).__name__}, expected an RSA key")
     return key
 
 
@@ -110,11 +104,13 @@ def unwrap(
     if certificate_path is not None:
         try:
             certificate = x509.load_pem_x509_certificate(
-                _read(certificate_path, "certificate", 1024 * 1024)
+                _read(certificate_path, "--certificate", 1024 * 1024)
             )
         except ValueError as exc:
-            raise UsageError(f"cannot load certificate {certificate_path}: {exc}") from None
-    raw = _envelope_bytes(_read(envelope_path, "envelope", MAX_ENVELOPE_SIZE * 2))
+            raise UsageError(
+                f"--certificate {certificate_path}: not a PEM certificate ({exc})"
+            ) from None
+    raw = _envelope_bytes(_read(envelope_path, "--envelope", MAX_ENVELOPE_SIZE * 2), envelope_path)
     envelope = Envelope.from_ber(raw)
     plaintext = envelope.decrypt(key, certificate=certificate, expected_length=expected_length)
     if as_json:

@@ -19,6 +19,8 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from enclavekit._fs import write_atomic
+from enclavekit.cli._common import bind_error, endpoint_url
+from enclavekit.cli._files import parse_hex, renamed_option
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
 from enclavekit.errors import UsageError
 from enclavekit.nsm.client import ENV_VAR, Nsm
@@ -59,11 +61,7 @@ def _state_dir(value: Path | None) -> Path:
 def _parse_hex(value: str | None, name: str) -> bytes | None:
     if value is None:
         return None
-    text = value.strip().lower().removeprefix("0x")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"{name} must be hexadecimal, got {value!r}") from None
+    return parse_hex(value, name)
 
 
 def _parse_pcr_options(values: tuple[str, ...]) -> dict[int, bytes]:
@@ -127,7 +125,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         write_atomic(path, data, mode=0o666, durable=True)
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"--output-file {path}: cannot write it: {exc.strerror or exc}") from None
 
 
 def _backend_name() -> str:
@@ -169,7 +167,7 @@ def _warn_if_emulated() -> None:
 @click.option(
     "--listen",
     metavar="URL",
-    help="unix:///path or tcp://host:port (default unix://<state-dir>/nsm.sock).",
+    help="unix:///path, HOST:PORT or tcp://HOST:PORT (default unix://<state-dir>/nsm.sock).",
 )
 @click.option("--region", default=DEFAULT_REGION, show_default=True, help="Region in CA names.")
 @click.option("--module-id", help="Module id (default random, i-<17 hex>-enc<16 hex>).")
@@ -208,13 +206,16 @@ def serve(
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    url = listen or f"unix://{directory / 'nsm.sock'}"
+    url = endpoint_url(listen, "--listen") if listen else f"unix://{directory / 'nsm.sock'}"
     asyncio.run(_serve(emulator, url, directory, as_json))
 
 
 async def _serve(emulator: NsmEmulator, url: str, directory: Path, as_json: bool) -> None:
     server = EmulatorServer(emulator, url)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        raise bind_error("--listen", url, exc) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -252,15 +253,30 @@ async def _serve(emulator: NsmEmulator, url: str, directory: Path, as_json: bool
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="The emulator's state directory (created with a new root if empty).",
+    help="The emulator's state directory (default $ENCLAVEKIT_STATE_DIR/nsm, else "
+    "~/.local/state/enclavekit/nsm). It must hold a root unless --create is given.",
+)
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Create the directory and a new root when there is none (`nsm serve` does this too).",
 )
 @json_option
-def root(state_dir: Path | None, as_json: bool) -> None:
+def root(state_dir: Path | None, create: bool, as_json: bool) -> None:
     """Print the emulator root certificate (PEM) on stdout, to pin it in a verifier.
 
     This root is never trusted by default: pass it explicitly (`enclavekit verify --root FILE`).
+    Exit 2 when the state directory holds no root and --create is not given: a new root printed by
+    mistake would be pinned and then match no document.
     """
     directory = _state_dir(state_dir)
+    if not create and not (directory / "root.pem").exists():
+        where = "--state-dir" if state_dir is not None else "the default state directory"
+        found = "does not exist" if not directory.exists() else "holds no root.pem"
+        raise UsageError(
+            f"{where} {directory} {found}: no emulator root to print. Start `enclavekit nsm serve"
+            f" --state-dir {directory}` (which creates it), or pass --create to make a new root"
+        )
     pki = EmulatedAwsPki.load_or_create(directory)
     certificate = pki.root_certificate()
     if as_json:
@@ -289,7 +305,9 @@ def root(state_dir: Path | None, as_json: bool) -> None:
     help="File whose key to embed: a PEM public key is embedded as DER SubjectPublicKeyInfo, "
     "any other file as its raw bytes.",
 )
-@click.option(
+@renamed_option(
+    ("-o", "--output-file"),
+    "output",
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
@@ -314,7 +332,7 @@ def attest(
         )
     if str(output) == "-":
         if as_json:
-            raise UsageError("--json needs --output FILE (stdout carries the document)")
+            raise UsageError("--json needs --output-file FILE (stdout carries the document)")
         sys.stdout.buffer.write(document)
         sys.stdout.flush()
     else:
@@ -356,7 +374,7 @@ def _pcr_report(index: int, lock: bool, data: bytes, as_json: bool) -> None:
         emit_json({"index": index, "lock": lock, "data": data.hex()})
         return
     stderr.print(f"PCR{index} ({'locked' if lock else 'unlocked'})")
-    stderr.print(data.hex())
+    click.echo(data.hex())  # the value is the result: stdout, like the raw output of other commands
 
 
 @nsm.command("describe-pcr")

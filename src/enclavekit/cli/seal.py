@@ -2,42 +2,32 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import click
 
-from enclavekit._fs import write_atomic
 from enclavekit.atls.seal import load_private_key, load_recipient_key, seal, unseal
-from enclavekit.attestation.document import read_document_bytes
-from enclavekit.attestation.policy import AllOf, NotDebug, load_policy
+from enclavekit.attestation.policy import AllOf, NotDebug
 from enclavekit.cli._common import nsm_verifier, root_option
+from enclavekit.cli._files import (
+    decode_document,
+    read_input,
+    read_policy,
+    renamed_option,
+    write_output,
+)
 from enclavekit.cli._render import stderr
 from enclavekit.errors import UsageError
 
 MAX_INPUT = 64 * 1024 * 1024 + 4096
 
 
-def _read(path: str | None) -> bytes:
-    if path is None or path == "-":
-        data = sys.stdin.buffer.read(MAX_INPUT + 1)
-    else:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(data) > MAX_INPUT:
-        raise UsageError(f"input is larger than {MAX_INPUT} bytes")
-    return data
+def _read(path: str | None, option: str) -> bytes:
+    return read_input("-" if path is None else path, option, limit=MAX_INPUT)
 
 
 def _write(data: bytes, output: str | None) -> None:
-    if output is None or output == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        write_atomic(output, data, mode=0o600)
+    write_output("-" if output is None else output, data, "--output-file", mode=0o600)
 
 
 @click.command("seal")
@@ -57,7 +47,9 @@ def _write(data: bytes, output: str | None) -> None:
 )
 @root_option
 @click.option("-i", "--input", "input_path", help="Plaintext file (default: stdin).")
-@click.option("-o", "--output", help="Sealed output file (default: stdout).")
+@renamed_option(
+    ("-o", "--output-file"), "output", "--output", help="Sealed file (default: stdout)."
+)
 def seal_command(
     doc_path: str,
     policy_file: str,
@@ -69,33 +61,36 @@ def seal_command(
 
     Exit 1 (nothing written) if the document does not verify or violates the policy.
     """
-    document = read_document_bytes(_read(doc_path))
+    document = decode_document(_read(doc_path, "--to"), f"--to {doc_path}")
     verifier = nsm_verifier(roots)
     verified = verifier.verify(
-        document, AllOf([NotDebug(), load_policy(policy_file)]), at=datetime.now(UTC)
+        document, AllOf([NotDebug(), read_policy(policy_file)]), at=datetime.now(UTC)
     )
     if verified.public_key is None:
         raise UsageError("the document has no public_key; the enclave must attest a sealing key")
     recipient = load_recipient_key(verified.public_key)
-    sealed = seal(_read(input_path), recipient)
+    sealed = seal(_read(input_path, "--input"), recipient)
     _write(sealed, output)
     stderr.print(f"sealed {len(sealed)} bytes to the key attested by {verified.module_id}")
 
 
 @click.command("unseal")
-@click.option(
-    "--key",
+@renamed_option(
+    ("--private-key",),
     "key_path",
+    "--key",
     required=True,
     type=click.Path(dir_okay=False),
     help="The enclave's private key (PEM PKCS#8) whose public key was attested.",
 )
 @click.option("-i", "--input", "input_path", help="Sealed file (default: stdin).")
-@click.option("-o", "--output", help="Plaintext output file (default: stdout).")
+@renamed_option(
+    ("-o", "--output-file"), "output", "--output", help="Plaintext output file (default: stdout)."
+)
 def unseal_command(key_path: str, input_path: str | None, output: str | None) -> None:
     """Decrypt a sealed payload inside the enclave. Exit 1 if it was sealed to another key or altered."""
-    key = load_private_key(_read(key_path))
-    _write(unseal(_read(input_path), key), output)
+    key = load_private_key(_read(key_path, "--private-key"))
+    _write(unseal(_read(input_path, "--input"), key), output)
 
 
 def register(group: click.Group) -> None:

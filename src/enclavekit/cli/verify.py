@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from cryptography import x509
 
-from enclavekit.attestation.document import AttestationDocument, read_document_bytes
-from enclavekit.attestation.policy import (
-    MaxAge,
-    NitroTpmPcrsEqual,
-    NonceEquals,
-    NotDebug,
-    PcrsEqual,
-    Policy,
-    UnsafeNoOp,
-    combine,
-    load_policy,
-    parse_pcr_index,
-    parse_pcr_value,
-)
-from enclavekit.attestation.verifier import VerifiedAttestation, _parse_cert
 from enclavekit.cli._common import nsm_verifier, root_option
+from enclavekit.cli._files import decode_document, parse_hex, read_input, read_policy
 from enclavekit.cli._render import emit_json, json_option, stderr, warn
-from enclavekit.errors import Error, MalformedInput, PolicyViolation, UsageError
-from enclavekit.pki.roots import fingerprint
+from enclavekit.errors import Error, PolicyViolation, UsageError
+
+if TYPE_CHECKING:  # imported where used, so `enclavekit verify --help` starts fast
+    from cryptography import x509
+
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.policy import Policy
+    from enclavekit.attestation.verifier import VerifiedAttestation
 
 #: Text encodings (hex/base64) of a 16 KiB document stay far below this; bounds what we read.
 MAX_INPUT = 1024 * 1024
@@ -43,19 +32,8 @@ def register(group: click.Group) -> None:
 
 def read_document(source: str) -> bytes:
     """Read DOC (a path or ``-``) and return raw COSE bytes (raw CBOR, hex or base64 accepted)."""
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with Path(source).open("rb") as handle:
-                data = handle.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {source!r}: {exc.strerror or exc}") from None
-    if len(data) > MAX_INPUT:
-        raise MalformedInput(
-            f"{source!r} is larger than {MAX_INPUT} bytes; not an attestation document"
-        )
-    return read_document_bytes(data)
+    data = read_input(source, "DOC", limit=MAX_INPUT)
+    return decode_document(data, f"DOC {source}")
 
 
 def parse_at(value: str, doc: AttestationDocument) -> datetime:
@@ -72,6 +50,8 @@ def parse_at(value: str, doc: AttestationDocument) -> datetime:
 
 
 def _pcr_options(values: tuple[str, ...], flag: str = "--pcr") -> dict[int, bytes]:
+    from enclavekit.attestation.policy import parse_pcr_index, parse_pcr_value
+
     out: dict[int, bytes] = {}
     for item in values:
         index, sep, hexvalue = item.partition("=")
@@ -87,13 +67,12 @@ def _pcr_options(values: tuple[str, ...], flag: str = "--pcr") -> dict[int, byte
 def _hex_option(value: str | None, name: str) -> bytes | None:
     if value is None:
         return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UsageError(f"{name}: {value!r} is not hex") from None
+    return parse_hex(value, name)
 
 
 def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
+    from enclavekit.pki.roots import fingerprint
+
     return {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
@@ -217,6 +196,17 @@ def verify(
     and policy satisfied; 1: verification or policy failure (every reason printed); 2: unusable input.
     NitroTPM (EC2 instance) documents are refused (exit 1) unless --allow-nitrotpm is given.
     """
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.policy import (
+        MaxAge,
+        NitroTpmPcrsEqual,
+        NonceEquals,
+        NotDebug,
+        PcrsEqual,
+        UnsafeNoOp,
+        combine,
+    )
+
     if max_age is not None and at_value == "doc":
         raise UsageError(
             "--max-age with --at doc: the age would be measured against the document's own timestamp, "
@@ -243,7 +233,7 @@ def verify(
     if expected_tpm:
         parts.append(NitroTpmPcrsEqual(expected_tpm))
     if policy_file:
-        parts.append(load_policy(policy_file))
+        parts.append(read_policy(policy_file))
     has_measurement_policy = bool(expected or expected_tpm or policy_file)
     nonce_bytes = _hex_option(nonce, "--nonce")
     if nonce_bytes is not None:
@@ -315,6 +305,9 @@ def verify(
 @json_option
 def inspect(doc: str, as_json: bool) -> None:
     """Decode and show an attestation document WITHOUT verifying it."""
+    from enclavekit.attestation.document import AttestationDocument
+    from enclavekit.attestation.verifier import _parse_cert
+
     raw = read_document(doc)
     decoded = AttestationDocument.from_cbor(raw)
     certs = []

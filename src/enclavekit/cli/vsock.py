@@ -10,10 +10,18 @@ from types import FrameType
 
 import click
 
+from enclavekit.cli._common import bind_error
 from enclavekit.cli._render import stderr, warn
 from enclavekit.errors import UsageError
-from enclavekit.transport.address import VMADDR_CID_ANY, TcpAddress, VsockAddress, parse_address
+from enclavekit.transport.address import (
+    VMADDR_CID_ANY,
+    Address,
+    TcpAddress,
+    VsockAddress,
+    parse_endpoint,
+)
 from enclavekit.transport.allowlist import DEFAULT_CONFIG_PATH, Allowlist, IpFamily
+from enclavekit.transport.errors import TransportError
 from enclavekit.transport.forwarder import Forwarder
 from enclavekit.transport.proxy import VsockProxy
 from enclavekit.transport.relay import DEFAULT_STALL_TIMEOUT
@@ -23,9 +31,15 @@ from enclavekit.transport.sockets import listen, local_address
 logger = logging.getLogger(__name__)
 
 
-def _serve(server: RelayServer, listen_text: str, what: str) -> None:
+def _serve(server: RelayServer, listen_at: Address, what: str, option: str) -> None:
     try:
-        listener = listen(parse_address(listen_text))
+        listener = listen(listen_at)
+    except OSError as exc:
+        server.close()
+        raise bind_error(option, str(listen_at), exc) from None
+    except TransportError as exc:
+        server.close()
+        raise UsageError(f"{option} {listen_at}: {exc}") from None
     except BaseException:
         server.close()
         raise
@@ -115,7 +129,12 @@ def vsock_proxy(
         stall_timeout=_stall(stall_timeout),
     )
     stderr.print(f"vsock-proxy: target {remote_addr}:{remote_port} ({proxy.remote_ip}) allowed")
-    _serve(proxy, listen_text or str(VsockAddress(VMADDR_CID_ANY, local_port)), "vsock-proxy")
+    listen_at = (
+        parse_endpoint(listen_text, option="--listen")
+        if listen_text
+        else VsockAddress(VMADDR_CID_ANY, local_port)
+    )
+    _serve(proxy, listen_at, "vsock-proxy", "--listen" if listen_text else "LOCAL_PORT")
 
 
 @click.command("vsock-forward")
@@ -143,8 +162,8 @@ def vsock_forward(
 
     Example inside an enclave: vsock-forward tcp://127.0.0.1:8000 vsock://3:8000
     """
-    target = parse_address(target_address)
-    listen_at = parse_address(listen_address)
+    target = parse_endpoint(target_address, option="TARGET_ADDRESS")
+    listen_at = parse_endpoint(listen_address, option="LISTEN_ADDRESS")
     if isinstance(listen_at, TcpAddress) and listen_at.host not in (
         "127.0.0.1",
         "::1",
@@ -153,8 +172,9 @@ def vsock_forward(
         warn(f"vsock-forward listens on {listen_at}, not loopback: other hosts may use the tunnel")
     _serve(
         Forwarder(target, workers=workers, stall_timeout=_stall(stall_timeout)),
-        str(listen_at),
+        listen_at,
         f"vsock-forward → {target}",
+        "LISTEN_ADDRESS",
     )
 
 

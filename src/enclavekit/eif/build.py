@@ -45,7 +45,6 @@ from enclavekit.eif.layers import (
     MergedTree,
     Spool,
     TarEntry,
-    read_layer_file,
 )
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
 from enclavekit.eif.metadata import BuildInfo, IdentityInfo
@@ -314,13 +313,12 @@ def _check_uncompressed(layer: LayerBlob, location: ContentRef, stop: threading.
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
 
 
-def layer_entries(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Iterator[TarEntry]:
-    """The entries of one layer; its digest and diff_id are checked.
+def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: DigestChecks) -> None:
+    """Apply one layer to ``tree``; its digest and diff_id are checked.
 
     Uncompressed layers are hashed on a worker thread of ``checks`` while only their headers are parsed
     here (the caller must call ``checks.wait()`` before trusting the result).
-    Gzip layers are hashed while they are decompressed and parsed, and their contents copied to
-    ``spool``.
+    Gzip layers are hashed while they are unpacked into ``spool``, checked, then parsed there.
     """
     location = layer.location
     with open(location.path, "rb") as handle:
@@ -334,7 +332,7 @@ def layer_entries(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Itera
     if not magic.startswith(_GZIP_MAGIC):
         checks.submit(layer, location)
         try:
-            yield from read_layer_file(location, label=layer.label, spool=spool)
+            tree.add_layer(location, label=layer.label)
         except MalformedInput:
             checks.wait()  # a digest mismatch explains a damaged tar better than the damage does
             raise
@@ -350,7 +348,7 @@ def layer_entries(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Itera
     _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
     spool.flush()
-    yield from read_layer_file(unpacked, label=layer.label, spool=spool)
+    tree.add_layer(unpacked, label=layer.label)
 
 
 def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
@@ -432,9 +430,7 @@ def index_image(
                 f"Reading {layer.label} ({number}/{len(source.layers)}, "
                 f"{layer.location.size / 1e6:.1f} MB)"
             )
-        tree.begin_layer(layer.label)
-        for entry in layer_entries(layer, spool, checks):
-            tree.apply(entry)
+        index_layer(tree, layer, spool, checks)
     tree.begin_layer("docker init layer")
     for entry in docker_init_layer():
         tree.apply(entry)
@@ -528,7 +524,7 @@ def build_enclave(
                 with ContentReader() as reader:
                     chunks = _then(
                         customer_ramdisk_chunks(
-                            tree.export(), cmd=cmd_file, env=env_file, read=reader.chunks
+                            tree.export(reader), cmd=cmd_file, env=env_file, read=reader.chunks
                         ),
                         checks.wait,  # before the EIF is committed: a bad layer leaves no output
                     )
@@ -554,6 +550,12 @@ def _then(chunks: Iterator[bytes], last: Callable[[], None]) -> Iterator[bytes]:
     last()
 
 
+def _untagged(repo_tag: str) -> str:
+    """``host:5000/app:1`` → ``host:5000/app``; ``app:1`` → ``app`` (a registry port is kept)."""
+    name, colon, tag = repo_tag.rpartition(":")
+    return name if colon and "/" not in tag else repo_tag
+
+
 def _metadata(
     source: Image | RootfsDir,
     blobs: Blobs,
@@ -565,7 +567,7 @@ def _metadata(
 ) -> IdentityInfo:
     if isinstance(source, Image):
         default_name = image_name or (
-            source.repo_tags[0].split(":")[0] if source.repo_tags else Path(source.source).name
+            _untagged(source.repo_tags[0]) if source.repo_tags else Path(source.source).name
         )
         default_version = source.config.image_id
         created = source.config.created

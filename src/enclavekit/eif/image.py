@@ -630,3 +630,20 @@ def export_from_docker(uri: str, destination: Path, *, docker: str = "docker") -
             f"docker save {uri} failed: {saved.stderr.strip() or 'no output'}; {advice}"
         )
     return target
+
+
+def docker_daemon_reachable(*, docker: str = "docker", timeout: float = 10.0) -> bool:
+    """Whether the ``docker`` client is installed and its daemon answers ``docker version``."""
+    executable = shutil.which(docker)
+    if executable is None:
+        return False
+    try:
+        done = subprocess.run(
+            [executable, "version", "--format", "{{.Server.Version}}"],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and bool(done.stdout.strip())

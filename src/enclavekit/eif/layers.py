@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import enum
 import itertools
-import math
-import tarfile
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, BinaryIO, NamedTuple, cast
+from typing import BinaryIO, NamedTuple
 
+from enclavekit.eif.tarscan import FileWindow, TarScanner
 from enclavekit.errors import MalformedInput
 
-#: Refuse images with more entries than this: the merged index is held in memory (~0.5 KiB per entry).
+#: Refuse images with more entries than this: the merged index is held in memory (see :class:`MergedTree`).
 MAX_ENTRIES = 2_000_000
 #: Compressed layers may unpack to at most this many bytes in total (an EIF holds the image in
 #: enclave memory; 64 GiB is far beyond any enclave image).
@@ -64,8 +63,7 @@ class EntryKind(enum.Enum):
     FIFO = "fifo"
 
 
-@dataclass(frozen=True, slots=True)
-class ContentRef:
+class ContentRef(NamedTuple):
     """``size`` bytes at ``offset`` of the file at ``path``: where a regular file's contents live."""
 
     path: str
@@ -99,34 +97,44 @@ class TarEntry(NamedTuple):
 
 _serials = itertools.count(1)
 
+#: A non-directory node of the merged tree is one int: the layer number above :data:`_LAYER_SHIFT`, then
+#: either the offset of the entry's tar header in that layer, or (with :data:`_EXTRA` set) an index into
+#: the tree's list of entries that came without a tar header (root-fs directories, Docker's init layer).
+#: Hard-linked names hold the same int. Attributes are read again from the header when listed.
+_LAYER_SHIFT = 48
+_EXTRA = 1 << 47
+_POSITION_MASK = _EXTRA - 1
 
-class _Node:
-    """A file-system object of the merged view; hard-linked names share one node."""
 
-    __slots__ = (
-        "children",
-        "content",
-        "gid",
-        "kind",
-        "linkname",
-        "mtime",
-        "permissions",
-        "rdev",
-        "serial",
-        "uid",
-    )
+class _Dir:
+    """A directory of the merged view: its attributes, its children, the last layer that touched it."""
 
-    def __init__(self, entry: TarEntry) -> None:
+    __slots__ = ("children", "gid", "layer", "mtime", "permissions", "serial", "uid")
+
+    def __init__(self, permissions: int, uid: int, gid: int, mtime: int, layer: int) -> None:
         self.serial = next(_serials)
-        self.kind = entry.kind
-        self.permissions = entry.permissions
-        self.uid = entry.uid
-        self.gid = entry.gid
-        self.mtime = entry.mtime
-        self.linkname = entry.linkname
-        self.rdev = (entry.rdev_major, entry.rdev_minor)
-        self.content = entry.content
-        self.children: dict[bytes, _Node] | None = {} if entry.kind is EntryKind.DIRECTORY else None
+        self.permissions = permissions
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.layer = layer
+        self.children: dict[bytes, _Dir | int] = {}
+
+
+_TAR_KINDS = {
+    b"0": EntryKind.REGULAR,
+    b"\0": EntryKind.REGULAR,
+    b"7": EntryKind.REGULAR,
+    b"5": EntryKind.DIRECTORY,
+    b"2": EntryKind.SYMLINK,
+    b"1": EntryKind.HARDLINK,
+    b"3": EntryKind.CHAR,
+    b"4": EntryKind.BLOCK,
+    b"6": EntryKind.FIFO,
+}
+_new = tuple.__new__
+#: A layer's scanner, its file and the offset of the tar in that file.
+_Source = tuple[TarScanner, str, int]
 
 
 def split_name(name: bytes, *, what: str = "entry") -> tuple[bytes, ...]:
@@ -158,9 +166,9 @@ def _show(name: bytes) -> str:
     return repr(name.decode("utf-8", "backslashreplace"))
 
 
-def _escapes_root(directory: tuple[bytes, ...], target: bytes) -> bool:
-    """Would a relative symlink in ``directory`` pointing at ``target`` climb above the root?"""
-    depth = len(directory)
+def _escapes_root(depth: int, target: bytes) -> bool:
+    """Would a relative symlink ``depth`` directories below the root pointing at ``target`` climb above
+    the root?"""
     for part in target.split(b"/"):
         if part in (b"", b"."):
             continue
@@ -171,64 +179,109 @@ def _escapes_root(directory: tuple[bytes, ...], target: bytes) -> bool:
 
 
 class MergedTree:
-    """The root file system an image's layers add up to. Feed layers in order, then :meth:`export`."""
+    """The root file system an image's layers add up to. Feed layers in order (:meth:`add_layer` for a
+    layer tar, or :meth:`begin_layer` and :meth:`apply` per entry), then :meth:`export`.
+
+    Memory per entry: its name (a dict key in its directory) and one int (layer number and the offset of
+    its tar header; attributes are read again from the header when the tree is listed) — what whiteouts
+    and hard links across layers need; directories also keep their attributes.
+    """
 
     def __init__(self) -> None:
-        self._root = _Node(TarEntry(b"", EntryKind.DIRECTORY, 0o755))
-        self._touched: set[tuple[int, bytes]] = set()
+        self._layer_number = 0
+        self._root = _Dir(0o755, 0, 0, 0, 0)
+        self._linked: set[tuple[int, bytes]] = set()  # hard-link names the current layer wrote
+        self._link_targets: set[int] = set()  # nodes a hard link ever pointed at
         self._entries = 0
         self._layer = "layer"
+        self._sources: dict[int, tuple[ContentRef, str]] = {}  # layer number -> its tar
+        self._extra: list[TarEntry] = []
+        self._cached: bytes | None = None  # parent path of the last entry, and its directory
+        self._cached_dir = self._root
 
     # -- building ---------------------------------------------------------------------------------------
     def begin_layer(self, label: str) -> None:
         """Start a new layer: whiteouts from now on hide only what earlier layers added."""
-        self._touched = set()
+        self._layer_number += 1
+        if self._layer_number >= 1 << (63 - _LAYER_SHIFT):
+            raise self._fail("too many layers")
+        self._linked = set()
         self._layer = label
+        self._cached = None
+
+    def add_layer(self, location: ContentRef, *, label: str) -> None:
+        """Apply every entry of the uncompressed layer tar at ``location`` (see :mod:`.tarscan`)."""
+        self.begin_layer(label)
+        self._sources[self._layer_number] = (location, label)
+        stamp = self._layer_number << _LAYER_SHIFT
+        kinds = _TAR_KINDS
+        directory = EntryKind.DIRECTORY
+        with open(location.path, "rb") as handle:
+            scanner = TarScanner(FileWindow(handle), location.offset, location.size, label=label)
+            for member in scanner.members():
+                kind = kinds[member.type]
+                if kind is directory:
+                    self._apply(
+                        member.name,
+                        kind,
+                        b"",
+                        0,
+                        member.mode & 0o7777,
+                        member.uid,
+                        member.gid,
+                        member.mtime,
+                    )
+                else:
+                    self._apply(member.name, kind, member.linkname, stamp | member.position)
 
     def _fail(self, message: str) -> MalformedInput:
         return MalformedInput(f"{self._layer}: {message}")
-
-    def _parent(self, parts: tuple[bytes, ...], name: bytes) -> _Node:
-        """The directory holding ``parts[-1]``, creating missing directories as the layer would."""
-        node = self._root
-        for depth, part in enumerate(parts[:-1]):
-            assert node.children is not None
-            child = node.children.get(part)
-            if child is None:
-                child = _Node(
-                    TarEntry(
-                        part,
-                        EntryKind.DIRECTORY,
-                        IMPLICIT_DIR_PERMISSIONS,
-                        mtime=IMPLICIT_DIR_MTIME,
-                    )
-                )
-                node.children[part] = child
-                self._count()
-            elif child.kind is not EntryKind.DIRECTORY:
-                where = _show(b"/".join(parts[: depth + 1]))
-                if child.kind is EntryKind.SYMLINK:
-                    raise self._fail(
-                        f"entry {_show(name)} lies below the symlink {where}; writing through symlinks "
-                        "could leave the image root (path traversal refused)"
-                    )
-                raise self._fail(
-                    f"entry {_show(name)} lies below {where}, which is a {child.kind.value}, "
-                    "not a directory"
-                )
-            self._touched.add((node.serial, part))
-            node = child
-        return node
 
     def _count(self) -> None:
         self._entries += 1
         if self._entries > MAX_ENTRIES:
             raise self._fail(f"the image has more than {MAX_ENTRIES} entries; refusing to index it")
 
-    def _lookup(self, parts: tuple[bytes, ...]) -> _Node | None:
+    def _directory(self, parts: Iterable[bytes], name: bytes) -> _Dir:
+        """The directory ``parts`` (creating missing ones as the layer would), marked as touched."""
+        layer = self._layer_number
         node = self._root
+        walked: list[bytes] = []
         for part in parts:
-            if node.children is None:
+            walked.append(part)
+            child = node.children.get(part)
+            if child is None:
+                child = _Dir(IMPLICIT_DIR_PERMISSIONS, 0, 0, IMPLICIT_DIR_MTIME, layer)
+                node.children[part] = child
+                self._count()
+            elif not isinstance(child, _Dir):
+                where = _show(b"/".join(walked))
+                if self._kind(child) is EntryKind.SYMLINK:
+                    raise self._fail(
+                        f"entry {_show(name)} lies below the symlink {where}; writing through symlinks "
+                        "could leave the image root (path traversal refused)"
+                    )
+                raise self._fail(
+                    f"entry {_show(name)} lies below {where}, which is a {self._kind(child).value}, "
+                    "not a directory"
+                )
+            else:
+                child.layer = layer
+            node = child
+        return node
+
+    def _kind(self, node: int) -> EntryKind:
+        if node & _EXTRA:
+            return self._extra[node & _POSITION_MASK].kind
+        location, label = self._sources[node >> _LAYER_SHIFT]
+        with open(location.path, "rb") as handle:
+            scanner = TarScanner(FileWindow(handle), location.offset, location.size, label=label)
+            return _TAR_KINDS[scanner.member_at(node & _POSITION_MASK).type]
+
+    def _lookup(self, parts: tuple[bytes, ...]) -> _Dir | int | None:
+        node: _Dir | int = self._root
+        for part in parts:
+            if not isinstance(node, _Dir):
                 return None
             found = node.children.get(part)
             if found is None:
@@ -237,188 +290,330 @@ class MergedTree:
         return node
 
     def apply(self, entry: TarEntry) -> None:
-        """Apply one entry of the current layer."""
-        parts = split_name(entry.name)
-        if not parts:
-            return  # the root directory itself: docker export never lists it
-        base = parts[-1]
-        if WHITEOUT_PREFIX in entry.name and any(p.startswith(WHITEOUT_PREFIX) for p in parts[:-1]):
-            raise self._fail(f"entry {_show(entry.name)} lies below a whiteout name")
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parts, entry.name)
+        """Apply one entry of the current layer (its attributes are kept with it)."""
+        if entry.kind is EntryKind.DIRECTORY:
+            self._apply(
+                entry.name, entry.kind, b"", 0, entry.permissions, entry.uid, entry.gid, entry.mtime
+            )
             return
-        parent = self._parent(parts, entry.name)
-        assert parent.children is not None
-        existing = parent.children.get(base)
-        if entry.kind is EntryKind.HARDLINK:
-            node = self._link_target(entry)
-        elif (
-            entry.kind is EntryKind.DIRECTORY
-            and existing is not None
-            and existing.children is not None
+        node = (self._layer_number << _LAYER_SHIFT) | _EXTRA | len(self._extra)
+        if node & _POSITION_MASK != len(self._extra):
+            raise self._fail("too many entries")
+        self._extra.append(entry)
+        self._apply(entry.name, entry.kind, entry.linkname, node)
+
+    def _apply(
+        self,
+        name: bytes,
+        kind: EntryKind,
+        linkname: bytes,
+        node: int,
+        permissions: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+    ) -> None:
+        """One entry: ``node`` for non-directories, the attributes for directories."""
+        if (
+            not name
+            or name.startswith((b"/", b"."))
+            or name.endswith(b"/")
+            or b"//" in name
+            or b"/." in name
+            or b"\0" in name
+            or WHITEOUT_PREFIX in name
         ):
-            existing.permissions = entry.permissions
-            existing.uid, existing.gid, existing.mtime = entry.uid, entry.gid, entry.mtime
-            self._touched.add((parent.serial, base))
-            return
+            parts = split_name(name)
+            if not parts:
+                return  # the root directory itself: docker export never lists it
+            base = parts[-1]
+            if WHITEOUT_PREFIX in name and any(p.startswith(WHITEOUT_PREFIX) for p in parts[:-1]):
+                raise self._fail(f"entry {_show(name)} lies below a whiteout name")
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parts, name)
+                return
+            parent_path = b"/".join(parts[:-1])
+        else:  # a clean relative name (no "", "." or ".." components, no whiteout)
+            parent_path, _, base = name.rpartition(b"/")
+        if parent_path == self._cached:
+            parent = self._cached_dir
         else:
-            if entry.kind is EntryKind.SYMLINK:
-                self._check_symlink(parts, entry)
-            node = _Node(entry)
+            parts_above = parent_path.split(b"/") if parent_path else []
+            if len(parts_above) >= MAX_DEPTH:
+                split_name(name)
+            parent = self._directory(parts_above, name)
+            self._cached, self._cached_dir = parent_path, parent
+        children = parent.children
+        existing = children.get(base)
+        if kind is EntryKind.DIRECTORY:
+            if isinstance(existing, _Dir):
+                existing.permissions, existing.uid, existing.gid = permissions, uid, gid
+                existing.mtime, existing.layer = mtime, self._layer_number
+                return
+            children[base] = _Dir(permissions, uid, gid, mtime, self._layer_number)
+        elif kind is EntryKind.HARDLINK:
+            target = self._link_target(name, linkname)
+            children[base] = target
+            self._linked.add((parent.serial, base))
+            self._link_targets.add(target)
+        else:
+            if kind is EntryKind.SYMLINK:
+                self._check_symlink(parent_path, name, linkname)
+            children[base] = node
         if existing is None:
             self._count()
-        parent.children[base] = node
-        self._touched.add((parent.serial, base))
+        elif isinstance(existing, _Dir):
+            self._cached = None  # a directory went away: cached parents may have gone with it
 
-    def _check_symlink(self, parts: tuple[bytes, ...], entry: TarEntry) -> None:
-        if not entry.linkname:
-            raise self._fail(f"symlink {_show(entry.name)} has an empty target")
-        if not entry.linkname.startswith(b"/") and _escapes_root(parts[:-1], entry.linkname):
+    def _check_symlink(self, parent_path: bytes, name: bytes, linkname: bytes) -> None:
+        if not linkname:
+            raise self._fail(f"symlink {_show(name)} has an empty target")
+        depth = parent_path.count(b"/") + 1 if parent_path else 0
+        if not linkname.startswith(b"/") and _escapes_root(depth, linkname):
             raise self._fail(
-                f"symlink {_show(entry.name)} -> {_show(entry.linkname)} points outside the image root "
+                f"symlink {_show(name)} -> {_show(linkname)} points outside the image root "
                 "(symlink escape refused)"
             )
 
-    def _link_target(self, entry: TarEntry) -> _Node:
-        target_parts = split_name(entry.linkname, what="hard link target")
+    def _link_target(self, name: bytes, linkname: bytes) -> int:
+        target_parts = split_name(linkname, what="hard link target")
         target = self._lookup(target_parts) if target_parts else None
         if target is None:
             raise self._fail(
-                f"hard link {_show(entry.name)} points to {_show(entry.linkname)}, which does not exist "
+                f"hard link {_show(name)} points to {_show(linkname)}, which does not exist "
                 "in this or an earlier layer"
             )
-        if target.kind is EntryKind.DIRECTORY:
-            raise self._fail(
-                f"hard link {_show(entry.name)} points to the directory {_show(entry.linkname)}"
-            )
+        if isinstance(target, _Dir):
+            raise self._fail(f"hard link {_show(name)} points to the directory {_show(linkname)}")
         return target
+
+    def _touched(self, directory: _Dir, name: bytes, node: _Dir | int) -> bool:
+        """Did the current layer write ``name`` in ``directory``?"""
+        if isinstance(node, _Dir):
+            return node.layer == self._layer_number
+        return (
+            node >> _LAYER_SHIFT == self._layer_number or (directory.serial, name) in self._linked
+        )
 
     def _whiteout(self, parts: tuple[bytes, ...], name: bytes) -> None:
         base = parts[-1]
         if base.startswith(_META_PREFIX) and base != OPAQUE_MARKER:
             return
-        parent = self._parent(parts, name)
-        assert parent.children is not None
+        self._cached = None
+        parent = self._directory(parts[:-1], name)
         if base == OPAQUE_MARKER:
             self._hide_lower(parent)
             return
         hidden = base[len(WHITEOUT_PREFIX) :]
         if hidden in (b"", b".", b".."):
             raise self._fail(f"whiteout {_show(name)} names no entry")
-        if (parent.serial, hidden) not in self._touched:
-            parent.children.pop(hidden, None)
+        kept = parent.children.get(hidden)
+        if kept is None:
+            return
+        if not self._touched(parent, hidden, kept):
+            del parent.children[hidden]
             return
         # The same layer also has an entry there: it stays, but what lower layers put below it
         # is hidden all the same (OCI: whiteouts apply to lower layers only).
-        kept = parent.children.get(hidden)
-        if kept is not None and kept.children is not None:
+        if isinstance(kept, _Dir):
             self._hide_lower(kept)
 
-    def _hide_lower(self, directory: _Node) -> None:
+    def _hide_lower(self, directory: _Dir) -> None:
         """An opaque directory: drop everything earlier layers put below it."""
-        assert directory.children is not None
-        for name in list(directory.children):
-            child = directory.children[name]
-            if (directory.serial, name) not in self._touched:
+        for name, child in list(directory.children.items()):
+            if not self._touched(directory, name, child):
                 del directory.children[name]
-            elif child.children is not None:
+            elif isinstance(child, _Dir):
                 self._hide_lower(child)
 
     # -- listing ----------------------------------------------------------------------------------------
-    def export(self) -> Iterator[TarEntry]:
+    def export(self, reader: ContentReader | None = None) -> Iterator[TarEntry]:
         """The tree as ``docker export`` lists it: depth first, names sorted bytewise within each
-        directory, directories with a trailing ``/``, later names of a hard-linked file as links."""
-        links = Counter(self._walk_serials(self._root))
-        yield from self._emit(self._root, b"", links, {})
+        directory, directories with a trailing ``/``, later names of a hard-linked file as links.
 
-    def _walk_serials(self, directory: _Node) -> Iterator[int]:
+        Tar headers are read again through ``reader`` (which then also serves the file contents from
+        the same window); a private one is used when none is given."""
+        own = reader is None
+        reader = reader or ContentReader()
+        try:
+            linked = self._link_targets
+            links = Counter(node for node in self._walk_nodes(self._root) if node in linked)
+            shared = {node for node, count in links.items() if count > 1}
+            scanners = {
+                number: (
+                    TarScanner(
+                        reader.window(location.path), location.offset, location.size, label=label
+                    ),
+                    location.path,
+                    location.offset,
+                )
+                for number, (location, label) in self._sources.items()
+            }
+            yield from self._emit(self._root, b"", shared, {}, scanners)
+        finally:
+            if own:
+                reader.close()
+
+    def _walk_nodes(self, directory: _Dir) -> Iterator[int]:
         todo = [directory]
         while todo:
             current = todo.pop()
-            assert current.children is not None
             for child in current.children.values():
-                if child.children is not None:
+                if isinstance(child, _Dir):
                     todo.append(child)
                 else:
-                    yield child.serial
+                    yield child
 
     def _emit(
-        self, directory: _Node, prefix: bytes, links: Counter[int], first_name: dict[int, bytes]
+        self,
+        directory: _Dir,
+        prefix: bytes,
+        shared: set[int],
+        first_name: dict[int, bytes],
+        scanners: dict[int, _Source],
     ) -> Iterator[TarEntry]:
-        assert directory.children is not None
-        for name in sorted(directory.children):
-            node = directory.children[name]
+        children = directory.children
+        extra = self._extra
+        kinds = _TAR_KINDS
+        regular = EntryKind.REGULAR
+        devices = (EntryKind.CHAR, EntryKind.BLOCK)
+        for name in sorted(children):
+            node = children[name]
             path = prefix + name
-            if node.children is not None:
-                yield TarEntry(
-                    path + b"/",
-                    EntryKind.DIRECTORY,
-                    node.permissions,
-                    node.uid,
-                    node.gid,
-                    node.mtime,
-                )
-                yield from self._emit(node, path + b"/", links, first_name)
-                continue
-            if links[node.serial] > 1:
-                first = first_name.get(node.serial)
-                if first is not None:
-                    yield TarEntry(
-                        path,
-                        EntryKind.HARDLINK,
+            if isinstance(node, _Dir):
+                yield _new(
+                    TarEntry,
+                    (
+                        path + b"/",
+                        EntryKind.DIRECTORY,
                         node.permissions,
                         node.uid,
                         node.gid,
                         node.mtime,
-                        first,
-                    )
+                        b"",
+                        0,
+                        0,
+                        None,
+                    ),
+                )
+                yield from self._emit(node, path + b"/", shared, first_name, scanners)
+                continue
+            if node in shared:
+                first = first_name.get(node)
+                if first is not None:
+                    yield self._link_entry(node, path, first, scanners)
                     continue
-                first_name[node.serial] = path
-            yield TarEntry(
-                path,
-                node.kind,
-                node.permissions,
-                node.uid,
-                node.gid,
-                node.mtime,
-                node.linkname,
-                node.rdev[0],
-                node.rdev[1],
-                node.content,
+                first_name[node] = path
+            if node & _EXTRA:
+                entry = extra[node & _POSITION_MASK]
+                yield entry if entry.name == path else entry._replace(name=path)
+                continue
+            scanner, file, offset = scanners[node >> _LAYER_SHIFT]
+            member = scanner.member_at(node & _POSITION_MASK)
+            kind = kinds[member.type]
+            if kind is EntryKind.SYMLINK or kind is EntryKind.DIRECTORY:
+                # Headers are read again here: checks that depend on them are made again.
+                self._recheck(path, kind, member.linkname, node)
+            device = kind in devices
+            yield _new(
+                TarEntry,
+                (
+                    path,
+                    kind,
+                    member.mode & 0o7777,
+                    member.uid,
+                    member.gid,
+                    member.mtime,
+                    member.linkname,
+                    member.devmajor if device else 0,
+                    member.devminor if device else 0,
+                    _new(ContentRef, (file, offset + member.data, member.size))
+                    if kind is regular
+                    else None,
+                ),
             )
+
+    def _recheck(self, path: bytes, kind: EntryKind, linkname: bytes, node: int) -> None:
+        self._layer = self._sources[node >> _LAYER_SHIFT][1]
+        if kind is EntryKind.DIRECTORY:
+            raise self._fail(
+                f"{_show(path)} was indexed as a file but its tar header now says directory; was the "
+                "layer changed during the build?"
+            )
+        self._check_symlink(path.rpartition(b"/")[0], path, linkname)
+
+    def _link_entry(
+        self, node: int, path: bytes, first: bytes, scanners: dict[int, _Source]
+    ) -> TarEntry:
+        """A later name of a hard-linked file: a link to ``first``, with the file's attributes."""
+        if node & _EXTRA:
+            entry = self._extra[node & _POSITION_MASK]
+            permissions, uid, gid, mtime = entry.permissions, entry.uid, entry.gid, entry.mtime
+        else:
+            member = scanners[node >> _LAYER_SHIFT][0].member_at(node & _POSITION_MASK)
+            permissions, uid, gid, mtime = (
+                member.mode & 0o7777,
+                member.uid,
+                member.gid,
+                member.mtime,
+            )
+        return TarEntry(path, EntryKind.HARDLINK, permissions, uid, gid, mtime, first)
 
 
 class ContentReader:
-    """Reads :class:`ContentRef` bytes in chunks, keeping a few files open."""
+    """Reads :class:`ContentRef` bytes through a window per file (:class:`.tarscan.FileWindow`), keeping a
+    few files open: contents read in file order cost one ``read`` per window, not one per file."""
 
     CHUNK = 1 << 20
     MAX_OPEN = 16
 
     def __init__(self) -> None:
-        self._files: dict[str, BinaryIO] = {}
+        self._files: dict[str, tuple[BinaryIO, FileWindow, int]] = {}
 
-    def chunks(self, ref: ContentRef) -> Iterator[bytes]:
-        """The referenced bytes; a file that shrank since it was indexed is an error."""
-        handle = self._files.get(ref.path)
-        if handle is None:
+    def window(self, path: str) -> FileWindow:
+        """The window over ``path`` (opened if needed)."""
+        return self._open(path)[1]
+
+    def _open(self, path: str) -> tuple[BinaryIO, FileWindow, int]:
+        found = self._files.get(path)
+        if found is None:
             if len(self._files) >= self.MAX_OPEN:
-                self._files.pop(next(iter(self._files))).close()
-            handle = open(ref.path, "rb")  # noqa: SIM115 - closed by close()
-            self._files[ref.path] = handle
-        handle.seek(ref.offset)
-        remaining = ref.size
+                self._files.pop(next(iter(self._files)))[0].close()
+            handle = open(path, "rb")  # noqa: SIM115 - closed by close()
+            size = os.fstat(handle.fileno()).st_size
+            found = self._files[path] = (handle, FileWindow(handle), size)
+        return found
+
+    def chunks(self, ref: ContentRef) -> Iterable[bytes]:
+        """The referenced bytes; a file that shrank since it was indexed is an error."""
+        found = self._files.get(ref.path)
+        _, window, size = found if found is not None else self._open(ref.path)
+        if ref.size <= self.CHUNK:
+            data = window.read(ref.offset, ref.size, limit=size)
+            if len(data) != ref.size:
+                raise self._short(ref, ref.size - len(data))
+            return (data,)
+        return self._stream(window, size, ref)
+
+    def _stream(self, window: FileWindow, size: int, ref: ContentRef) -> Iterator[bytes]:
+        position, remaining = ref.offset, ref.size
         while remaining:
-            chunk = handle.read(min(self.CHUNK, remaining))
+            chunk = window.read(position, min(self.CHUNK, remaining), limit=size)
             if not chunk:
-                raise MalformedInput(
-                    f"{ref.path}: expected {ref.size} bytes at offset {ref.offset}, the file ended "
-                    f"{remaining} bytes early (was it changed during the build?)"
-                )
+                raise self._short(ref, remaining)
+            position += len(chunk)
             remaining -= len(chunk)
             yield chunk
 
+    @staticmethod
+    def _short(ref: ContentRef, missing: int) -> MalformedInput:
+        return MalformedInput(
+            f"{ref.path}: expected {ref.size} bytes at offset {ref.offset}, the file ended "
+            f"{missing} bytes early (was it changed during the build?)"
+        )
+
     def close(self) -> None:
-        for handle in self._files.values():
+        for handle, _, _ in self._files.values():
             handle.close()
         self._files.clear()
 
@@ -430,25 +625,6 @@ class ContentReader:
 
 
 # -- reading layer tars ----------------------------------------------------------------------------------
-
-#: Read size when copying or checking layer data.
-TAR_BUFSIZE = 1 << 20
-#: Largest single read of a layer tar: tarfile reads PAX headers and GNU long names whole, so an
-#: oversized one would otherwise be held in memory.
-MAX_HEADER_READ = 16 << 20
-
-_TAR_KINDS = {
-    tarfile.REGTYPE: EntryKind.REGULAR,
-    tarfile.AREGTYPE: EntryKind.REGULAR,
-    tarfile.CONTTYPE: EntryKind.REGULAR,
-    tarfile.GNUTYPE_SPARSE: EntryKind.REGULAR,
-    tarfile.DIRTYPE: EntryKind.DIRECTORY,
-    tarfile.SYMTYPE: EntryKind.SYMLINK,
-    tarfile.LNKTYPE: EntryKind.HARDLINK,
-    tarfile.CHRTYPE: EntryKind.CHAR,
-    tarfile.BLKTYPE: EntryKind.BLOCK,
-    tarfile.FIFOTYPE: EntryKind.FIFO,
-}
 
 
 class Spool:
@@ -480,118 +656,26 @@ class Spool:
         self._file.close()
 
 
-def read_layer_file(location: ContentRef, *, label: str, spool: Spool) -> Iterator[TarEntry]:
-    """The entries of an uncompressed layer tar stored at ``location``; file contents are referenced
-    in place (only headers are read). The caller checks the layer's digest first."""
+def read_layer_file(location: ContentRef, *, label: str) -> Iterator[TarEntry]:
+    """The entries of an uncompressed layer tar stored at ``location``, in archive order; file contents
+    are referenced in place (only headers are read, see :mod:`.tarscan`). The caller checks the layer's
+    digest. (:meth:`MergedTree.add_layer` reads a layer into the tree without making these entries.)"""
     with open(location.path, "rb") as handle:
-        window = _Window(handle, location.offset, location.size)
-        try:
-            with tarfile.open(
-                fileobj=cast(BinaryIO, window),
-                mode="r:",
-                encoding="utf-8",
-                errors="surrogateescape",
-            ) as archive:
-                # next() rather than iteration: tarfile keeps every member it has read in
-                # ``members``; clearing it keeps memory flat (hard links are resolved by the
-                # merged tree, never by tarfile).
-                seen: Any = getattr(archive, "members", None)  # undocumented, long-stable
-                while (member := archive.next()) is not None:
-                    if isinstance(seen, list):
-                        seen.clear()
-                    yield _to_entry(member, archive, label=label, spool=spool, direct=location)
-                end = archive.offset
-        except (tarfile.TarError, EOFError, UnicodeError) as exc:
-            raise MalformedInput(
-                f"{label}: not a readable tar archive ({exc}); the layer is corrupt or truncated"
-            ) from exc
-        window.seek(end)
-        while chunk := window.read(TAR_BUFSIZE):
-            if chunk.strip(b"\0"):
-                raise _damaged(label, end)
-
-
-def _damaged(label: str, offset: int) -> MalformedInput:
-    return MalformedInput(
-        f"{label}: the tar listing stops at a damaged header (offset {offset}) but data follows; "
-        "the layer is corrupt"
-    )
-
-
-class _Window:
-    """A read-only, seekable view of ``size`` bytes at ``offset`` of an open file."""
-
-    def __init__(self, handle: BinaryIO, offset: int, size: int) -> None:
-        self._handle = handle
-        self._offset = offset
-        self._size = size
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > self._size - self._pos:
-            n = max(0, self._size - self._pos)
-        if n > MAX_HEADER_READ:
-            # tarfile reads headers (PAX records, GNU long names) whole; file data is never read
-            # through here in one piece.
-            raise MalformedInput(
-                f"a tar header of {n} bytes at offset {self._pos}; refusing more than "
-                f"{MAX_HEADER_READ} (PAX records and long names are small)"
+        scanner = TarScanner(FileWindow(handle), location.offset, location.size, label=label)
+        for member in scanner.members():
+            kind = _TAR_KINDS[member.type]
+            device = kind in (EntryKind.CHAR, EntryKind.BLOCK)
+            yield TarEntry(
+                member.name,
+                kind,
+                member.mode & 0o7777,
+                member.uid,
+                member.gid,
+                member.mtime,
+                member.linkname,
+                member.devmajor if device else 0,
+                member.devminor if device else 0,
+                ContentRef(location.path, location.offset + member.data, member.size)
+                if kind is EntryKind.REGULAR
+                else None,
             )
-        self._handle.seek(self._offset + self._pos)
-        data = self._handle.read(n)
-        self._pos += len(data)
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-
-def _to_entry(
-    member: tarfile.TarInfo,
-    archive: tarfile.TarFile,
-    *,
-    label: str,
-    spool: Spool,
-    direct: ContentRef | None,
-) -> TarEntry:
-    kind = _TAR_KINDS.get(member.type)
-    name = member.name.encode("utf-8", "surrogateescape")
-    if kind is None:
-        raise MalformedInput(
-            f"{label}: entry {_show(name)} has unsupported tar type {member.type!r}"
-        )
-    content: ContentRef | None = None
-    if kind is EntryKind.REGULAR:
-        if direct is not None and not member.issparse():
-            if member.offset_data + member.size > direct.size:
-                raise MalformedInput(f"{label}: entry {_show(name)} runs past the end of the layer")
-            content = ContentRef(direct.path, direct.offset + member.offset_data, member.size)
-        else:
-            data = archive.extractfile(member)
-            assert data is not None
-            content = spool.append(iter(lambda: data.read(TAR_BUFSIZE), b""))
-            if content.size != member.size:
-                raise MalformedInput(f"{label}: entry {_show(name)} is truncated")
-    return TarEntry(
-        name,
-        kind,
-        member.mode & 0o7777,
-        member.uid,
-        member.gid,
-        math.floor(member.mtime),
-        member.linkname.encode("utf-8", "surrogateescape"),
-        member.devmajor if kind in (EntryKind.CHAR, EntryKind.BLOCK) else 0,
-        member.devminor if kind in (EntryKind.CHAR, EntryKind.BLOCK) else 0,
-        content,
-    )

@@ -32,6 +32,8 @@ MAX_FIELD = 0xFFFFFFFF
 
 TRAILER_NAME = b"TRAILER!!!"
 _HEADER_FORMAT = b"070701" + b"%08x" * 13
+#: The same header with the archive device and the zero check field written in.
+_SMALL_FORMAT = b"070701" + b"%08x" * 7 + b"0000000300000001" + b"%08x" * 3 + b"00000000"
 
 
 class FileType(enum.IntEnum):
@@ -160,6 +162,51 @@ class CpioWriter:
         self._remaining -= len(data)
         self._emit(data)
 
+    def add_small(
+        self,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        mtime: int,
+        rdev_major: int,
+        rdev_minor: int,
+        data: bytes,
+    ) -> None:
+        """:meth:`add` for an entry given as fields (``mode`` with its file type) and its whole data, in
+        one write to the sink. The name must be non-empty, without NUL, not the trailer's (the caller's
+        names are checked paths); fields outside newc's range take :meth:`add`'s path (and its error)."""
+        size = len(data)
+        if (uid | gid | mtime | rdev_major | rdev_minor | size) >> 32 or self._remaining:
+            file_type = FileType(mode >> 12)
+            entry = CpioEntry(
+                name, file_type, mode & 0o7777, uid, gid, mtime, size, rdev_major, rdev_minor
+            )
+            self.add(entry, data)
+            return
+        if self._closed:
+            raise ValueError("archive already closed")
+        offset = self._offset
+        head = _SMALL_FORMAT % (
+            self._inode,
+            mode,
+            uid,
+            gid,
+            2 if mode >> 12 == FileType.DIRECTORY else 1,
+            mtime,
+            size,
+            rdev_major,
+            rdev_minor,
+            len(name) + 1,
+        )
+        self._inode += 1
+        before = _ZEROS[-offset % 4]
+        end = offset + len(before) + len(head) + len(name) + 1
+        after = _ZEROS[-end % 4]
+        out = b"".join((before, head, name, b"\0", after, data))
+        self._sink.write(out)
+        self._offset = offset + len(out)
+
     def add(self, entry: CpioEntry, data: bytes | Iterable[bytes] = b"") -> None:
         """Header, name and data of one entry."""
         self.begin(entry)
@@ -241,6 +288,10 @@ _FILE_TYPES = {
 }
 
 
+_REGULAR_MODE = FileType.REGULAR << 12
+_SYMLINK_MODE = FileType.SYMLINK << 12
+
+
 def relative_link(name: bytes, target: bytes) -> bytes:
     """Go's ``filepath.Rel(filepath.Dir(name), target)`` for clean relative paths: how linuxkit turns a
     hard link into a symlink."""
@@ -296,7 +347,7 @@ class _ChunkBuffer:
 
 
 #: Chunks handed on by :func:`customer_ramdisk_chunks` are at least this large (except the last).
-CHUNK_SIZE = 256 << 10
+CHUNK_SIZE = 1 << 20
 
 
 def customer_ramdisk_chunks(
@@ -318,9 +369,12 @@ def customer_ramdisk_chunks(
     writer.add(CpioEntry(ROOTFS_PREFIX.rstrip(b"/"), FileType.DIRECTORY, 0o755))
     # 2. The image, filtered as linuxkit's ImageTar filters it.
     seen: set[bytes] = set()
+    add = writer.add_small
+    regular, symlink, hardlink = EntryKind.REGULAR, EntryKind.SYMLINK, EntryKind.HARDLINK
+    excluded, must_exist, types = EXCLUDED, MUST_EXIST, _FILE_TYPES
     for entry in entries:
         name = entry.name
-        if name in EXCLUDED:
+        if name in excluded:
             continue
         if name == b"etc/hosts":
             seen.add(name)
@@ -332,24 +386,46 @@ def customer_ramdisk_chunks(
             writer.add(_cpio(entry, FileType.SYMLINK, len(target), LINUXKIT_MTIME), target)
             continue
         mtime = entry.mtime
-        if name in MUST_EXIST:
+        if name in must_exist:
             seen.add(name)
             mtime = LINUXKIT_MTIME
-        file_type = _FILE_TYPES[entry.kind]
-        if entry.kind is EntryKind.HARDLINK:
-            target = relative_link(ROOTFS_PREFIX + name, ROOTFS_PREFIX + entry.linkname)
-            writer.add(_cpio(entry, file_type, len(target), mtime), target)
-        elif entry.kind is EntryKind.SYMLINK:
-            writer.add(_cpio(entry, file_type, len(entry.linkname), mtime), entry.linkname)
-        elif entry.kind is EntryKind.REGULAR and entry.content is not None:
-            writer.begin(_cpio(entry, file_type, entry.content.size, mtime))
-            for chunk in read(entry.content):
-                writer.write(chunk)
-                yield from buffer.take()
-            writer.end()
+        kind = entry.kind
+        data = b""
+        if kind is regular:
+            mode = _REGULAR_MODE | entry.permissions
+            content = entry.content
+            if content is not None:
+                chunks = read(content)
+                if type(chunks) is tuple and len(chunks) == 1 and len(chunks[0]) == content.size:
+                    data = chunks[0]
+                else:
+                    writer.begin(_cpio(entry, FileType.REGULAR, content.size, mtime))
+                    for chunk in chunks:
+                        writer.write(chunk)
+                        if buffer.ready:
+                            yield from buffer.take()
+                    writer.end()
+                    continue
+        elif kind is hardlink:
+            mode = _SYMLINK_MODE | entry.permissions
+            data = relative_link(ROOTFS_PREFIX + name, ROOTFS_PREFIX + entry.linkname)
+        elif kind is symlink:
+            mode = _SYMLINK_MODE | entry.permissions
+            data = entry.linkname
         else:
-            writer.add(_cpio(entry, file_type, 0, mtime))
-        yield from buffer.take()
+            mode = (types[kind] << 12) | entry.permissions
+        add(
+            ROOTFS_PREFIX + name,
+            mode,
+            entry.uid,
+            entry.gid,
+            mtime,
+            entry.rdev_major,
+            entry.rdev_minor,
+            data,
+        )
+        if buffer.ready:
+            yield from buffer.take()
     # 3. Must-exist entries the image lacked.
     for name, (file_type, permissions, link) in MUST_EXIST.items():
         if name in seen:

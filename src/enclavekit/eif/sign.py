@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -43,6 +43,20 @@ _CURVES: dict[str, tuple[int, hashes.HashAlgorithm, int]] = {
     "secp521r1": (-36, hashes.SHA512(), 66),
 }
 _ALGS = {alg: (digest, size) for alg, digest, size in _CURVES.values()}
+
+
+class EcSigningKey(Protocol):
+    """What signing needs of an EC private key: pyca's ``EllipticCurvePrivateKey`` has it, and so
+    does :class:`enclavekit.kms.signing_key.KmsSigningKey` (the key stays in AWS KMS)."""
+
+    @property
+    def curve(self) -> ec.EllipticCurve: ...
+
+    def public_key(self) -> ec.EllipticCurvePublicKey: ...
+
+    def sign(
+        self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+    ) -> bytes: ...
 
 
 # --- serde_cbor-compatible encoding ---------------------------------------------------------------
@@ -151,7 +165,7 @@ def decode_signature_section(data: bytes) -> tuple[PcrSignature, ...]:
 
 
 def _curve_params(
-    key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePublicKey | EcSigningKey,
 ) -> tuple[int, Any, int]:
     try:
         return _CURVES[key.curve.name]
@@ -165,7 +179,7 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
     return b"\x84" + _text("Signature1") + _bstr(protected) + _bstr(b"") + _bstr(payload)
 
 
-def cose_sign1(payload: bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+def cose_sign1(payload: bytes, private_key: EcSigningKey) -> bytes:
     """An untagged COSE_Sign1 over ``payload`` with an empty unprotected map (as
     aws-nitro-enclaves-cose)."""
     alg, digest, size = _curve_params(private_key)
@@ -230,10 +244,12 @@ def cose_verify(cose: bytes, public_key: ec.EllipticCurvePublicKey) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class EifSigner:
-    """A signing certificate (PEM file bytes, stored as given) and its EC private key."""
+    """A signing certificate (PEM file bytes, stored as given) and its EC private key (on disk or
+    in KMS). The certificate's public key must be the key's: checked here, before anything is
+    signed."""
 
     certificate_pem: bytes
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: EcSigningKey
 
     def __post_init__(self) -> None:
         cert = load_certificate(self.certificate_pem)
@@ -243,17 +259,21 @@ class EifSigner:
         _curve_params(public)
         if public.public_numbers() != self.private_key.public_key().public_numbers():
             raise UsageError(
-                "the private key does not belong to the signing certificate; pass the key the "
-                "certificate was issued for"
+                f"the private key {_key_name(self.private_key)}does not belong to the signing "
+                "certificate (their public keys differ); pass the key the certificate was issued "
+                "for, or a certificate issued for that key"
             )
 
     @classmethod
     def from_files(cls, certificate: str | Path, private_key: str | Path) -> EifSigner:
-        """Load a PEM certificate and a PEM (or DER) EC private key. KMS ARNs are not supported."""
+        """Load a PEM certificate and a PEM (or DER) EC private key, or use the AWS KMS key whose
+        key or alias ARN (``arn:aws:kms:…``) is given as ``private_key``."""
         cert_bytes = _read(certificate, "signing certificate")
+        if isinstance(private_key, str) and private_key.startswith("arn:"):
+            from enclavekit.kms.signing_key import KmsSigningKey
+
+            return cls(cert_bytes, KmsSigningKey(private_key))
         key_bytes = _read(private_key, "private key")
-        if str(private_key).startswith("arn:"):
-            raise UsageError("KMS key ARNs are not supported as --private-key; pass a PEM key file")
         try:
             if b"-----BEGIN" in key_bytes:
                 key = serialization.load_pem_private_key(key_bytes, password=None)
@@ -287,6 +307,12 @@ class EifSigner:
                 f"{SIGNATURE_MAX_SIZE} bytes EIFs allow; use a smaller certificate file"
             )
         return section
+
+
+def _key_name(key: EcSigningKey) -> str:
+    """``'<KMS key ARN> '`` for a KMS key, nothing for a key held in memory."""
+    key_id = getattr(key, "key_id", None)
+    return f"{key_id} " if isinstance(key_id, str) else ""
 
 
 def _read(path: str | Path, what: str) -> bytes:

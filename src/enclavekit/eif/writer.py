@@ -14,7 +14,7 @@ returned.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -239,8 +239,12 @@ def atomic_output(path: str | os.PathLike[str], *, durable: bool = False) -> Ite
     and an EIF can be rebuilt, so it is off by default.
     """
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    # The name is chosen before the file exists and the file is created inside the ``try``: a signal
+    # handler that raises the instant after creation (the CLI's, on SIGTERM) still removes it.
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = -1
     try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w+b") as stream:
             yield stream
             stream.flush()
@@ -248,8 +252,13 @@ def atomic_output(path: str | os.PathLike[str], *, durable: bool = False) -> Ite
                 os.fsync(stream.fileno())
         os.chmod(tmp, _mode_for(target))
         os.replace(tmp, target)
+    except FileExistsError:
+        if fd == -1:  # another file of that name: not ours to remove
+            raise
+        tmp.unlink(missing_ok=True)
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -11,9 +11,6 @@ does).
 from __future__ import annotations
 
 import struct
-from urllib.parse import urlsplit
-
-from enclavekit.errors import UsageError
 
 HEADER = struct.Struct(">I")
 #: Upper bound for a frame in either direction (the device limits are 4096 in and 12288 out).
@@ -21,26 +18,14 @@ MAX_FRAME = 64 * 1024
 
 
 def parse_address(url: str) -> tuple[str, str | tuple[str, int]]:
-    """``unix:///path`` → ("unix", path); ``tcp://host:port`` → ("tcp", (host, port)); else
-    UsageError.
+    """``unix:///path`` (or ``unix:relative``) → ("unix", path); ``tcp://host:port`` or ``host:port``
+    → ("tcp", (host, port)); else UsageError. The grammar is the command line's one
+    (:func:`enclavekit.transport.address.parse_endpoint`).
     """
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        if parts.netloc or not parts.path:
-            raise UsageError(
-                f"bad NSM address {url!r}: expected unix:///absolute/path (three slashes) or "
-                "unix:relative/path"
-            )
-        return "unix", parts.path
-    if parts.scheme == "tcp":
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not parts.hostname or port is None:
-            raise UsageError(f"bad NSM address {url!r}: expected tcp://host:port")
-        return "tcp", (parts.hostname, port)
-    raise UsageError(
-        f"bad NSM address {url!r}: expected unix:///path/to/socket or tcp://host:port "
-        "(the address `enclavekit nsm serve --listen` was given)"
-    )
+    from enclavekit.transport.address import TcpAddress, UnixAddress, parse_endpoint
+
+    address = parse_endpoint(url, option="NSM address", kinds=("tcp", "unix"))
+    if isinstance(address, UnixAddress):
+        return "unix", address.path
+    assert isinstance(address, TcpAddress)
+    return "tcp", (address.host, address.port)

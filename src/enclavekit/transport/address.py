@@ -7,6 +7,7 @@ name resolves or the CID exists — that is found out when connecting.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -133,6 +134,48 @@ def parse_address(text: str) -> Address:
         return TcpAddress(host, port)
     except ValueError as exc:
         raise UsageError(f"invalid address {text!r}: {exc}") from None
+
+
+#: Address kinds by scheme, for :func:`parse_endpoint`'s ``kinds``.
+KINDS: dict[str, type[Address]] = {"tcp": TcpAddress, "unix": UnixAddress, "vsock": VsockAddress}
+_FORMS = {
+    "tcp": "HOST:PORT, tcp://HOST:PORT",
+    "unix": "unix://PATH",
+    "vsock": "vsock://CID:PORT",
+}
+
+
+def parse_endpoint(
+    text: str, *, option: str, kinds: tuple[str, ...] = ("tcp", "unix", "vsock")
+) -> Address:
+    """The one grammar of the command line's address flags (``--listen``, ``--upstream``, ``--nsm``, …).
+
+    ``HOST:PORT`` (IPv6 as ``[addr]:PORT``) and ``tcp://HOST:PORT`` are TCP; ``unix:///ABSOLUTE`` or
+    ``unix:RELATIVE`` (made absolute) and ``vsock://CID:PORT`` where ``kinds`` allows them. Errors are
+    :class:`~enclavekit.errors.UsageError` naming ``option`` and listing the accepted forms. Not checked:
+    that the host resolves or the port is free (binding tells).
+    """
+    forms = ", ".join(_FORMS[k] for k in kinds)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if text.lower().startswith("unix:"):  # unix:relative/path, as the NSM client has accepted
+            scheme, rest = "unix", text[5:]
+        else:
+            scheme, rest = "tcp", text
+    scheme = scheme.lower()
+    if scheme not in kinds:
+        raise UsageError(f"{option}: expected {forms}; found {text!r}")
+    if scheme == "unix" and rest and not rest.startswith("/"):
+        if sep:  # unix://tmp/x.sock almost always means /tmp/x.sock: say so rather than guess
+            raise UsageError(
+                f"{option}: {text!r}: the path after unix:// must be absolute (unix:///{rest});"
+                f" for a path relative to the current directory write unix:{rest}"
+            )
+        rest = os.path.abspath(rest)
+    try:
+        return parse_address(f"{scheme}://{rest}")
+    except UsageError as exc:
+        raise UsageError(f"{option}: {exc}; expected {forms}") from None
 
 
 def as_address(value: Address | str) -> Address:

@@ -22,6 +22,7 @@ import click
 from enclavekit.cli._common import host_port
 from enclavekit.cli._render import emit_json, json_option, stderr
 from enclavekit.errors import Error, UsageError
+from enclavekit.transport.address import UnixAddress, parse_endpoint
 from enclavekit.vm.runner import DEFAULT_BOOT_TIMEOUT, run_enclave_vm, terminate_recorded
 from enclavekit.vm.state import list_records
 from enclavekit.vm.virtio_vsock import Endpoint
@@ -41,10 +42,16 @@ def _parse_forward(items: tuple[str, ...]) -> dict[int, Endpoint]:
         port, sep, target = item.partition("=")
         if not sep:
             raise UsageError(
-                f"--forward expects VSOCK_PORT=HOST:PORT or VSOCK_PORT=/unix/path, found {item!r}"
+                f"--forward expects VSOCK_PORT=HOST:PORT (or tcp://HOST:PORT, unix:///PATH, /PATH),"
+                f" found {item!r}"
             )
         vsock_port = _vsock_port(port, "--forward", item)
-        out[vsock_port] = target if target.startswith("/") else host_port(target, "--forward")
+        if target.startswith("/"):
+            target = f"unix://{target}"
+        address = parse_endpoint(target, option="--forward", kinds=("tcp", "unix"))
+        out[vsock_port] = (
+            address.path if isinstance(address, UnixAddress) else host_port(target, "--forward")
+        )
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -158,6 +159,85 @@ def test_atls_get_with_crl_url(loop: Loop) -> None:
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, _get_args(loop, "--crl", str(loop.tmp / "missing.crl")))
     assert r.exit_code == 2
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_ca_serve_tls_and_mutual_attested_proxy_processes(tmp_path: Path) -> None:
+    """`ca serve --tls`, `atls proxy --ca https://… --client-ca … --metrics-listen` as processes;
+    `atls get --identity-ca` (an enclave client) gets through, curl without a certificate does not."""
+    exe = [str(Path(sys.executable).parent / "enclavekit")]
+    pki = EmulatedAwsPki.ephemeral()
+    emulator = NsmEmulator(pcrs=PCRS, pki=pki)
+    (tmp_path / "nsm-root.pem").write_bytes(pki.root_pem())
+    pcrs = "{" + ", ".join(f"'{i}': '{v.hex()}'" for i, v in PCRS.items()) + "}"
+    (tmp_path / "ca-policy.yaml").write_text(
+        f"services:\n  web:\n    dns_names: [localhost]\n    pcrs: [{pcrs}]\n"
+        f"  caller:\n    usage: client\n    pcrs: [{pcrs}]\n"
+    )
+    client_policy = _policy(tmp_path, PCRS)
+    subprocess.run([*exe, "ca", "init", "--state-dir", str(tmp_path / "ca")], check=True)
+    root = str(tmp_path / "ca" / "ca-root.pem")
+    trust = ssl.create_default_context(cafile=root)
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(up_port := _free_port())],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    (tmp_path / "hello.txt").write_text("hello over mutual attested TLS\n")
+    ca_port, proxy_port, metrics_port = _free_port(), _free_port(), _free_port()
+    procs = [upstream]
+    try:
+        with serve_in_background(emulator) as nsm_url:
+            ca = subprocess.Popen(
+                [*exe, "ca", "serve", "--listen", f"127.0.0.1:{ca_port}", "--tls",
+                 "--tls-name", "localhost", "--state-dir", str(tmp_path / "ca"),
+                 "--policy", str(tmp_path / "ca-policy.yaml"),
+                 "--root", str(tmp_path / "nsm-root.pem")],
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            procs.append(ca)
+            _wait_port(ca_port, ca)
+            ca_url = f"https://localhost:{ca_port}"
+            assert httpx.get(f"{ca_url}/healthz", verify=trust).status_code == 200
+            proxy = subprocess.Popen(
+                [*exe, "atls", "proxy", "--ca", ca_url, "--ca-cert", root, "--name", "web",
+                 "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{up_port}",
+                 "--nsm", nsm_url, "--client-ca", root, "--client-policy", client_policy,
+                 "--root", str(tmp_path / "nsm-root.pem"),
+                 "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+                stderr=subprocess.PIPE, env=os.environ | {"ENCLAVEKIT_NSM": ""},
+            )  # fmt: skip
+            procs.append(proxy)
+            _wait_port(up_port, upstream)
+            _wait_port(proxy_port, proxy)
+            url = f"https://localhost:{proxy_port}/hello.txt"
+            anonymous = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", root, url], capture_output=True, timeout=30
+            )
+            assert anonymous.returncode != 0
+            r = CliRunner().invoke(
+                cli,
+                ["atls", "get", url, "--ca-cert", root, "--root", str(tmp_path / "nsm-root.pem"),
+                 "--policy", client_policy, "--fresh", "--identity-ca", ca_url,
+                 "--identity-name", "caller", "--identity-ca-cert", root, "--nsm", nsm_url],
+            )  # fmt: skip
+            assert r.exit_code == 0, r.output
+            assert r.stdout_bytes == b"hello over mutual attested TLS\n"
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert 'enclavekit_atls_client_refusals_total{reason="no_certificate"} 1.0' in metrics
+            ca_metrics = httpx.get(f"{ca_url}/metrics", verify=trust).text
+            assert "enclavekit_ca_issuances_total 2.0" in ca_metrics
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            for stream in (p.stderr, p.stdout):
+                if stream is not None:
+                    stream.close()
 
 
 def _peak_rss_kib(pid: int) -> int:

@@ -113,6 +113,7 @@ def test_docker_uri_uses_docker_save(
     fake = bin_dir / "docker"
     fake.write_text(
         "#!/bin/sh\n"
+        'if [ "$1" = version ]; then echo 27.0.0; exit 0; fi\n'  # a daemon answers
         'if [ "$1" = image ]; then exit 0; fi\n'
         f'if [ "$1" = save ]; then cp {image} "$3"; exit 0; fi\n'
         "exit 1\n"
@@ -145,7 +146,16 @@ def test_docker_uri_without_docker_says_what_to_do(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     result = runner.invoke(
-        cli, ["build-enclave", "--docker-uri", "hello:v1", "--output-file", str(tmp_path / "a.eif")]
+        cli,
+        [
+            "build-enclave",
+            "--docker-uri",
+            "hello:v1",
+            "--pull",
+            "never",  # without it, no daemon means a registry pull (tests/unit/registry)
+            "--output-file",
+            str(tmp_path / "a.eif"),
+        ],
     )
     assert result.exit_code == 2
     assert "docker save" in result.stderr

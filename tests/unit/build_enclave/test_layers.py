@@ -27,9 +27,16 @@ def _entries(data: bytes, spool: Spool) -> list[TarEntry]:
     with open(path, "ab") as handle:
         offset = handle.tell()
         handle.write(data)
-    return list(
-        read_layer_file(ContentRef(str(path), offset, len(data)), label="test layer", spool=spool)
-    )
+    return list(read_layer_file(ContentRef(str(path), offset, len(data)), label="test layer"))
+
+
+def _add(tree: MergedTree, data: bytes, spool: Spool, label: str) -> None:
+    """One layer applied as the build applies it (:meth:`MergedTree.add_layer`)."""
+    path = Path(spool.path + ".layers")
+    with open(path, "ab") as handle:
+        offset = handle.tell()
+        handle.write(data)
+    tree.add_layer(ContentRef(str(path), offset, len(data)), label=label)
 
 
 @pytest.fixture
@@ -42,9 +49,7 @@ def spool(tmp_path: Path) -> Spool:
 def _tree(spool: Spool, *layers: bytes) -> MergedTree:
     tree = MergedTree()
     for i, data in enumerate(layers):
-        tree.begin_layer(f"layer {i}")
-        for entry in _entries(data, spool):
-            tree.apply(entry)
+        _add(tree, data, spool, f"layer {i}")
     spool.flush()
     return tree
 
@@ -159,7 +164,7 @@ def test_direct_references_point_into_the_layer_even_with_pax_long_names(
     blob = tmp_path / "layer.tar"
     blob.write_bytes(b"PREFIX" + data)
 
-    entries = list(read_layer_file(ContentRef(str(blob), 6, len(data)), label="l", spool=spool))
+    entries = list(read_layer_file(ContentRef(str(blob), 6, len(data)), label="l"))
     raw = blob.read_bytes()
     found = {
         e.name: raw[e.content.offset : e.content.offset + e.content.size]
@@ -272,12 +277,15 @@ def test_random_bytes_raise_only_malformed_input(
 ) -> None:
     spool = Spool(str(tmp_path_factory.mktemp("s") / "spool"))
     try:
-        tree = MergedTree()
-        tree.begin_layer("random")
-        for entry in _entries(data, spool):
-            tree.apply(entry)
-    except MalformedInput:
-        pass
+        with contextlib.suppress(MalformedInput):
+            tree = MergedTree()
+            tree.begin_layer("random")
+            for entry in _entries(data, spool):
+                tree.apply(entry)
+        with contextlib.suppress(MalformedInput):
+            tree = MergedTree()
+            _add(tree, data, spool, "random")
+            list(tree.export())
     finally:
         spool.close()
 
@@ -338,9 +346,53 @@ def test_decompression_bomb_is_capped(tmp_path: Path) -> None:
 
 def test_oversized_pax_header_is_refused(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A huge PAX record would be read into memory whole; it is refused instead."""
-    import enclavekit.eif.layers as layers_module
+    import enclavekit.eif.tarscan as tarscan_module
 
-    monkeypatch.setattr(layers_module, "MAX_HEADER_READ", 4096)
+    monkeypatch.setattr(tarscan_module, "MAX_HEADER_READ", 4096)
     with pytest.raises(MalformedInput, match="tar header of"):
         _entries(layer(F("a", b"x", pax={"comment": "c" * 10_000})), spool)
     assert [e.name for e in _entries(layer(F("a", b"x" * 100_000)), spool)] == [b"a"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(["a", "b", ".c", "d.e"]), min_size=1, max_size=3),
+            st.sampled_from(["file", "dir"]),
+            st.lists(st.sampled_from(["/", "//", "/./"]), min_size=3, max_size=3),
+            st.sampled_from(["", "./"]),
+            st.sampled_from(["", "/"]),
+        ),
+        max_size=8,
+    )
+)
+def test_redundant_name_spellings_give_the_tree_of_the_clean_names(
+    tmp_path_factory: pytest.TempPathFactory, items: list
+) -> None:
+    """Clean names take a fast path, names with ``./``, ``//`` or a trailing ``/`` the checked one:
+    both give the same tree."""
+    spool = Spool(str(tmp_path_factory.mktemp("s") / "spool"))
+    try:
+        clean = [F("/".join(parts), b"x", kind=kind) for parts, kind, *_ in items]
+        noisy = [
+            F(
+                lead
+                + parts[0]
+                + "".join(sep + p for sep, p in zip(seps, parts[1:], strict=False))
+                + tail,
+                b"x",
+                kind=kind,
+            )
+            for parts, kind, seps, lead, tail in items
+        ]
+        outcomes = []
+        for entries in (clean, noisy):
+            try:
+                tree = _tree(spool, layer(*entries))
+                outcomes.append([(e.name, e.kind, e.size) for e in tree.export()])
+            except MalformedInput as exc:
+                outcomes.append(type(exc))
+        assert outcomes[0] == outcomes[1]
+    finally:
+        spool.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclavekit.eif.layers import ContentRef, EntryKind, MergedTree, Spool, read_layer_file
+from enclavekit.eif.layers import ContentRef, EntryKind, MergedTree, Spool
 from enclavekit.errors import MalformedInput
 from tests.unit.build_enclave.factory import F, layer
 
@@ -92,12 +92,8 @@ def test_merged_tree_agrees_with_a_naive_model(
             with open(blob, "ab") as handle:
                 offset = handle.tell()
                 handle.write(data)
-            tree.begin_layer(f"l{i}")
             try:
-                for entry in read_layer_file(
-                    ContentRef(str(blob), offset, len(data)), label="l", spool=spool
-                ):
-                    tree.apply(entry)
+                tree.add_layer(ContentRef(str(blob), offset, len(data)), label=f"l{i}")
             except MalformedInput:
                 failed = True
                 break

@@ -93,7 +93,7 @@ def test_unwrap_missing_key_file_exits_2(kms_assets: Path, tmp_path: Path) -> No
         str(kms_assets / "enclaver-hello.ber"),
     )
     assert code == 2
-    assert "cannot read private key" in err
+    assert "--private-key" in err and "cannot read it" in err
 
 
 def test_unwrap_non_rsa_key_exits_2(kms_assets: Path, tmp_path: Path) -> None:

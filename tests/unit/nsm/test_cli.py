@@ -37,7 +37,7 @@ def served(emulator: NsmEmulator) -> Iterator[dict[str, str]]:
 
 
 def test_root_prints_the_persisted_pem(tmp_path: Path) -> None:
-    code, out, _ = run("nsm", "root", "--state-dir", str(tmp_path))
+    code, out, _ = run("nsm", "root", "--state-dir", str(tmp_path), "--create")
     assert code == 0
     assert out == (tmp_path / "root.pem").read_text()
     code, again, _ = run("nsm", "root", "--state-dir", str(tmp_path), "--json")
@@ -45,7 +45,7 @@ def test_root_prints_the_persisted_pem(tmp_path: Path) -> None:
 
 
 def test_root_default_state_dir_follows_the_environment(tmp_path: Path) -> None:
-    code, out, _ = run("nsm", "root", env={"ENCLAVEKIT_STATE_DIR": str(tmp_path)})
+    code, out, _ = run("nsm", "root", "--create", env={"ENCLAVEKIT_STATE_DIR": str(tmp_path)})
     assert code == 0
     assert (tmp_path / "nsm" / "root.pem").read_text() == out
 

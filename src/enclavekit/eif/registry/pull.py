@@ -1,0 +1,263 @@
+"""Pull an image from a registry into the blob cache and open it as an :class:`~enclavekit.eif.image.Image`.
+
+Steps: resolve the reference's manifest (an OCI index or Docker manifest list picks the platform:
+``linux``, the wanted architecture, and the variant when one is asked for), fetch and check the
+config, then stream every layer into the :class:`~enclavekit.eif.registry.cache.BlobCache`, each
+hashed while it arrives. The :class:`Image` points at the cached files, so the build reads the same
+bytes a local OCI layout or ``docker save`` of the image would hold: the EIF is byte-identical.
+
+Checked: manifest digests (by digest: against the reference; by tag: against
+``Docker-Content-Digest`` when sent), media types, descriptor sizes, every blob's digest and size,
+layer count against the config's ``diff_ids`` (the diff_ids themselves are checked by the build).
+Not supported: schema 1 manifests, foreign/non-distributable layers, encrypted layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enclavekit.eif.image import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    LayerBlob,
+    check_digest,
+    parse_config,
+    parse_json,
+)
+from enclavekit.eif.layers import ContentRef
+from enclavekit.eif.registry.auth import Credentials, find_credentials
+from enclavekit.eif.registry.cache import BlobCache
+from enclavekit.eif.registry.client import RegistryClient
+from enclavekit.eif.registry.reference import ImageReference, parse_reference
+from enclavekit.errors import MalformedInput, UsageError
+
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
+CONFIG_TYPES = {
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+}
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+}
+#: ``--arch`` spellings → (image architecture, variant or None).
+PLATFORMS = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "arm64/v8": ("arm64", "v8"),
+}
+
+#: ``progress(label, done, total)``: called with done=0 when a blob starts, then as bytes arrive;
+#: ``done == total`` when it is complete (from the cache or the network).
+BlobProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PulledImage:
+    image: Image
+    reference: ImageReference
+    manifest_digest: str
+
+
+def pull_image(
+    reference: str | ImageReference,
+    *,
+    arch: str | None = None,
+    cache: BlobCache | None = None,
+    credentials: Credentials | None = None,
+    insecure_registries: Sequence[str] = (),
+    progress: BlobProgress | None = None,
+    warn: Callable[[str], None] | None = None,
+    client_options: Mapping[str, Any] | None = None,
+) -> PulledImage:
+    """Pull ``reference`` (Docker's syntax) for ``arch`` (``x86_64``/``amd64``, ``aarch64``/``arm64``,
+    ``arm64/v8``; default amd64). Credentials default to Docker's sources (see
+    :mod:`~enclavekit.eif.registry.auth`)."""
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
+    if arch is not None and arch not in PLATFORMS:
+        raise UsageError(f"--arch {arch!r}: expected one of {', '.join(PLATFORMS)}")
+    want_arch, want_variant = PLATFORMS[arch or "amd64"]
+    cache = cache or BlobCache()
+    if credentials is None:
+        credentials = find_credentials(ref.registry)
+    insecure = ref.registry in insecure_registries or ref.api_host in insecure_registries
+    with RegistryClient(
+        ref, credentials=credentials, insecure=insecure, warn=warn, **(client_options or {})
+    ) as client:
+        top = client.manifest(ref.reference, MANIFEST_TYPES)
+        manifest_obj, media_type, digest = _decode(top.data, top.media_type, f"{ref}")
+        if media_type in (OCI_INDEX, DOCKER_LIST):
+            chosen = _select(manifest_obj, want_arch, want_variant, ref)
+            child = client.manifest(chosen, MANIFEST_TYPES)
+            manifest_obj, media_type, digest = _decode(
+                child.data, child.media_type, f"{ref} ({want_arch})"
+            )
+            if media_type in (OCI_INDEX, DOCKER_LIST):
+                raise MalformedInput(f"{ref}: an index inside an index is not supported")
+            digest = child.digest
+        else:
+            digest = top.digest
+        config_desc = _descriptor(manifest_obj.get("config"), f"{ref}: config")
+        if config_desc.media_type not in CONFIG_TYPES:
+            raise UsageError(
+                f"{ref} is not a container image (config media type {config_desc.media_type!r}); "
+                "an enclave needs an OCI or Docker image"
+            )
+        config_bytes = client.blob_bytes(config_desc.digest, config_desc.size, f"{ref}: config")
+        config = parse_config(config_bytes, f"{ref}: image config")
+        layer_list = manifest_obj.get("layers")
+        if not isinstance(layer_list, list):
+            raise MalformedInput(f"{ref}: the manifest has no 'layers' list")
+        if len(layer_list) != len(config.diff_ids):
+            raise MalformedInput(
+                f"{ref}: the manifest lists {len(layer_list)} layers but the config has "
+                f"{len(config.diff_ids)} diff_ids"
+            )
+        layers = []
+        for i, (raw, diff_id) in enumerate(zip(layer_list, config.diff_ids, strict=True)):
+            desc = _descriptor(raw, f"{ref}: layer {i}")
+            if desc.media_type not in LAYER_TYPES:
+                raise UsageError(
+                    f"{ref}: layer {i} has media type {desc.media_type!r}; supported are "
+                    + ", ".join(sorted(LAYER_TYPES))
+                )
+            label = f"layer {i} ({desc.digest[:19]})"
+            path = _fetch_layer(client, cache, desc, label, progress)
+            layers.append(
+                LayerBlob(ContentRef(str(path), 0, desc.size), label, desc.digest, diff_id)
+            )
+    tags = () if ref.digest else (f"{ref.familiar_repository}:{ref.tag}",)
+    image = Image(config, tuple(layers), f"docker://{ref}", tags)
+    return PulledImage(image, ref, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class _Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+
+def _descriptor(value: Any, what: str) -> _Descriptor:
+    if not isinstance(value, dict):
+        raise MalformedInput(f"{what}: expected a descriptor object")
+    digest = check_digest(value.get("digest"), f"{what} digest")
+    size = value.get("size")
+    if type(size) is not int or size < 0:
+        raise MalformedInput(f"{what}: 'size' must be a non-negative integer")
+    media = value.get("mediaType")
+    if not isinstance(media, str):
+        raise MalformedInput(f"{what}: 'mediaType' must be a string")
+    return _Descriptor(media, digest, size)
+
+
+def _decode(data: bytes, header_type: str, what: str) -> tuple[dict[str, Any], str, str]:
+    """(manifest object, media type, "") — the digest is the caller's (it knows how it fetched)."""
+    obj = parse_json(data, f"{what}: manifest")
+    if not isinstance(obj, dict):
+        raise MalformedInput(f"{what}: the manifest is not a JSON object")
+    body_type = obj.get("mediaType")
+    media_type = body_type if isinstance(body_type, str) else header_type
+    if isinstance(body_type, str) and header_type in MANIFEST_TYPES and header_type != body_type:
+        raise MalformedInput(
+            f"{what}: the registry labels the manifest {header_type} but it says {body_type}"
+        )
+    if media_type not in MANIFEST_TYPES:
+        if obj.get("schemaVersion") == 1 or "prettyjws" in media_type:
+            raise UsageError(
+                f"{what} uses Docker's schema 1 manifest, which is not supported; re-push the "
+                "image with a current Docker, buildah or skopeo"
+            )
+        if "manifests" in obj:
+            media_type = OCI_INDEX
+        elif "layers" in obj:
+            media_type = OCI_MANIFEST
+        else:
+            raise MalformedInput(f"{what}: unknown manifest media type {media_type!r}")
+    if obj.get("schemaVersion") != 2:
+        raise MalformedInput(
+            f"{what}: expected schemaVersion 2, found {obj.get('schemaVersion')!r}"
+        )
+    return obj, media_type, ""
+
+
+def _select(index: Mapping[str, Any], arch: str, variant: str | None, ref: ImageReference) -> str:
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise MalformedInput(f"{ref}: the index has no 'manifests' list")
+    matches: list[tuple[str | None, str]] = []
+    seen = []
+    for i, entry in enumerate(entries):
+        desc = _descriptor(entry, f"{ref}: index entry {i}")
+        annotations = entry.get("annotations") or {}
+        if isinstance(annotations, dict) and annotations.get("vnd.docker.reference.type"):
+            continue  # buildx attestation manifests
+        platform = entry.get("platform")
+        if not isinstance(platform, dict):
+            continue
+        p_os, p_arch, p_variant = (
+            platform.get("os"),
+            platform.get("architecture"),
+            platform.get("variant"),
+        )
+        seen.append(f"{p_os}/{p_arch}" + (f"/{p_variant}" if p_variant else ""))
+        if p_os != "linux" or p_arch != arch:
+            continue
+        if variant is not None and p_variant != variant:
+            continue
+        matches.append((p_variant if isinstance(p_variant, str) else None, desc.digest))
+    if not matches:
+        wanted = arch + (f"/{variant}" if variant else "")
+        raise UsageError(
+            f"{ref} has no linux/{wanted} image (it has {', '.join(seen) or 'none'}); pick one "
+            "with --arch"
+        )
+    # Without a requested variant: prefer no variant, then arm64's v8 (what Docker picks).
+    matches.sort(key=lambda m: (m[0] is not None, m[0] != "v8"))
+    return matches[0][1]
+
+
+def _fetch_layer(
+    client: RegistryClient,
+    cache: BlobCache,
+    desc: _Descriptor,
+    label: str,
+    progress: BlobProgress | None,
+) -> Path:
+    if progress is not None:
+        progress(label, 0, desc.size)
+    cached = cache.lookup(desc.digest, desc.size)
+    if cached is not None:
+        if progress is not None:
+            progress(label, desc.size, desc.size)
+        return cached
+
+    def attempt() -> Path:
+        with client.blob_stream(desc.digest, label) as chunks:
+            return cache.store(
+                desc.digest, desc.size, _counted(chunks, label, desc.size, progress), label
+            )
+
+    return client.retrying(attempt, label)
+
+
+def _counted(chunks: Any, label: str, total: int, progress: BlobProgress | None) -> Any:
+    done = 0
+    if progress is not None:
+        progress(label, 0, total)
+    for chunk in chunks:
+        done += len(chunk)
+        if progress is not None:
+            progress(label, min(done, total), total)
+        yield chunk

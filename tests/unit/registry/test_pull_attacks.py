@@ -1,0 +1,239 @@
+"""Registries that lie or die: corrupt blobs and manifests, a registry gone mid-pull. None may yield an
+EIF, and the blob cache may only ever hold blobs whose bytes match their names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from enclavekit.cli import cli
+from enclavekit.eif.registry import BlobCache, BlobMismatch, pull_image
+from enclavekit.errors import MalformedInput
+from tests.unit.registry.conftest import Pushed
+from tests.unit.registry.harness import DyingProxy, start_registry, storage_blob
+
+
+def build(blobs_dir: Path, out: Path, *args: str) -> Result:
+    return CliRunner().invoke(
+        cli, ["build-enclave", "--output-file", str(out), "--blobs", str(blobs_dir), *args]
+    )
+
+
+def _manifest(layout: Path) -> tuple[str, dict[str, object]]:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    data = (layout / "blobs/sha256" / digest.partition(":")[2]).read_bytes()
+    return digest, json.loads(data)
+
+
+def _cached(cache_root: Path) -> list[Path]:
+    return [p for p in cache_root.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def private_storage(pushed: Pushed, tmp_path: Path) -> Path:
+    """A copy of the registry storage this test may damage."""
+    storage = tmp_path / "storage"
+    shutil.copytree(pushed.registry.storage, storage)
+    return storage
+
+
+def test_attack_layer_blob_not_matching_its_digest_is_refused(
+    pushed: Pushed, private_storage: Path, isolated: Path, tmp_path: Path, blobs_dir: Path
+) -> None:
+    _, manifest = _manifest(pushed.layouts["corrupt-layer:1"])
+    layer_digest = manifest["layers"][1]["digest"]  # type: ignore[index]
+    blob = storage_blob(private_storage, layer_digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit flipped
+    blob.write_bytes(bytes(data))
+    registry = start_registry(tmp_path / "reg", private_storage)
+    try:
+        out = tmp_path / "x.eif"
+        result = build(blobs_dir, out, "--image", f"docker://{registry.host}/corrupt-layer:1")
+    finally:
+        registry.stop()
+    assert result.exit_code == 2, result.output
+    assert "refused" in result.stderr
+    assert layer_digest in result.stderr.replace("\n", "")
+    assert not out.exists()
+    cache_root = tmp_path / "cache" / "enclavekit" / "blobs"
+    assert not (cache_root / "sha256" / layer_digest.partition(":")[2]).exists()
+    assert list((cache_root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_attack_manifest_not_matching_its_digest_is_refused(
+    by: str, pushed: Pushed, private_storage: Path, isolated: Path, tmp_path: Path
+) -> None:
+    digest, _ = _manifest(pushed.layouts["corrupt-manifest:1"])
+    blob = storage_blob(private_storage, digest)
+    data = blob.read_bytes()
+    assert b'"schemaVersion": 2' in data
+    blob.write_bytes(data.replace(b'"schemaVersion": 2', b'"schemaVersion":\t2'))  # same size
+    registry = start_registry(tmp_path / "reg", private_storage)
+    cache = BlobCache(tmp_path / "blobs")
+    ref = f"{registry.host}/corrupt-manifest" + (":1" if by == "tag" else f"@{digest}")
+    try:
+        with pytest.raises(MalformedInput, match="refused"):
+            pull_image(ref, cache=cache)
+    finally:
+        registry.stop()
+    assert not (tmp_path / "blobs").exists() or _cached(tmp_path / "blobs") == []
+
+
+def test_attack_registry_down_mid_pull_leaves_no_eif_and_no_poisoned_cache(
+    pushed: Pushed, isolated: Path, tmp_path: Path, blobs_dir: Path
+) -> None:
+    proxy = DyingProxy(pushed.registry.host, cut_after=1 << 20)  # the 6 MiB layer is cut at ~1 MiB
+    out = tmp_path / "big.eif"
+    result = build(blobs_dir, out, "--image", f"docker://{proxy.host}/big:1")
+    assert proxy.dead.is_set()
+    assert result.exit_code == 2, result.output
+    assert "stopped answering" in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".big.eif")] == []
+    cache_root = tmp_path / "cache" / "enclavekit" / "blobs"
+    _, manifest = _manifest(pushed.layouts["big:1"])
+    big = manifest["layers"][1]  # type: ignore[index]
+    assert not (cache_root / "sha256" / big["digest"].partition(":")[2]).exists()
+    assert list((cache_root / "tmp").iterdir()) == []
+    # The same cache then serves a complete pull from the live registry.
+    again = build(blobs_dir, out, "--image", f"docker://{pushed.registry.host}/big:1")
+    assert again.exit_code == 0, again.output
+    cached = cache_root / "sha256" / big["digest"].partition(":")[2]
+    assert cached.stat().st_size == big["size"]
+
+
+def test_attack_damaged_cache_entry_is_rehashed_and_replaced(
+    pushed: Pushed, isolated: Path, tmp_path: Path
+) -> None:
+    cache = BlobCache(tmp_path / "blobs")
+    ref = f"{pushed.registry.host}/app:v1"
+    first = pull_image(ref, cache=cache)
+    path = Path(first.image.layers[1].location.path)
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    second = pull_image(ref, cache=cache)
+    assert Path(second.image.layers[1].location.path).read_bytes() == good
+
+
+def test_cache_hit_and_miss_give_the_same_image(pushed: Pushed, tmp_path: Path) -> None:
+    """The cache may skip a download only for a blob it provably has: same image either way."""
+    cache = BlobCache(tmp_path / "blobs")
+    ref = f"{pushed.registry.host}/app:v1"
+    cold = pull_image(ref, cache=cache)
+    warm = pull_image(ref, cache=cache)
+    fresh = pull_image(ref, cache=BlobCache(tmp_path / "other"))
+    assert cold.manifest_digest == warm.manifest_digest == fresh.manifest_digest
+    assert cold.image.config == warm.image.config == fresh.image.config
+    assert [x.digest for x in cold.image.layers] == [x.digest for x in fresh.image.layers]
+    for a, b in zip(warm.image.layers, fresh.image.layers, strict=True):
+        assert Path(a.location.path).read_bytes() == Path(b.location.path).read_bytes()
+
+
+def test_store_refuses_oversized_and_mismatching_streams(tmp_path: Path) -> None:
+    import hashlib
+
+    cache = BlobCache(tmp_path)
+    data = b"x" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with pytest.raises(BlobMismatch, match="more than"):
+        cache.store(digest, 999, iter([data]), "blob")
+    with pytest.raises(BlobMismatch, match="hash to"):
+        cache.store(digest, 1000, iter([b"y" * 1000]), "blob")
+    with pytest.raises(BlobMismatch, match="expected 1000 bytes"):
+        cache.store(digest, 1000, iter([data[:10]]), "blob")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert cache.lookup(digest, 1000) is None
+    assert cache.store(digest, 1000, iter([data[:500], data[500:]]), "blob").read_bytes() == data
+    assert cache.lookup(digest, 1000) is not None
+
+
+def test_concurrent_pulls_share_the_cache(pushed: Pushed, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_root = tmp_path / "blobs"
+    ref = f"{pushed.registry.host}/big:1"
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: pull_image(ref, cache=BlobCache(cache_root)), range(3)))
+    assert len({r.manifest_digest for r in results}) == 1
+    assert list((cache_root / "tmp").iterdir()) == []
+    for layer in results[0].image.layers:
+        import hashlib
+
+        data = Path(layer.location.path).read_bytes()
+        assert layer.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_stale_temporary_files_of_killed_downloads_are_removed(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import time
+
+    from enclavekit.eif.registry.cache import STALE_TMP_SECONDS
+
+    cache = BlobCache(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    stale, fresh = tmp_path / "tmp" / "sha256-old.x", tmp_path / "tmp" / "sha256-new.y"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"another build's download in progress")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    data = b"blob"
+    cache.store("sha256:" + hashlib.sha256(data).hexdigest(), len(data), iter([data]), "blob")
+    assert not stale.exists()
+    assert fresh.exists()
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_transient_registry_errors_are_retried(status: int, pushed: Pushed, tmp_path: Path) -> None:
+    from tests.unit.registry.harness import FlakyFront
+
+    front = FlakyFront(pushed.registry.host, fail=2, status=status)
+    try:
+        pulled = pull_image(f"{front.host}/app:v1", cache=BlobCache(tmp_path / "blobs"))
+    finally:
+        front.stop()
+    assert len(pulled.image.layers) == 2
+    assert front.blob_requests == 2 + 3  # two refused, then config + two layers
+
+
+def test_registry_that_keeps_failing_is_exit_2(
+    pushed: Pushed, isolated: Path, tmp_path: Path, blobs_dir: Path
+) -> None:
+    from tests.unit.registry.harness import FlakyFront
+
+    front = FlakyFront(pushed.registry.host, fail=1000)
+    out = tmp_path / "x.eif"
+    try:
+        result = build(blobs_dir, out, "--image", f"docker://{front.host}/app:v1")
+    finally:
+        front.stop()
+    assert result.exit_code == 2, result.output
+    assert "HTTP 503" in result.stderr
+    assert not out.exists()
+
+
+def test_pull_never_without_a_daemon_is_exit_2(
+    pushed: Pushed,
+    isolated: Path,
+    tmp_path: Path,
+    blobs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    out = tmp_path / "x.eif"
+    result = build(
+        blobs_dir, out, "--docker-uri", f"{pushed.registry.host}/app:v1", "--pull", "never"
+    )
+    assert result.exit_code == 2, result.output
+    assert "docker client" in result.stderr
+    assert not out.exists()
