@@ -35,6 +35,7 @@ from enclavekit.atls.ca import (
     init_state_dir,
 )
 from enclavekit.atls.client import AttestedClient
+from enclavekit.atls.limits import CaLimits
 from enclavekit.atls.server import AttestedTlsProxy, EnclaveIdentity, start_proxy_in_thread
 from enclavekit.atls.service import create_app, start_in_thread
 from enclavekit.atls.store import SqliteStore
@@ -76,7 +77,15 @@ def main() -> None:
     keys = init_state_dir(tmp / "ca")
     store = SqliteStore(tmp / "ca" / "ca.sqlite3")
     policy = CaPolicy(services={"web": ServicePolicy("web", ("localhost",), (dict(PCRS),))})
-    issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(nsm_verifier))
+    # Limits wide enough for one benchmarking client (the defaults allow a burst of 10 per client).
+    wide = CaLimits(
+        issuance_burst=1_000_000,
+        issuance_rate=1_000_000.0,
+        issuance_burst_total=1_000_000,
+        issuance_rate_total=1_000_000.0,
+        max_live_challenges_per_client=1_000_000,
+    )
+    issuer = Issuer(keys, policy, store, NitroEvidenceVerifier(nsm_verifier), limits=wide)
 
     # 1. In-process issuance.
     pairs = [_csr_and_doc(issuer, emulator) for _ in range(n)]

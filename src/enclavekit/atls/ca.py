@@ -16,11 +16,14 @@ Issuance steps (:meth:`Issuer.issue`), cheapest first, each refusal recorded in 
 3. its ``nonce`` must be a live, unused challenge (one indexed ``SELECT``; not yet consumed);
 4. parse the CSR (PKCS#10) and check its self-signature (proof of possession of the key);
 5. verify the attestation document cryptographically against the configured roots at ``clock()``;
-6. consume the nonce as a challenge, atomically (unknown, expired, reused: refused);
-7. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
-8. check the service policy: PCR allowlist, debug enclaves refused;
-9. issue a short-lived certificate for the service's DNS names, chained to the CA root, with the
-   document in the non-critical extension of :mod:`.extension`, and record it.
+6. check the key binding: the document's ``public_key`` equals the CSR's DER SubjectPublicKeyInfo;
+7. check the service policy: PCR allowlist, debug enclaves refused;
+8. sign a short-lived certificate for the service's DNS names, chained to the CA root, with the
+   document in the non-critical extension of :mod:`.extension`;
+9. in one store transaction, consume the nonce as a challenge (unknown, expired, reused: refused,
+   and the signed certificate is discarded unsent) and record the certificate and its ``issued``
+   event. Of racing requests for one challenge — threads, worker processes or replicas — exactly one
+   gets a certificate, and a certificate is returned only once it is recorded.
 
 Challenges are capped per client and in total (:class:`~.limits.CaLimits`); expired challenges,
 old audit events and long-expired certificate records are deleted as the CA runs.
@@ -31,6 +34,8 @@ connection the request arrived on.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 import json
 import logging
@@ -38,6 +43,7 @@ import os
 import secrets
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -59,6 +65,7 @@ from enclavekit.atls.store import (
     ChallengeAdmission,
     ConsumeResult,
     Event,
+    PruneCounts,
     Store,
 )
 from enclavekit.attestation.document import AttestationDocument
@@ -177,6 +184,11 @@ def check_cabundle_shape(
         )
 
 
+#: (cabundle, leaf) pairs whose shape check passed, remembered per verifier (one enclave fleet
+#: uses a handful: the bundle changes with AWS's intermediates, the leaf every few hours).
+_SHAPE_CACHE_SIZE = 256
+
+
 class NitroEvidenceVerifier:
     """:class:`EvidenceVerifier` over :class:`enclavekit.attestation.Verifier` (signature, chain, age).
 
@@ -197,10 +209,27 @@ class NitroEvidenceVerifier:
         self._roots = frozenset(
             r.public_bytes(serialization.Encoding.DER) for r in verifier.trust_roots
         )
+        self._shapes_lock = threading.Lock()
+        self._shapes_passed: OrderedDict[bytes, None] = OrderedDict()
 
     def precheck(self, document: bytes) -> bytes | None:
         doc = AttestationDocument.from_cbor(document)
-        check_cabundle_shape(doc, self._roots, max_length=self.max_cabundle)
+        # The shape check is a pure function of the bundle, the leaf and this verifier's fixed
+        # roots and bound: a (bundle, leaf) that passed once passes again, so only passes are
+        # remembered (by SHA-256 of the exact bytes), in a small LRU table.
+        key = hashlib.sha256(
+            b"".join(len(c).to_bytes(4, "big") + c for c in (*doc.cabundle, doc.certificate))
+        ).digest()
+        with self._shapes_lock:
+            known = key in self._shapes_passed
+            if known:
+                self._shapes_passed.move_to_end(key)
+        if not known:
+            check_cabundle_shape(doc, self._roots, max_length=self.max_cabundle)
+            with self._shapes_lock:
+                self._shapes_passed[key] = None
+                while len(self._shapes_passed) > _SHAPE_CACHE_SIZE:
+                    self._shapes_passed.popitem(last=False)
         return doc.nonce
 
     def verify(self, document: bytes, *, at: datetime) -> Evidence:
@@ -541,9 +570,12 @@ class IssuedCertificate:
     @property
     def chain_pem(self) -> bytes:
         """Leaf then root, PEM."""
-        return self.certificate.public_bytes(serialization.Encoding.PEM) + self.root.public_bytes(
-            serialization.Encoding.PEM
-        )
+        return self.certificate.public_bytes(serialization.Encoding.PEM) + _root_pem(self.root)
+
+
+@functools.lru_cache(maxsize=8)
+def _root_pem(root: x509.Certificate) -> bytes:
+    return root.public_bytes(serialization.Encoding.PEM)
 
 
 def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
@@ -593,16 +625,9 @@ class Issuer:
         self._prune_lock = threading.Lock()
         self._last_prune: datetime | None = None
 
-    def prune(self, now: datetime | None = None) -> None:
+    def prune(self, now: datetime | None = None) -> PruneCounts:
         """Delete expired challenges, old audit events and long-expired certificate records."""
-        now = now if now is not None else self.clock()
-        lim = self.limits
-        self.store.prune(
-            now,
-            events_before=now - lim.audit_retention,
-            max_events=lim.audit_max_events,
-            certificates_expired_before=now - lim.certificate_retention,
-        )
+        return prune_store(self.store, self.limits, at=now if now is not None else self.clock())
 
     def _maybe_prune(self, now: datetime) -> None:
         with self._prune_lock:
@@ -640,7 +665,8 @@ class Issuer:
     def issue(self, service: str, csr_data: bytes, document: bytes) -> IssuedCertificate:
         """Issue a certificate, or raise MalformedInput, VerificationError or PolicyViolation.
 
-        Every outcome is recorded in the store's audit log.
+        Every outcome is recorded in the store's audit log (an issuance in the same transaction
+        as its certificate record and the consumption of its challenge).
         """
         now = self.clock()
         self._maybe_prune(now)
@@ -662,15 +688,6 @@ class Issuer:
             )
             raise
         self._notify(None)
-        self.store.record_event(
-            Event(
-                now,
-                "issued",
-                service,
-                issued.record.serial,
-                f"not_after={issued.record.not_after.isoformat()}",
-            )
-        )
         log.info(
             "issued certificate %x for %r, valid until %s",
             issued.record.serial,
@@ -717,11 +734,7 @@ class Issuer:
         evidence = self.verifier.verify(document, at=now)
         if evidence.nonce != nonce:  # pragma: no cover - one decoder, one document
             raise VerificationError("the verified nonce differs from the decoded one; refusing")
-        # 6. Consume the challenge atomically: of racing requests, one wins.
-        outcome = self.store.consume_challenge(nonce, now)
-        if outcome is not ConsumeResult.CONSUMED:
-            raise _not_live(outcome)
-        # 7. Key binding and 8. service policy: report every failure at once.
+        # 6. Key binding and 7. service policy: report every failure at once.
         failures: list[Failure] = []
         if evidence.public_key != spki:
             failures.append(
@@ -738,7 +751,7 @@ class Issuer:
             raise PolicyViolation(failures)
         if svc.unsafe_allow_debug and evidence.is_debug:
             log.warning("issuing to a DEBUG enclave for %r (unsafe_allow_debug)", service)
-        # 9. Issue and record.
+        # 8. Sign; 9. consume the challenge and record, atomically: of racing requests, one wins.
         cert = self._sign(svc, csr, document, now)
         record = CertificateRecord(
             serial=cert.serial_number,
@@ -749,7 +762,12 @@ class Issuer:
             document=document,
             issued_at=now,
         )
-        self.store.add_certificate(record)
+        event = Event(
+            now, "issued", service, record.serial, f"not_after={record.not_after.isoformat()}"
+        )
+        outcome = self.store.record_issuance(nonce, now, record, event)
+        if outcome is not ConsumeResult.CONSUMED:
+            raise _not_live(outcome)
         return IssuedCertificate(record=record, certificate=cert, root=self.keys.root)
 
     def _sign(
@@ -830,7 +848,8 @@ class Issuer:
         return revoke_certificate(self.store, serial, reason, at=self.clock())
 
     def crl(self, *, next_update: timedelta = timedelta(hours=1)) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate, signed by the CA key, valid for ``next_update``."""
+        """A CRL of every revoked certificate not yet expired (RFC 5280 §3.3 lets an expired one
+        leave the list), signed by the CA key, valid for ``next_update``."""
         now = self.clock()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -842,14 +861,13 @@ class Issuer:
                 critical=False,
             )
         )
-        for rec in self.store.revoked():
-            assert rec.revoked_at is not None
+        for rec in self.store.revocations(valid_at=now):
             entry = (
                 x509.RevokedCertificateBuilder()
                 .serial_number(rec.serial)
                 .revocation_date(rec.revoked_at)
             )
-            flag = _REASONS.get(rec.revocation_reason or "unspecified")
+            flag = _REASONS.get(rec.reason or "unspecified")
             if flag is not None and flag is not x509.ReasonFlags.unspecified:
                 entry = entry.add_extension(x509.CRLReason(flag), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
@@ -870,6 +888,18 @@ _REASONS: dict[str, x509.ReasonFlags] = {
     "superseded": x509.ReasonFlags.superseded,
     "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
 }
+
+
+def prune_store(store: Store, limits: CaLimits, *, at: datetime) -> PruneCounts:
+    """Apply the retention policy of ``limits`` at ``at``: delete expired challenges (consumed or
+    not), audit events older than ``audit_retention`` and beyond the newest ``audit_max_events``,
+    and certificate records whose notAfter is more than ``certificate_retention`` past."""
+    return store.prune(
+        at,
+        events_before=at - limits.audit_retention,
+        max_events=limits.audit_max_events,
+        certificates_expired_before=at - limits.certificate_retention,
+    )
 
 
 def revoke_certificate(store: Store, serial: int, reason: str, *, at: datetime) -> bool:
@@ -908,5 +938,6 @@ __all__: Sequence[str] = (
     "load_ca_keys",
     "load_ca_policy",
     "parse_csr",
+    "prune_store",
     "revoke_certificate",
 )

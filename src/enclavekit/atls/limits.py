@@ -11,9 +11,18 @@ A *client* is the peer address of the TCP connection: an IPv4 address, or the /6
 IPv6 address (one host can hold a whole /64). Behind a reverse proxy every request has the proxy's
 address; run the CA where it sees its clients' addresses, or raise the per-client limits.
 
+Several worker processes (``ca serve --workers N``): the live-challenge caps are counted in the
+shared store, so they hold for all workers together. The token buckets live in each process; to keep
+the *totals* bounds for the whole service, each worker gets 1/N of the total issuance rate and burst
+and of the connection limit (:meth:`CaLimits.per_worker`), so all workers together never exceed the
+configured totals (a worker whose share is used up refuses, even while another still has tokens).
+The per-client buckets are not divided: a client's keep-alive connection stays with one worker, and
+dividing would halve what a well-behaved single-connection client gets; a client that opens
+connections to several workers can reach up to N times its per-client rate, still within the total.
+CA replicas on separate hosts (PostgreSQL) each enforce their own limits.
+
 Not handled here: authentication (challenges and issuance are open to anyone who can reach the CA;
-the attestation document is the credential), and sharing rate-limit state between processes (each
-CA process has its own buckets; with N processes the total issuance rate is N times the limit).
+the attestation document is the credential).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 
 from enclavekit.errors import UsageError
@@ -115,6 +124,55 @@ class CaLimits:
                 raise ValueError(f"CaLimits.{name} must be positive, got {value}")
         if self.audit_retention <= timedelta(0) or self.certificate_retention <= timedelta(0):
             raise ValueError("CaLimits retention periods must be positive")
+
+    def per_worker(self, workers: int) -> CaLimits:
+        """The limits one of ``workers`` processes enforces so that all together keep the totals:
+        the total issuance rate and burst and the connection limit divided by ``workers``
+        (at least 1 each); everything else unchanged."""
+        if workers <= 1:
+            return self
+        return replace(
+            self,
+            issuance_rate_total=self.issuance_rate_total / workers,
+            issuance_burst_total=max(1, self.issuance_burst_total // workers),
+            max_connections=max(1, self.max_connections // workers),
+        )
+
+
+#: The :class:`CaLimits` fields a limits file (``ca serve --limits``) may set; the retention
+#: periods have their own options.
+LIMITS_FILE_FIELDS = frozenset(
+    f.name
+    for f in fields(CaLimits)
+    if f.name not in ("audit_retention", "audit_max_events", "certificate_retention")
+)
+
+
+def limits_from_mapping(obj: object, base: CaLimits, *, source: str) -> CaLimits:
+    """``base`` with the numbers of a parsed limits file (YAML/JSON mapping of field names;
+    ``prune_interval`` in seconds). ``source`` names the file in errors."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{source}: expected a mapping of limit names to numbers")
+    unknown = sorted(str(k) for k in obj if k not in LIMITS_FILE_FIELDS)
+    if unknown:
+        raise UsageError(
+            f"{source}: unknown limit(s) {unknown}; expected some of {sorted(LIMITS_FILE_FIELDS)}"
+        )
+    changes: dict[str, object] = {}
+    for name, value in obj.items():
+        current = getattr(base, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UsageError(f"{source}: {name} must be a number, found {type(value).__name__}")
+        if isinstance(current, timedelta):
+            changes[name] = timedelta(seconds=value)
+        elif isinstance(current, int) and not isinstance(value, int):
+            raise UsageError(f"{source}: {name} must be a whole number, found {value}")
+        else:
+            changes[name] = value
+    try:
+        return replace(base, **changes)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def client_key(host: str | None) -> str:

@@ -643,11 +643,16 @@ def start_proxy_in_thread(
             return
         ready.set()
         loop.run_forever()
-        # Stopped: end every open connection, then close the loop.
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # Stopped: end every open connection, then close the loop. A TLS handshake that completes
+        # while the first tasks wind down starts a new connection task: repeat until none is left
+        # (a task left pending would be destroyed with the loop, mid-``finally``).
+        for _ in range(100):
+            tasks = asyncio.all_tasks(loop)
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 

@@ -94,10 +94,11 @@ def _iso(value: Any) -> str:
     return str(value.isoformat().replace("+00:00", "Z"))
 
 
-def _record_json(rec: CertificateRecord) -> dict[str, Any]:
+def _record_json(rec: CertificateRecord, cert: Any = None) -> dict[str, Any]:
     from cryptography import x509
 
-    cert = x509.load_der_x509_certificate(rec.certificate_der)
+    if cert is None:  # a record from the store; a fresh issuance passes its certificate
+        cert = x509.load_der_x509_certificate(rec.certificate_der)
     return {
         "serial": format(rec.serial, "x"),
         "service": rec.service,
@@ -311,7 +312,7 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
         except (binascii.Error, ValueError) as exc:
             raise MalformedInput("attestation_document: expected base64") from exc
         issued = issuer.issue(body.service, body.csr.encode(), document)
-        out = _record_json(issued.record)
+        out = _record_json(issued.record, issued.certificate)
         out["chain"] = issued.chain_pem.decode()
         return out
 

@@ -6,7 +6,17 @@ Two back ends behind one interface:
 * :class:`PostgresStore` — ``postgresql://`` URLs via psycopg, so CA replicas share one state.
 
 Nonce consumption is one conditional ``UPDATE … WHERE consumed_at IS NULL AND expires_at > now``:
-the database decides which of several racing requests wins, in one statement, on either back end.
+the database decides which of several racing requests wins, in one statement, on either back end,
+whether the racers are threads of one CA process, worker processes of one ``ca serve --workers N``
+or CA replicas. :meth:`record_issuance` runs that ``UPDATE`` and the inserts of the certificate
+record and its audit event in one transaction: a certificate is recorded exactly when its nonce is
+consumed, and an issuance costs one commit.
+
+Locking: on SQLite every write transaction is ``BEGIN IMMEDIATE`` (it takes the database's write
+lock first, so two processes never both read and then fail to upgrade), each process has its own
+connection (never shared across ``fork``), writers queue on an ``flock`` of ``<db>-lock`` (woken at
+once, instead of SQLite's polling busy handler) and wait up to ``busy_timeout`` (5 s) for any other
+process's lock; reads take no write lock (WAL readers see the last committed state).
 Times are stored as integer milliseconds since the Unix epoch (UTC); serials as lower-case hex text.
 
 Every table is bounded: :meth:`add_challenge` deletes expired challenges and refuses a new one beyond
@@ -25,13 +35,18 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from enclavekit.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite's busy_timeout alone
+    fcntl = None  # type: ignore[assignment]
 
 
 def to_ms(when: datetime) -> int:
@@ -69,6 +84,15 @@ class PruneCounts:
     challenges: int
     events: int
     certificates: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One CRL entry: what :meth:`Store.revocations` returns (no certificate or document bytes)."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +141,13 @@ class Store(Protocol):
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult: ...
 
+    def record_issuance(
+        self, nonce: bytes, now: datetime, record: CertificateRecord, event: Event
+    ) -> ConsumeResult:
+        """Consume ``nonce`` and, only if that succeeded, add ``record`` and ``event``: one
+        transaction."""
+        ...
+
     def add_certificate(self, record: CertificateRecord) -> None: ...
 
     def get_certificate(self, serial: int) -> CertificateRecord | None: ...
@@ -124,6 +155,11 @@ class Store(Protocol):
     def revoke(self, serial: int, at: datetime, reason: str) -> bool: ...
 
     def revoked(self) -> Sequence[CertificateRecord]: ...
+
+    def revocations(self, *, valid_at: datetime | None = None) -> Sequence[Revocation]:
+        """Revoked certificates (oldest revocation first), only those still valid at ``valid_at``
+        if given; served by a partial index on revoked certificates."""
+        ...
 
     def record_event(self, event: Event) -> None: ...
 
@@ -161,6 +197,10 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS challenges_client ON challenges (client, expires_at)",
     "CREATE INDEX IF NOT EXISTS events_at ON events (at)",
     "CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates (not_after)",
+    # The CRL reads revoked certificates only: a partial index keeps that independent of how many
+    # certificates were issued (SQLite and PostgreSQL both use it for ``revoked_at IS NOT NULL``).
+    "CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (revoked_at, not_after)"
+    " WHERE revoked_at IS NOT NULL",
 )
 
 
@@ -194,6 +234,10 @@ class _SqlStore:
 
     def _tx(self) -> AbstractContextManager[Any]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:
+        """A cursor for read-only statements (default: a transaction)."""
+        return self._tx()
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self._marker)
@@ -235,7 +279,7 @@ class _SqlStore:
         return ChallengeAdmission.ADDED
 
     def challenge_status(self, nonce: bytes, now: datetime) -> ConsumeResult | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
                 (nonce,),
@@ -250,51 +294,66 @@ class _SqlStore:
         return None
 
     def consume_challenge(self, nonce: bytes, now: datetime) -> ConsumeResult:
-        now_ms = to_ms(now)
         with self._tx() as cur:
-            # The one atomic step: only one UPDATE can flip consumed_at from NULL.
-            cur.execute(
-                self._sql(
-                    "UPDATE challenges SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL"
-                    " AND expires_at > ?"
-                ),
-                (now_ms, nonce, now_ms),
-            )
-            if cur.rowcount == 1:
-                return ConsumeResult.CONSUMED
-            cur.execute(
-                self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
-                (nonce,),
-            )
-            row = cur.fetchone()
+            return self._consume(cur, nonce, to_ms(now))
+
+    def _consume(self, cur: Any, nonce: bytes, now_ms: int) -> ConsumeResult:
+        # The one atomic step: only one UPDATE can flip consumed_at from NULL.
+        cur.execute(
+            self._sql(
+                "UPDATE challenges SET consumed_at = ? WHERE nonce = ? AND consumed_at IS NULL"
+                " AND expires_at > ?"
+            ),
+            (now_ms, nonce, now_ms),
+        )
+        if cur.rowcount == 1:
+            return ConsumeResult.CONSUMED
+        cur.execute(
+            self._sql("SELECT consumed_at, expires_at FROM challenges WHERE nonce = ?"),
+            (nonce,),
+        )
+        row = cur.fetchone()
         if row is None:
             return ConsumeResult.UNKNOWN
         if row[0] is not None:
             return ConsumeResult.ALREADY_USED
         return ConsumeResult.EXPIRED
 
+    def record_issuance(
+        self, nonce: bytes, now: datetime, record: CertificateRecord, event: Event
+    ) -> ConsumeResult:
+        with self._tx() as cur:
+            outcome = self._consume(cur, nonce, to_ms(now))
+            if outcome is ConsumeResult.CONSUMED:
+                self._insert_certificate(cur, record)
+                self._insert_event(cur, event)
+        return outcome
+
     def add_certificate(self, record: CertificateRecord) -> None:
         with self._tx() as cur:
-            cur.execute(
-                self._sql(
-                    f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608 - constant columns
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                (
-                    format(record.serial, "x"),
-                    record.service,
-                    to_ms(record.not_before),
-                    to_ms(record.not_after),
-                    record.certificate_der,
-                    record.document,
-                    to_ms(record.issued_at),
-                    None if record.revoked_at is None else to_ms(record.revoked_at),
-                    record.revocation_reason,
-                ),
-            )
+            self._insert_certificate(cur, record)
+
+    def _insert_certificate(self, cur: Any, record: CertificateRecord) -> None:
+        cur.execute(
+            self._sql(
+                f"INSERT INTO certificates ({_CERT_COLUMNS})"  # noqa: S608 - constant columns
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (
+                format(record.serial, "x"),
+                record.service,
+                to_ms(record.not_before),
+                to_ms(record.not_after),
+                record.certificate_der,
+                record.document,
+                to_ms(record.issued_at),
+                None if record.revoked_at is None else to_ms(record.revoked_at),
+                record.revocation_reason,
+            ),
+        )
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?"),  # noqa: S608
                 (format(serial, "x"),),
@@ -314,7 +373,7 @@ class _SqlStore:
             return bool(cur.rowcount == 1)
 
     def revoked(self) -> Sequence[CertificateRecord]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 f"SELECT {_CERT_COLUMNS} FROM certificates"  # noqa: S608 - constant columns
                 " WHERE revoked_at IS NOT NULL"
@@ -323,23 +382,38 @@ class _SqlStore:
             rows = cur.fetchall()
         return [_cert_from_row(r) for r in rows]
 
-    def record_event(self, event: Event) -> None:
-        with self._tx() as cur:
+    def revocations(self, *, valid_at: datetime | None = None) -> Sequence[Revocation]:
+        with self._read() as cur:
             cur.execute(
                 self._sql(
-                    "INSERT INTO events (at, kind, service, serial, detail) VALUES (?, ?, ?, ?, ?)"
+                    "SELECT serial, revoked_at, revocation_reason FROM certificates"
+                    " WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY revoked_at"
                 ),
-                (
-                    to_ms(event.at),
-                    event.kind,
-                    event.service,
-                    None if event.serial is None else format(event.serial, "x"),
-                    event.detail,
-                ),
+                (-1 if valid_at is None else to_ms(valid_at),),
             )
+            rows = cur.fetchall()
+        return [Revocation(int(r[0], 16), from_ms(r[1]), r[2]) for r in rows]
+
+    def record_event(self, event: Event) -> None:
+        with self._tx() as cur:
+            self._insert_event(cur, event)
+
+    def _insert_event(self, cur: Any, event: Event) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO events (at, kind, service, serial, detail) VALUES (?, ?, ?, ?, ?)"
+            ),
+            (
+                to_ms(event.at),
+                event.kind,
+                event.service,
+                None if event.serial is None else format(event.serial, "x"),
+                event.detail,
+            ),
+        )
 
     def events(self, limit: int = 100) -> Sequence[Event]:
-        with self._tx() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT at, kind, service, serial, detail FROM events ORDER BY id DESC LIMIT ?"
@@ -401,17 +475,39 @@ class _SqlStore:
         return PruneCounts(challenges, events, certificates)
 
 
-class SqliteStore(_SqlStore):
-    """The embedded default. One connection, serialised by a lock; safe across threads."""
+#: ``PRAGMA synchronous`` settings :class:`SqliteStore` accepts. In WAL mode, ``normal`` (the
+#: default) syncs the log at checkpoints, not at each commit: never corrupts the database, loses
+#: nothing when a CA process crashes, but a power loss or kernel crash can lose the issuances
+#: committed since the last checkpoint (their records and audit events; their challenges become
+#: unconsumed again, still bound to the enclave key that asked). ``full`` syncs at every commit —
+#: durable against power loss, at one disk sync per issuance, which several workers wait for in
+#: turn. PostgreSQL (``--database``) is durable and groups concurrent commits.
+SQLITE_SYNCHRONOUS = frozenset({"normal", "full"})
 
-    def __init__(self, path: Path | str) -> None:
+
+class SqliteStore(_SqlStore):
+    """The embedded default. One connection, serialised by a lock; safe across threads. Several
+    processes may open the same file (each its own :class:`SqliteStore`, opened after ``fork``)."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
         super().__init__()
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise UsageError(
+                f"SQLite synchronous mode must be one of {sorted(SQLITE_SYNCHRONOUS)},"
+                f" found {synchronous!r}"
+            )
         self.path = str(path)
+        self._lock_fd: int | None = None
         if self.path != ":memory:":
             _private_file(Path(path))
+            if fcntl is not None:
+                lock = Path(self.path + "-lock")
+                _private_file(lock)
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         for stmt in _ddl("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"):
             self._conn.execute(stmt)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(challenges)")}
@@ -422,10 +518,19 @@ class SqliteStore(_SqlStore):
         for suffix in ("-wal", "-shm"):  # older databases: SQLite keeps the files' modes
             if self.path != ":memory:":
                 _private_file(Path(self.path + suffix), create=False)
+        # Reads get their own connection (WAL: readers and the writer do not block each other), so
+        # a thread waiting for another process's write lock does not hold up this process's reads.
+        self._read_lock = threading.Lock() if self.path != ":memory:" else self._lock
+        self._read_conn = (
+            sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if self.path != ":memory:"
+            else self._conn
+        )
+        self._read_conn.execute("PRAGMA busy_timeout=5000")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
+        with self._lock, self._writer():
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -438,9 +543,40 @@ class SqliteStore(_SqlStore):
             finally:
                 cur.close()
 
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        # Writers of this file queue on an exclusive flock(2) of ``<db>-lock`` before BEGIN
+        # IMMEDIATE: the kernel wakes the next one as soon as the lock is released, where SQLite's
+        # busy handler would poll with sleeps of up to 100 ms. Processes that do not take it (the
+        # sqlite3 shell) still meet SQLite's own lock and busy_timeout: correctness never depends
+        # on the flock.
+        if self._lock_fd is None:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        # Autocommit SELECTs: no write lock, so readers never wait for another process's writer.
+        with self._read_lock:
+            cur = self._read_conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock if self._read_lock is not self._lock else nullcontext():
             self._conn.close()
+            if self._read_conn is not self._conn:
+                self._read_conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 class PostgresStore(_SqlStore):
@@ -537,12 +673,14 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def open_store(state_dir: Path, database: str | None = None) -> Store:
+def open_store(
+    state_dir: Path, database: str | None = None, *, sqlite_synchronous: str = "normal"
+) -> Store:
     """The CA's store: ``database`` (a PostgreSQL URL) if given, else SQLite in ``state_dir``."""
     if database is None or database.startswith("sqlite:"):
         if database is None:
-            return SqliteStore(state_dir / "ca.sqlite3")
-        return SqliteStore(Path(database[len("sqlite:") :]))
+            return SqliteStore(state_dir / "ca.sqlite3", synchronous=sqlite_synchronous)
+        return SqliteStore(Path(database[len("sqlite:") :]), synchronous=sqlite_synchronous)
     if database.startswith(("postgresql://", "postgres://")):
         return PostgresStore(database)
     raise UsageError(

@@ -262,14 +262,16 @@ class Verifier:
         """Verify many documents across processes; one result or error per input, in order.
 
         Signatures and chains are checked in worker processes (each with its own chain cache); the policy is
-        applied here. ``workers`` defaults to the number of CPUs.
+        applied here. ``workers`` defaults to the number of CPUs. Below :data:`PROCESS_MIN_DOCUMENTS`
+        documents (or with one worker) everything is verified in this process, with this verifier's
+        cache: there, starting processes costs more than it saves. The verdicts are the same either way.
         """
         docs = [bytes(d) for d in documents]
         when = _utc(at) if at is not None else datetime.now(UTC)
         n = workers or os.cpu_count() or 1
         roots = [r.public_bytes(Encoding.DER) for r in self._roots]
         results: list[VerifiedAttestation | Error] = []
-        if n <= 1 or len(docs) < 2:
+        if n <= 1 or len(docs) < max(2, PROCESS_MIN_DOCUMENTS):
             for raw in docs:  # no worker processes: verify here, with this verifier's cache
                 try:
                     results.append(self.verify(raw, policy, at=when, allow_nitrotpm=allow_nitrotpm))
@@ -287,13 +289,16 @@ class Verifier:
                     chunksize=chunk,
                 )
             )
+        chains: dict[tuple[bytes, ...], tuple[x509.Certificate, ...]] = {}
         for raw, outcome in zip(docs, outcomes, strict=True):
             if outcome[0] != "ok":
                 error_class = _WORKER_ERRORS.get(str(outcome[0]), VerificationError)
                 results.append(error_class(str(outcome[1])))
                 continue
-            ders = [d for d in outcome[1:] if isinstance(d, bytes)]
-            chain = tuple(x509.load_der_x509_certificate(d) for d in ders)
+            ders = tuple(d for d in outcome[1:] if isinstance(d, bytes))
+            chain = chains.get(ders)
+            if chain is None:  # documents of one enclave share a chain: load it once per batch
+                chain = chains[ders] = tuple(x509.load_der_x509_certificate(d) for d in ders)
             verified = _result(AttestationDocument.from_cbor(raw), raw, chain, when)
             failures = policy.failures(verified)
             results.append(PolicyViolation(failures) if failures else verified)
@@ -680,6 +685,11 @@ def _has_constraints(cert: x509.Certificate, der: bytes) -> bool:
 
 
 # -- batch workers ---------------------------------------------------------------------------------
+
+#: ``verify_many`` verifies batches smaller than this in its own process: below it, starting worker
+#: processes and shipping results back costs more than the parallel verification saves (issue 18;
+#: measured with benchmarks/bench_verify.py, see docs/verify.md).
+PROCESS_MIN_DOCUMENTS = 1000
 
 _worker_verifier: Verifier | None = None
 

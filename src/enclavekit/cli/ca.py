@@ -1,4 +1,4 @@
-"""``enclavekit ca init | root | serve | revoke``: the attestation certificate authority."""
+"""``enclavekit ca init | root | serve | revoke | prune``: the attestation certificate authority."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ from enclavekit.atls.ca import (
     load_admin_token,
     load_ca_keys,
     load_ca_policy,
+    prune_store,
     revoke_certificate,
 )
-from enclavekit.atls.limits import AUDIT_MAX_EVENTS, AUDIT_RETENTION, CaLimits
+from enclavekit.atls.limits import (
+    AUDIT_MAX_EVENTS,
+    AUDIT_RETENTION,
+    CaLimits,
+    limits_from_mapping,
+)
 from enclavekit.atls.store import open_store
 from enclavekit.cli._common import bind_error, host_port, nsm_verifier, root_option
 from enclavekit.cli._files import MAX_POLICY_FILE, read_input, require_text
@@ -124,6 +130,25 @@ def root(state_dir: Path, as_json: bool) -> None:
     help="Allow plain HTTP on a non-loopback address (admin token and issuance in clear).",
 )
 @log_format_option
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Worker processes sharing the listening socket and the store [default: CPU count].",
+)
+@click.option(
+    "--sqlite-synchronous",
+    type=click.Choice(["normal", "full"]),
+    default="normal",
+    show_default=True,
+    help="SQLite durability: full syncs the disk at every issuance (survives power loss).",
+)
+@click.option(
+    "--limits",
+    "limits_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML/JSON mapping overriding limits on clients (names and defaults: CA documentation).",
+)
 def serve(
     listen: str,
     state_dir: Path,
@@ -136,22 +161,26 @@ def serve(
     tls_names: tuple[str, ...],
     unsafe_plain_http: bool,
     log_format: str,
+    workers: int | None,
+    sqlite_synchronous: str,
+    limits_file: Path | None,
 ) -> None:
     """Serve the CA HTTP API (OpenAPI at /openapi.json, Prometheus at /metrics) until interrupted.
 
     Plain HTTP only on loopback, unless --unsafe-plain-http; elsewhere use --tls. Limits on
     clients (body size, challenges, issuance rate, connections) are listed in the CA service
-    documentation. Logs one line on stderr per start, issuance, refusal (with its reason) and stop.
+    documentation; with several workers, the total limits are shared out among them. Logs one
+    line on stderr per start, issuance, refusal (with its reason) and stop.
     """
     import contextlib
 
-    import uvicorn
-
+    from enclavekit.atls import workers as ca_workers
     from enclavekit.atls.ca_tls import in_memory_pem_files, is_loopback, issue_ca_tls_certificate
     from enclavekit.atls.metrics import CaMetrics
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
+    count = workers if workers is not None else ca_workers.default_workers()
     if tls_names and not tls:
         raise UsageError("--tls-name goes with --tls")
     if tls and unsafe_plain_http:
@@ -183,55 +212,73 @@ def serve(
         certificate_retention=retention,
         audit_max_events=audit_max_events,
     )
-    store = open_store(state_dir, database)
-    try:
+    if limits_file is not None:
+        limits = limits_from_mapping(
+            _load_mapping(limits_file, "--limits"), limits, source=f"--limits {limits_file}"
+        )
+    # Connect and migrate once, before any worker starts.
+    open_store(state_dir, database, sqlite_synchronous=sqlite_synchronous).close()
+    admin_token = load_admin_token(state_dir)
+    mine = limits.per_worker(count)
+
+    def make_app() -> object:  # in each worker: its own store connection and metrics
         issuer = Issuer(
             keys,
             policy,
-            store,
+            open_store(state_dir, database, sqlite_synchronous=sqlite_synchronous),
             NitroEvidenceVerifier(verifier, max_cabundle=limits.max_cabundle),
-            limits=limits,
+            limits=mine,
         )
-        app = create_app(issuer, admin_token=load_admin_token(state_dir))
+        app = create_app(issuer, admin_token=admin_token)
         CaMetrics().install(app, issuer)
-        try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
-            sock = socket.create_server((host, port), family=_family(host))
-        except OSError as exc:
-            raise bind_error("--listen", listen, exc) from None
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        scheme = "https" if tls else "http"
-        url = f"{scheme}://{shown}:{bound_port}"
-        services = sorted(policy.services)
-        with contextlib.ExitStack() as files:
-            keyfile = certfile = None
-            if tls_identity is not None:
-                key, cert = tls_identity
-                keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
-            config = uvicorn.Config(
-                app,
-                log_level="warning",
-                access_log=False,
-                limit_concurrency=limits.max_connections,
-                timeout_keep_alive=5,
-                ssl_keyfile=keyfile,
-                ssl_certfile=certfile,
+        return app
+
+    try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
+        sock = socket.create_server((host, port), family=_family(host), backlog=ca_workers.BACKLOG)
+    except OSError as exc:
+        raise bind_error("--listen", listen, exc) from None
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    scheme = "https" if tls else "http"
+    url = f"{scheme}://{shown}:{bound_port}"
+    services = sorted(policy.services)
+    status = 0
+    with contextlib.ExitStack() as files, sock:
+        options: dict[str, object] = {
+            "access_log": False,
+            "limit_concurrency": mine.max_connections,
+            "timeout_keep_alive": 5,
+        }
+        if tls_identity is not None:
+            key, cert = tls_identity
+            keyfile, certfile = files.enter_context(in_memory_pem_files(key, [cert]))
+            options |= {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
+        try:
+            event(
+                logger,
+                "start",
+                f"attestation CA listening on {url} with {count} worker(s)"
+                f" (services: {', '.join(services)})",
+                listen=url,
+                services=services,
+                workers=count,
             )
-            server = uvicorn.Server(config)
-            try:
-                event(
-                    logger,
-                    "start",
-                    f"attestation CA listening on {url} (services: {', '.join(services)})",
-                    listen=url,
-                    services=services,
-                )
-                with sock:
-                    server.run(sockets=[sock])
-            finally:
-                event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
-    finally:
-        store.close()
+            status = ca_workers.serve(make_app, sock, workers=count, uvicorn_options=options)
+        finally:
+            event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
+    if status:
+        raise SystemExit(status)
+
+
+def _load_mapping(path: Path, option: str) -> object:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{option} {path}: not YAML/JSON ({exc})") from exc
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -275,6 +322,62 @@ def revoke(serial: str, state_dir: Path, database: str | None, reason: str, as_j
         emit_json({"serial": format(number, "x"), "revoked": True, "changed": changed})
     else:
         stderr.print(f"{serial}: {'revoked' if changed else 'already revoked'} ({reason})")
+
+
+@ca_group.command("prune")
+@_state_dir
+@_database
+@click.option(
+    "--audit-retention-days",
+    type=click.IntRange(1, 36500),
+    default=AUDIT_RETENTION.days,
+    show_default=True,
+    help="Delete audit events (and certificate records expired) older than this many days.",
+)
+@click.option(
+    "--audit-max-events",
+    type=click.IntRange(1000, 100_000_000),
+    default=AUDIT_MAX_EVENTS,
+    show_default=True,
+    help="Keep at most this many audit events (the newest).",
+)
+@json_option
+def prune(
+    state_dir: Path,
+    database: str | None,
+    audit_retention_days: int,
+    audit_max_events: int,
+    as_json: bool,
+) -> None:
+    """Delete expired challenges, old audit events and long-expired certificate records now.
+
+    `ca serve` does the same every few seconds with the same options; this is for a CA that is
+    not running, or after lowering the retention.
+    """
+    load_ca_keys(state_dir)  # refuse a directory that holds no CA
+    retention = timedelta(days=audit_retention_days)
+    limits = CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
+    store = open_store(state_dir, database)
+    try:
+        counts = prune_store(store, limits, at=datetime.now(UTC))
+    finally:
+        store.close()
+    deleted = {
+        "challenges": counts.challenges,
+        "events": counts.events,
+        "certificates": counts.certificates,
+    }
+    if as_json:
+        emit_json({"deleted": deleted})
+    else:
+        stderr.print(
+            f"deleted {counts.challenges} expired challenge(s), {counts.events} audit event(s),"
+            f" {counts.certificates} certificate record(s)"
+        )
 
 
 def register(group: click.Group) -> None:

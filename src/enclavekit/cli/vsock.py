@@ -25,7 +25,13 @@ from enclavekit.transport.errors import TransportError
 from enclavekit.transport.forwarder import Forwarder
 from enclavekit.transport.proxy import VsockProxy
 from enclavekit.transport.relay import DEFAULT_STALL_TIMEOUT
-from enclavekit.transport.server import DEFAULT_WORKERS, RelayServer
+from enclavekit.transport.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WORKERS,
+    RelayServer,
+    raise_nofile_limit,
+)
 from enclavekit.transport.sockets import listen, local_address
 
 logger = logging.getLogger(__name__)
@@ -85,7 +91,22 @@ def _stall(value: float) -> float | None:
     type=click.IntRange(1, 1024),
     default=DEFAULT_WORKERS,
     show_default=True,
-    help="Maximum number of simultaneous connections.",
+    help="Event-loop threads relaying connections (nitro-cli: simultaneous connections; "
+    "here connections are limited by --max-connections).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=None,
+    help=f"Connections open at once; more are closed at once [default: {DEFAULT_MAX_CONNECTIONS}, "
+    "fewer if the open-file limit is lower].",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_IDLE_TIMEOUT,
+    show_default=True,
+    help="Close a connection with no traffic either way for this many seconds (0: never).",
 )
 @click.option(
     "--listen",
@@ -108,6 +129,8 @@ def vsock_proxy(
     ipv4: bool,
     ipv6: bool,
     workers: int,
+    max_connections: int | None,
+    idle_timeout: float,
     listen_text: str | None,
     stall_timeout: float,
 ) -> None:
@@ -120,6 +143,7 @@ def vsock_proxy(
         raise UsageError("--ipv4 and --ipv6 exclude each other; give at most one")
     family = IpFamily.IPV4 if ipv4 else IpFamily.IPV6 if ipv6 else IpFamily.ANY
     allowlist = Allowlist.load(config_path)
+    raise_nofile_limit(max_connections or DEFAULT_MAX_CONNECTIONS)
     proxy = VsockProxy(
         remote_addr,
         remote_port,
@@ -127,8 +151,14 @@ def vsock_proxy(
         family=family,
         workers=workers,
         stall_timeout=_stall(stall_timeout),
+        idle_timeout=_stall(idle_timeout),
+        max_connections=max_connections,
     )
     stderr.print(f"vsock-proxy: target {remote_addr}:{remote_port} ({proxy.remote_ip}) allowed")
+    stderr.print(
+        f"vsock-proxy: up to {proxy.max_connections} connections on {workers} event loop(s), "
+        f"idle timeout {f'{idle_timeout:g} s' if idle_timeout > 0 else 'none'}"
+    )
     listen_at = (
         parse_endpoint(listen_text, option="--listen")
         if listen_text
@@ -146,7 +176,7 @@ def vsock_proxy(
     type=click.IntRange(1, 1024),
     default=DEFAULT_WORKERS,
     show_default=True,
-    help="Maximum number of simultaneous connections.",
+    help="Event-loop threads relaying connections (not a connection limit).",
 )
 @click.option(
     "--stall-timeout",
@@ -170,6 +200,7 @@ def vsock_forward(
         "localhost",
     ):
         warn(f"vsock-forward listens on {listen_at}, not loopback: other hosts may use the tunnel")
+    raise_nofile_limit()
     _serve(
         Forwarder(target, workers=workers, stall_timeout=_stall(stall_timeout)),
         listen_at,

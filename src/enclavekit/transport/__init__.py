@@ -9,9 +9,11 @@ Modules (one job each):
 * :mod:`~enclavekit.transport.sockets` — ``connect(addr) -> socket.socket``, ``listen(addr) -> socket``,
   ``local_address(sock)``; asyncio: ``await open_connection(addr) -> (reader, writer)``,
   ``await start_server(handler, addr) -> asyncio.Server``. Address family never leaks to callers.
-* :mod:`~enclavekit.transport.relay` — ``relay(a, b) -> RelayStats``: the single bounded-memory copy
-  loop (half-close, resets, stalled readers); ``await relay_streams((r, w), (r, w))`` for asyncio.
-* :mod:`~enclavekit.transport.server` — :class:`RelayServer`: accept-and-relay with N workers.
+* :mod:`~enclavekit.transport.relay` — ``RelayPair``: the single bounded-memory copy state machine
+  (half-close, resets, stalled readers; buffers only while bytes move); ``relay(a, b) -> RelayStats``
+  drives one pair; ``await relay_streams((r, w), (r, w))`` for asyncio.
+* :mod:`~enclavekit.transport.server` — :class:`RelayServer`: accept-and-relay on N event loops, with a
+  connection limit, idle timeout and stall timeout (idle clients cannot block others).
 * :mod:`~enclavekit.transport.allowlist` — nitro-cli allowlist YAML, DNS resolution by family, the check.
 * :mod:`~enclavekit.transport.proxy` — :class:`VsockProxy` (parent side, nitro-cli ``vsock-proxy``).
 * :mod:`~enclavekit.transport.forwarder` — :class:`Forwarder` (enclave side: local TCP → vsock parent).
@@ -24,7 +26,7 @@ Handing connections from another backend (the parent-side contract)
 The relay and proxy logic works on **connected stream sockets of any family**; where a connection comes
 from does not matter. A backend hands over a connection with ``server.submit(conn)`` on a
 :class:`RelayServer` (so also a :class:`VsockProxy` or :class:`Forwarder`); the server then owns ``conn``,
-opens the upstream connection, relays in a worker and closes both ends::
+opens the upstream connection, relays on an event loop and closes both ends::
 
     proxy = VsockProxy("kms.eu-west-1.amazonaws.com", 443, allowlist=Allowlist.load(path))
     proxy.start(listen("vsock://ANY:8000"))        # AF_VSOCK connections ...
@@ -32,7 +34,7 @@ opens the upstream connection, relays in a worker and closes both ends::
     ours, theirs = socket.socketpair()             # ... or a byte stream from a non-socket backend
     proxy.submit(ours)                             #     (e.g. vhost-user): pump bytes through `theirs`
     proxy.start(listen("unix:///run/vsock-8000.sock"))  # ... or connections to a Unix socket
-    proxy.close()                                  # stop accepting, end relays, join workers
+    proxy.close()                                  # stop accepting, end relays, join threads
 
 A backend that wants to relay by itself (asyncio, say) calls ``proxy.connect_upstream()`` for the checked
 target connection and ``enclavekit.transport.relay.relay`` / ``relay_streams`` on the pair (the

@@ -11,10 +11,10 @@ import socket
 
 from enclavekit.transport.address import Address, as_address
 from enclavekit.transport.relay import DEFAULT_BUFFER_SIZE, DEFAULT_STALL_TIMEOUT
-from enclavekit.transport.server import DEFAULT_WORKERS, RelayServer
+from enclavekit.transport.server import DEFAULT_IDLE_TIMEOUT, DEFAULT_WORKERS, RelayServer
 from enclavekit.transport.sockets import connect
 
-#: Connecting to the parent must not hold a worker forever.
+#: Connecting to the parent must not hold a connect thread forever.
 CONNECT_TIMEOUT = 10.0
 
 
@@ -28,6 +28,8 @@ class Forwarder(RelayServer):
         workers: int = DEFAULT_WORKERS,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.target = as_address(target)
         super().__init__(
@@ -35,6 +37,8 @@ class Forwarder(RelayServer):
             workers=workers,
             buffer_size=buffer_size,
             stall_timeout=stall_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
         )
 
     def _connect_target(self) -> socket.socket:

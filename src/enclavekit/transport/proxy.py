@@ -32,13 +32,13 @@ from enclavekit.transport.allowlist import (
 )
 from enclavekit.transport.errors import TargetNotAllowed, TransportError
 from enclavekit.transport.relay import DEFAULT_BUFFER_SIZE, DEFAULT_STALL_TIMEOUT
-from enclavekit.transport.server import DEFAULT_WORKERS, RelayServer
+from enclavekit.transport.server import DEFAULT_IDLE_TIMEOUT, DEFAULT_WORKERS, RelayServer
 
 logger = logging.getLogger(__name__)
 
 #: The system resolver gives no TTL; re-resolve the target after this many seconds.
 DEFAULT_DNS_REFRESH = 60.0
-#: Connecting to the target must not hold a worker forever.
+#: Connecting to the target must not hold a connect thread forever.
 CONNECT_TIMEOUT = 10.0
 
 
@@ -56,6 +56,8 @@ class VsockProxy(RelayServer):
         workers: int = DEFAULT_WORKERS,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int | None = None,
         dns_refresh: float = DEFAULT_DNS_REFRESH,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,6 +80,8 @@ class VsockProxy(RelayServer):
             workers=workers,
             buffer_size=buffer_size,
             stall_timeout=stall_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
         )
 
     @property

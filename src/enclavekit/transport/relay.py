@@ -1,13 +1,17 @@
 """Relay bytes between two connected stream sockets with bounded memory, in both directions.
 
-:func:`relay` is the one copy loop behind the vsock proxy, the enclave-side forwarder and any other
-backend: it takes two ``socket.socket`` objects of any family (AF_VSOCK, AF_INET/AF_INET6, AF_UNIX — e.g.
-one end of a ``socket.socketpair()`` whose other end a non-socket backend feeds) and returns when both
+:class:`RelayPair` is the one copy state machine behind the vsock proxy, the enclave-side forwarder and
+any other backend: it takes two ``socket.socket`` objects of any family (AF_VSOCK, AF_INET/AF_INET6,
+AF_UNIX — e.g. one end of a ``socket.socketpair()`` whose other end a non-socket backend feeds), never
+blocks, and is driven by readiness events — many pairs per event loop in
+:class:`~enclavekit.transport.server.RelayServer`, or one pair by :func:`relay`, which returns when both
 directions are finished or one side fails.
 
 Behaviour:
 
-* memory is bounded: one buffer of ``buffer_size`` bytes per direction, never more;
+* memory is bounded: one buffer (or splice pipe) of ``buffer_size`` bytes per direction, never more,
+  allocated when data first arrives and given back by :meth:`RelayPair.release_buffers` once empty,
+  so an idle connection holds only its two sockets;
 * half-close is propagated: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other, and the
   other direction keeps flowing;
 * a reset, a broken pipe or any socket error on either side ends the relay and closes both sockets;
@@ -42,7 +46,7 @@ DEFAULT_STALL_TIMEOUT = 60.0
 #: Upper bound of back-to-back transfers in one direction before the other direction gets a turn.
 _BURST = 16
 
-Outcome = Literal["closed", "reset", "stalled"]
+Outcome = Literal["closed", "reset", "stalled", "idle", "refused"]
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -53,7 +57,12 @@ _now = time.monotonic
 
 @dataclass(frozen=True, slots=True)
 class RelayStats:
-    """What one relay did: bytes each way and how it ended."""
+    """What one relay did: bytes each way and how it ended.
+
+    ``outcome``: ``closed`` (both directions finished), ``reset`` (a socket error, or the server was
+    closed), ``stalled`` (a peer read nothing for ``stall_timeout``), ``idle`` (no byte either way for
+    the server's idle timeout) or ``refused`` (the server's connection limit was reached; nothing relayed).
+    """
 
     a_to_b: int
     b_to_a: int
@@ -61,21 +70,44 @@ class RelayStats:
 
 
 class _Direction:
-    """One direction of a relay: reads ``src`` into a fixed buffer and writes it to ``dst``."""
+    """One direction of a relay: reads ``src`` into a buffer and writes it to ``dst``.
 
-    __slots__ = ("buf", "count", "dst", "end", "eof", "shut", "since", "src", "start", "view")
+    The buffer is allocated when ``src`` is first reported readable (``ready``) and released again by
+    :meth:`release` once it is empty, so an idle direction holds no buffer."""
+
+    __slots__ = (
+        "buf",
+        "count",
+        "dst",
+        "dst_fd",
+        "end",
+        "eof",
+        "ready",
+        "shut",
+        "since",
+        "size",
+        "src",
+        "src_fd",
+        "start",
+        "view",
+    )
 
     def __init__(self, src: socket.socket, dst: socket.socket, size: int) -> None:
         self.src = src
         self.dst = dst
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.size = size
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
         self.start = 0
         self.end = 0
         self.eof = False
         self.shut = False
+        #: ``src`` was reported readable (or hung up) since the buffer was last released.
+        self.ready = False
         self.count = 0
-        #: When pending data last moved (or arrived); a stall is measured from here.
+        #: When data last moved (or arrived); a stall is measured from here while data is pending.
         self.since = 0.0
 
     @property
@@ -86,10 +118,23 @@ class _Direction:
     def done(self) -> bool:
         return self.shut
 
+    @property
+    def holds_buffer(self) -> bool:
+        return self.buf is not None
+
     def abandon(self) -> None:
         """The destination is gone: drop pending data and finish this direction."""
         self.start = self.end = 0
         self.eof = self.shut = True
+
+    def release(self) -> None:
+        """Give the buffer back while nothing is pending (it is allocated again on the next data)."""
+        if self.buf is not None and not self.pending:
+            self.buf = self.view = None
+            self.ready = False
+
+    def close(self) -> None:
+        self.buf = self.view = None
 
     def _pass_eof(self) -> bool:
         """Everything read was written and the source ended: shut the destination's write side, once.
@@ -104,6 +149,7 @@ class _Direction:
         """Move data until an operation would block (return True) or the burst ends (False)."""
         for _ in range(_BURST):
             if self.start < self.end:
+                assert self.view is not None
                 try:
                     sent = self.dst.send(self.view[self.start : self.end])
                 except BlockingIOError:
@@ -114,6 +160,11 @@ class _Direction:
                 if self.start == self.end:
                     self.start = self.end = 0
             elif not self.eof:
+                if self.buf is None:
+                    if not self.ready:
+                        return True  # wait for readability before allocating anything
+                    self.buf = bytearray(self.size)
+                    self.view = memoryview(self.buf)
                 try:
                     received = self.src.recv_into(self.buf)
                 except BlockingIOError:
@@ -135,37 +186,63 @@ _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBAD
 
 class _SpliceDirection(_Direction):
     """Zero-copy variant (Linux ``splice(2)`` through a pipe of ``size`` bytes): the data never
-    enters Python. Falls back to copying if the first splice is refused (e.g. a socket family
-    without splice support)."""
+    enters Python. The pipe is opened when ``src`` is first readable and closed by :meth:`release`
+    once empty. Falls back to copying if the first splice is refused (e.g. a socket family without
+    splice support) or no pipe can be opened (out of file descriptors)."""
 
-    __slots__ = ("_size", "copying", "in_pipe", "pipe_r", "pipe_w")
+    __slots__ = ("copying", "in_pipe", "pipe_r", "pipe_w")
 
     def __init__(self, src: socket.socket, dst: socket.socket, size: int) -> None:
-        super().__init__(src, dst, 0)
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, size)
+        super().__init__(src, dst, size)
+        self.pipe_r = self.pipe_w = -1
         self.in_pipe = 0
         self.copying = False
-        self._size = size
 
     @property
     def pending(self) -> bool:
         return self.in_pipe > 0 if not self.copying else self.start < self.end
 
+    @property
+    def holds_buffer(self) -> bool:
+        return self.pipe_r >= 0 or self.buf is not None
+
     def abandon(self) -> None:
         self.in_pipe = 0
         super().abandon()
 
-    def close(self) -> None:
+    def _close_pipe(self) -> None:
         for fd in (self.pipe_r, self.pipe_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.pipe_r = self.pipe_w = -1
+
+    def close(self) -> None:
+        self._close_pipe()
+        super().close()
+
+    def release(self) -> None:
+        if self.copying:
+            super().release()
+        elif self.pipe_r >= 0 and self.in_pipe == 0:
+            self._close_pipe()
+            self.ready = False
+
+    def _open_pipe(self) -> bool:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of file descriptors: copy instead
+            self.copying = True
+            return False
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, self.size)
+        return True
 
     def _fall_back(self, carried: bytes) -> bool:
         """Switch to copying, keeping bytes already moved into the pipe (``carried``)."""
         self.copying = True
-        self.buf = bytearray(max(self._size, len(carried)))
+        self._close_pipe()
+        self.buf = bytearray(max(self.size, len(carried)))
         self.view = memoryview(self.buf)
         self.buf[: len(carried)] = carried
         self.start, self.end = 0, len(carried)
@@ -179,9 +256,7 @@ class _SpliceDirection(_Direction):
         for _ in range(_BURST):
             if self.in_pipe:
                 try:
-                    sent = _SPLICE(
-                        self.pipe_r, self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS
-                    )
+                    sent = _SPLICE(self.pipe_r, self.dst_fd, self.in_pipe, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return True
                 except OSError as exc:
@@ -192,10 +267,13 @@ class _SpliceDirection(_Direction):
                 self.count += sent
                 self.since = _now()
             elif not self.eof:
+                if self.pipe_r < 0:
+                    if not self.ready:
+                        return True  # wait for readability before opening a pipe
+                    if not self._open_pipe():
+                        return super().pump()
                 try:
-                    received = _SPLICE(
-                        self.src.fileno(), self.pipe_w, self._size, flags=_SPLICE_FLAGS
-                    )
+                    received = _SPLICE(self.src_fd, self.pipe_w, self.size, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     return True
                 except OSError as exc:
@@ -210,6 +288,115 @@ class _SpliceDirection(_Direction):
             else:
                 return self._pass_eof()
         return False
+
+
+class RelayPair:
+    """Both directions between two connected sockets, driven by readiness events from outside.
+
+    The non-blocking state machine behind :func:`relay` (one pair, ``poll``) and
+    :class:`~enclavekit.transport.server.RelayServer` (many pairs per event loop). It never blocks and
+    never waits: :meth:`step` moves what can move, :meth:`interest` says which events to wait for,
+    :meth:`event` takes what the poller reported. An idle pair holds no buffer or pipe.
+    """
+
+    __slots__ = ("a", "b", "backward", "forward", "hung_up", "started")
+
+    def __init__(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        *,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        zero_copy: bool = True,
+    ) -> None:
+        if buffer_size <= 0:
+            raise ValueError("buffer_size must be positive")
+        kind = _SpliceDirection if zero_copy and _SPLICE is not None else _Direction
+        self.a = a
+        self.b = b
+        a.setblocking(False)
+        b.setblocking(False)
+        self.forward: _Direction = kind(a, b, buffer_size)
+        self.backward: _Direction = kind(b, a, buffer_size)
+        self.hung_up: set[int] = set()
+        self.started = _now()
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self.forward.src_fd, self.backward.src_fd
+
+    @property
+    def done(self) -> bool:
+        return self.forward.done and self.backward.done
+
+    def step(self) -> bool:
+        """Move bytes both ways; True when both directions would block, False when a burst ended
+        with more to do (call again after giving others a turn). Raises OSError on a socket error."""
+        return self.forward.pump() & self.backward.pump()
+
+    def interest(self) -> dict[int, int]:
+        """Poll mask wanted per file descriptor (0: nothing, do not register)."""
+        forward, backward = self.forward, self.backward
+        wanted = {forward.src_fd: 0, backward.src_fd: 0}
+        for direction in (forward, backward):
+            if direction.pending:
+                wanted[direction.dst_fd] |= _POLLOUT
+            elif not direction.eof:
+                wanted[direction.src_fd] |= _POLLIN
+        for fd in self.hung_up:
+            wanted[fd] = 0
+        return wanted
+
+    def event(self, fd: int, event: int) -> None:
+        """Take one poll result for ``fd``; raises ConnectionResetError on a socket error."""
+        if event & _POLLERR:
+            sock = self.a if fd == self.forward.src_fd else self.b
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            raise ConnectionResetError(err, "socket error")
+        for direction in (self.forward, self.backward):
+            if direction.src_fd == fd and event & (_POLLIN | _POLLHUP):
+                direction.ready = True
+        if event & _POLLHUP:
+            # The peer can neither send nor receive any more: nothing more can be delivered to it;
+            # data it sent before hanging up is still drained the other way.
+            self.hung_up.add(fd)
+            for direction in (self.forward, self.backward):
+                if direction.dst_fd == fd:
+                    direction.abandon()
+
+    def stalled_since(self) -> float | None:
+        """Since when the oldest pending data has waited for its reader (None: nothing pending)."""
+        pending = [d.since for d in (self.forward, self.backward) if d.pending]
+        return min(pending) if pending else None
+
+    @property
+    def last_activity(self) -> float:
+        """When a byte last moved either way (or the pair was made)."""
+        return max(self.started, self.forward.since, self.backward.since)
+
+    @property
+    def holds_buffers(self) -> bool:
+        return self.forward.holds_buffer or self.backward.holds_buffer
+
+    def release_buffers(self) -> None:
+        """Give back buffers and pipes that hold nothing (they return with the next data)."""
+        self.forward.release()
+        self.backward.release()
+
+    def shutdown(self) -> None:
+        """Shut both sockets down (the peers see EOF); :meth:`close` still has to follow."""
+        for sock in (self.a, self.b):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self, outcome: Outcome) -> RelayStats:
+        """Close both sockets and any pipes; the stats of the relay so far."""
+        for sock in (self.a, self.b):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.forward.close()
+        self.backward.close()
+        return RelayStats(self.forward.count, self.backward.count, outcome)
 
 
 def relay(
@@ -230,58 +417,35 @@ def relay(
     """
     if buffer_size <= 0:
         raise ValueError("buffer_size must be positive")
-    kind = _SpliceDirection if zero_copy and _SPLICE is not None else _Direction
     outcome: Outcome = "closed"
-    directions: list[_Direction] = []
+    pair: RelayPair | None = None
     try:
-        try:
-            directions.append(kind(a, b, buffer_size))
-            directions.append(kind(b, a, buffer_size))
-        except OSError:  # out of file descriptors for the pipes: copy instead
-            for direction in directions:
-                if isinstance(direction, _SpliceDirection):
-                    direction.close()
-            directions = [_Direction(a, b, buffer_size), _Direction(b, a, buffer_size)]
-        forward, backward = directions
-        a.setblocking(False)
-        b.setblocking(False)
-        fds = {a.fileno(): a, b.fileno(): b}
-        hung_up: set[int] = set()
+        pair = RelayPair(a, b, buffer_size=buffer_size, zero_copy=zero_copy)
         poller = select.poll()
         registered: dict[int, int] = {}
-        while not (forward.done and backward.done):
-            must_wait = forward.pump() & backward.pump()
-            if forward.done and backward.done:
+        while True:
+            must_wait = pair.step()
+            if pair.done:
                 break
             if not must_wait:
                 continue  # a burst ended with more to do: give the other direction its turn first
-            wanted = dict.fromkeys(fds, 0)
-            for direction in (forward, backward):
-                if direction.pending:
-                    wanted[direction.dst.fileno()] |= _POLLOUT
-                elif not direction.eof:
-                    wanted[direction.src.fileno()] |= _POLLIN
-            for fd, mask in wanted.items():
-                if fd in hung_up:
-                    mask = 0
-                if fd in hung_up or (mask == 0 and fd not in registered):
+            for fd, mask in pair.interest().items():
+                if mask == 0:
                     if fd in registered:
                         poller.unregister(fd)
                         del registered[fd]
-                    continue
-                if registered.get(fd) != mask:
+                elif registered.get(fd) != mask:
                     poller.register(fd, mask)
                     registered[fd] = mask
             if not registered:
-                # Both peers hung up and nothing can block any more: one more pump settles it.
-                forward.pump()
-                backward.pump()
+                # Both peers hung up and nothing can block any more: one more step settles it.
+                pair.step()
                 break
             timeout_ms: int | None = None
             if stall_timeout is not None:
-                pending = [d.since for d in (forward, backward) if d.pending]
-                if pending:
-                    left = min(pending) + stall_timeout - _now()
+                since = pair.stalled_since()
+                if since is not None:
+                    left = since + stall_timeout - _now()
                     if left <= 0:
                         outcome = "stalled"
                         logger.info(
@@ -289,30 +453,20 @@ def relay(
                         )
                         break
                     timeout_ms = max(1, int(left * 1000) + 1)
-            events = poller.poll(timeout_ms)
-            for fd, event in events:
-                if event & _POLLERR:
-                    err = fds[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    raise ConnectionResetError(err, "socket error")
-                if event & _POLLHUP:
-                    # The peer can neither send nor receive any more: nothing more can be delivered
-                    # to it; data it sent before hanging up is still drained the other way.
-                    hung_up.add(fd)
-                    for direction in (forward, backward):
-                        if direction.dst.fileno() == fd:
-                            direction.abandon()
+            for fd, event in poller.poll(timeout_ms):
+                pair.event(fd, event)
     except OSError as exc:
         outcome = "reset"
         logger.debug("relay: connection ended by %s", exc)
     finally:
-        for sock in (a, b):
-            with contextlib.suppress(OSError):
-                sock.close()
-        for direction in directions:
-            if isinstance(direction, _SpliceDirection):
-                direction.close()
-    counts = [d.count for d in directions] + [0, 0]
-    return RelayStats(counts[0], counts[1], outcome)
+        if pair is not None:
+            stats = pair.close(outcome)
+        else:
+            for sock in (a, b):
+                with contextlib.suppress(OSError):
+                    sock.close()
+            stats = RelayStats(0, 0, outcome)
+    return RelayStats(stats.a_to_b, stats.b_to_a, outcome)
 
 
 async def relay_streams(

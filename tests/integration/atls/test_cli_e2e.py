@@ -191,7 +191,8 @@ def test_ca_serve_tls_and_mutual_attested_proxy_processes(tmp_path: Path) -> Non
                 [*exe, "ca", "serve", "--listen", f"127.0.0.1:{ca_port}", "--tls",
                  "--tls-name", "localhost", "--state-dir", str(tmp_path / "ca"),
                  "--policy", str(tmp_path / "ca-policy.yaml"),
-                 "--root", str(tmp_path / "nsm-root.pem")],
+                 "--root", str(tmp_path / "nsm-root.pem"),
+                 "--workers", "1"],  # /metrics counts per worker: one, to read the total
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             procs.append(ca)
@@ -270,7 +271,8 @@ def test_attack_ca_serve_buffers_a_chunked_body_whole(tmp_path: Path) -> None:
     ca = subprocess.Popen(
         ["sh", "-c", 'umask 022 && exec "$@"', "sh", *exe, "ca", "serve",
          "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
-         "--policy", str(tmp_path / "ca-policy.yaml"), "--audit-retention-days", "7"],
+         "--policy", str(tmp_path / "ca-policy.yaml"), "--audit-retention-days", "7",
+         "--workers", "1"],  # the serving process itself: its peak RSS is measured
         stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:

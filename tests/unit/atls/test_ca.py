@@ -430,3 +430,47 @@ def test_ip_addresses_go_into_the_san(
         x509.SubjectAlternativeName
     )
     assert [str(a) for a in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+
+
+_POOL_FACTORY = DocumentFactory()
+_POOL_OTHER = DocumentFactory(name="other root")
+_POOL = [
+    c.public_bytes(Encoding.DER)
+    for c in (
+        _POOL_FACTORY.root,
+        _POOL_FACTORY.intermediate,
+        _POOL_FACTORY.leaf,
+        _POOL_OTHER.root,
+        _POOL_OTHER.intermediate,
+    )
+]
+_CACHED = NitroEvidenceVerifier(_POOL_FACTORY.verifier())
+
+
+def _reshaped(bundle: list[int], leaf: int) -> bytes:
+    import cbor2
+
+    outer = cbor2.loads(_POOL_FACTORY.make(nonce=b"n" * 32))
+    payload = cbor2.loads(outer[2])
+    payload["cabundle"] = [_POOL[i] for i in bundle]
+    payload["certificate"] = _POOL[leaf]
+    outer[2] = cbor2.dumps(payload)
+    return bytes(cbor2.dumps(outer))
+
+
+def _verdict(verifier: NitroEvidenceVerifier, document: bytes) -> object:
+    try:
+        return verifier.precheck(document)
+    except (MalformedInput, VerificationError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, len(_POOL) - 1), max_size=6), st.integers(0, len(_POOL) - 1))
+def test_shape_check_cache_gives_the_same_verdict(bundle: list[int], leaf: int) -> None:
+    """The remembered cabundle shape checks change no verdict: a verifier that has seen many
+    shapes answers every document as a fresh one does (and twice in a row the same)."""
+    document = _reshaped(bundle, leaf)
+    fresh = _verdict(NitroEvidenceVerifier(_POOL_FACTORY.verifier()), document)
+    assert _verdict(_CACHED, document) == fresh
+    assert _verdict(_CACHED, document) == fresh

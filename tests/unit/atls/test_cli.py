@@ -162,3 +162,39 @@ def test_unseal_with_wrong_key_fails(
     assert r.stdout_bytes == b""
     r = runner.invoke(cli, ["unseal", "--key", str(sealing["key"])], input=b"\x01garbage")
     assert r.exit_code == 2
+
+
+def test_attack_ca_prune_bounds_a_stopped_cas_store(runner: CliRunner, tmp_path: Path) -> None:
+    """`ca prune` applies the retention policy to the store of a CA that is not running: expired
+    challenges, old audit events and long-expired certificate records go, the rest stays."""
+    from datetime import UTC, datetime, timedelta
+
+    from enclavekit.atls.store import Event
+
+    state = tmp_path / "ca"
+    assert runner.invoke(cli, ["ca", "init", "--state-dir", str(state)]).exit_code == 0
+    now = datetime.now(UTC)
+    store = SqliteStore(state / "ca.sqlite3")
+    store.add_challenge(b"l" * 32, now, now + timedelta(hours=1))
+    store.add_challenge(b"e" * 32, now - timedelta(hours=2), now - timedelta(hours=1))
+    old = now - timedelta(days=40)
+    store.add_certificate(CertificateRecord(1, "web", old, old, b"\x30\x00", b"doc", old))
+    store.add_certificate(CertificateRecord(2, "web", now, now, b"\x30\x00", b"doc", now))
+    for days in (40, 1):
+        store.record_event(Event(now - timedelta(days=days), "issued", "web", None, "x"))
+    store.close()
+    r = runner.invoke(
+        cli, ["ca", "prune", "--state-dir", str(state), "--audit-retention-days", "30", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"deleted": {"challenges": 1, "events": 1, "certificates": 1}}
+    store = SqliteStore(state / "ca.sqlite3")
+    try:
+        assert store.get_certificate(1) is None
+        assert store.get_certificate(2) is not None
+        assert len(store.events()) == 1
+        assert store.challenge_status(b"l" * 32, now) is None
+    finally:
+        store.close()
+    r = runner.invoke(cli, ["ca", "prune", "--state-dir", str(tmp_path / "none")])
+    assert r.exit_code == 2

@@ -280,3 +280,85 @@ def test_attack_old_database_gains_the_client_column(tmp_path: Path) -> None:
     finally:
         store.close()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_attack_losing_racer_records_no_certificate(any_store: Store) -> None:
+    """record_issuance adds the certificate and its event only when it consumed the challenge."""
+    any_store.add_challenge(b"w" * 32, T0, T0 + timedelta(seconds=60))
+    issued = Event(T0, "issued", "web", 1, "x")
+    assert any_store.record_issuance(b"w" * 32, T0, _record(1), issued) is ConsumeResult.CONSUMED
+    assert any_store.record_issuance(b"w" * 32, T0, _record(2), issued) is (
+        ConsumeResult.ALREADY_USED
+    )
+    assert any_store.record_issuance(b"u" * 32, T0, _record(3), issued) is ConsumeResult.UNKNOWN
+    assert any_store.get_certificate(1) is not None
+    assert any_store.get_certificate(2) is None
+    assert any_store.get_certificate(3) is None
+    assert [e.serial for e in any_store.events()] == [1]
+
+
+def _consume_in_process(path: str, nonce: bytes, gate: object, out: object) -> None:
+    store = SqliteStore(path)
+    gate.wait()  # type: ignore[attr-defined]
+    out.put(store.consume_challenge(nonce, T0).value)  # type: ignore[attr-defined]
+    store.close()
+
+
+def test_attack_challenge_consumed_once_across_processes(tmp_path: Path) -> None:
+    """Six processes, each with its own connection to one SQLite file, race to consume one nonce:
+    exactly one wins (the workers of `ca serve --workers N` share the store this way)."""
+    import multiprocessing
+
+    path = str(tmp_path / "shared.sqlite3")
+    store = SqliteStore(path)
+    store.add_challenge(b"p" * 32, T0, T0 + timedelta(seconds=60))
+    store.close()
+    ctx = multiprocessing.get_context("spawn")
+    gate = ctx.Barrier(6)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_consume_in_process, args=(path, b"p" * 32, gate, out)) for _ in range(6)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results.count(ConsumeResult.CONSUMED.value) == 1
+    assert results.count(ConsumeResult.ALREADY_USED.value) == 5
+
+
+def test_crl_query_lists_unexpired_revocations_from_the_index(any_store: Store) -> None:
+    """revocations(valid_at) returns revoked, unexpired certificates only; on SQLite the query
+    is answered from the partial index, not by scanning every certificate."""
+    for serial, hours in ((1, 1), (2, -1), (3, 1)):
+        any_store.add_certificate(
+            dataclasses.replace(_record(serial), not_after=T0 + timedelta(hours=hours))
+        )
+    any_store.revoke(1, T0, "superseded")
+    any_store.revoke(2, T0, "superseded")
+    got = any_store.revocations(valid_at=T0)
+    assert [(r.serial, r.reason) for r in got] == [(1, "superseded")]
+    assert {r.serial for r in any_store.revocations()} == {1, 2}
+    if isinstance(any_store, SqliteStore):
+        with any_store._read() as cur:
+            plan = " ".join(
+                str(r[-1])
+                for r in cur.execute(
+                    "EXPLAIN QUERY PLAN SELECT serial, revoked_at, revocation_reason"
+                    " FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?"
+                    " ORDER BY revoked_at",
+                    (0,),
+                )
+            )
+        assert "certificates_revoked" in plan, plan
+
+
+def test_sqlite_synchronous_mode_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="synchronous"):
+        SqliteStore(tmp_path / "x.sqlite3", synchronous="off")
+    s = SqliteStore(tmp_path / "y.sqlite3", synchronous="full")
+    with s._read() as cur:
+        assert cur.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()

@@ -116,6 +116,7 @@ def test_live_proxy_process_relays(tmp_path: Path, echo_server: EchoServer) -> N
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert b"allowed" in err
+    assert b"connections on 4 event loop(s), idle timeout 600 s" in err
 
 
 def test_forward_bad_address_exits_2() -> None:
@@ -130,3 +131,41 @@ def test_forward_port_in_use_exits_2(echo_server: EchoServer) -> None:
     )
     assert result.exit_code == 2
     assert "cannot listen" in result.stderr
+
+
+def test_negative_idle_timeout_exits_2(tmp_path: Path) -> None:
+    config = _config(tmp_path, "- {address: 127.0.0.1, port: 443}\n")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "vsock-proxy",
+            "8000",
+            "127.0.0.1",
+            "443",
+            "--config",
+            str(config),
+            "--idle-timeout",
+            "-1",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--idle-timeout" in result.stderr
+
+
+def test_zero_max_connections_exits_2(tmp_path: Path) -> None:
+    config = _config(tmp_path, "- {address: 127.0.0.1, port: 443}\n")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "vsock-proxy",
+            "8000",
+            "127.0.0.1",
+            "443",
+            "--config",
+            str(config),
+            "--max-connections",
+            "0",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--max-connections" in result.stderr
