@@ -6,10 +6,17 @@ Measured in one run, each against a baseline measured in the same run:
   ``tarfile`` extracting a tar of the same files (both into fresh directories, same disk);
 * start: ``run_enclave`` (check + measure + unpack the EIF, spawn the enclave process, start the
   emulated NSM, start the application) until the application's first console line, vs spawning the
-  same command with ``subprocess`` and waiting for the same line.
+  same command with ``subprocess`` and waiting for the same line;
+* large EIFs (256 MiB and 1 GiB by default): ``enclavekit run-enclave`` as a command, from its start
+  to the application's first console line, and its peak RSS (``/usr/bin/time -f %M``), vs the
+  baseline ``sha384sum EIF`` + ``cpio -idm < customer-ramdisk`` + ``sh -c 'echo ready'`` (GNU cpio;
+  peak RSS the largest of the three), interleaved rounds in the same run. The customer ramdisk holds
+  files of 32 MiB (one of them the largest a ramdisk may make a runner hold) and 1,000 of 4 KiB.
+  Targets (issue 18): peak RSS under 100 MiB whatever the size; start ≤ 1.5x the baseline at 1 GiB.
 
-Usage: ``python benchmarks/bench_run.py [--files 2000] [--size 16384] [--starts 3]`` (well under a
-minute by default).
+Usage: ``python benchmarks/bench_run.py [--files 2000] [--size 16384] [--starts 3]
+[--eif-mib 256 1024] [--rounds 3]`` (about a minute by default; needs ``cpio`` and GNU ``time``, and
+4 x the largest size free on the temporary directory's disk).
 """
 
 from __future__ import annotations
@@ -148,16 +155,162 @@ def bench_start(base: Path, starts: int) -> None:
     )
 
 
+BIG_FILE = 32 * 1024 * 1024
+SMALL_FILES = 1000
+RSS_TARGET_MIB = 100
+START_TARGET = 1.5
+_RUN_CLI = "from enclavekit.cli import main; main()"
+
+
+def write_large_eif(base: Path, size_mib: int) -> tuple[Path, Path]:
+    """An EIF of about ``size_mib`` MiB and its customer ramdisk as a file, both streamed."""
+    ramdisk = base / f"customer-{size_mib}.cpio"
+    script = "echo ready; exec sleep 60"
+    cmd = b"/bin/sh\n-c\n" + script.encode() + b"\n"
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(ramdisk, "wb") as out:
+        writer = CpioWriter(out)
+        writer.add(CpioEntry(b"rootfs", FileType.DIRECTORY, 0o755))
+        writer.add(CpioEntry(b"rootfs/small", FileType.DIRECTORY, 0o755))
+        for i in range(SMALL_FILES):
+            data = block[i : i + 4096]
+            name = f"rootfs/small/f{i:04d}".encode()
+            writer.add(CpioEntry(name, FileType.REGULAR, 0o644, size=len(data)), data)
+        room = size_mib * 1024 * 1024 - SMALL_FILES * 4096 - 1024 * 1024  # headers, bootstrap
+        sizes = [BIG_FILE] * (room // BIG_FILE) + ([room % BIG_FILE] if room % BIG_FILE else [])
+        for i, size in enumerate(sizes):
+            name = f"rootfs/big{i:03d}".encode()
+            writer.begin(CpioEntry(name, FileType.REGULAR, 0o644, size=size))
+            left = size
+            while left:
+                piece = block[: min(left, len(block))]
+                writer.write(piece)
+                left -= len(piece)
+            writer.end()
+        writer.add(CpioEntry(b"cmd", FileType.REGULAR, 0o644, size=len(cmd)), cmd)
+        writer.add(CpioEntry(b"env", FileType.REGULAR, 0o644, size=0), b"")
+        writer.close()
+    eif = base / f"large-{size_mib}.eif"
+    write_eif(
+        eif,
+        kernel=b"k" * 4096,
+        cmdline="console=ttyS0",
+        ramdisks=[make_cpio([]), ramdisk],
+        metadata=IdentityInfo("bench", "1", BuildInfo(build_time="2026-01-01T00:00:00+00:00")),
+    )
+    return eif, ramdisk
+
+
+def _timed_rss(argv: list[str], rss_file: Path, **kwargs: object) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB, GNU time's %M: the command's own, not this process's)."""
+    t0 = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv], check=True, **kwargs)  # type: ignore[call-overload]
+    elapsed = time.perf_counter() - t0
+    return elapsed, int(rss_file.read_text().split()[-1])
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def bench_large(base: Path, size_mib: int, rounds: int) -> None:
+    eif, ramdisk = write_large_eif(base, size_mib)
+    eif_size = eif.stat().st_size
+    state = base / f"state-{size_mib}"
+    store = EnclaveStore(state)
+    memory = -(-4 * eif_size // (1024 * 1024))
+    ours: list[tuple[float, int, int]] = []
+    plain: list[tuple[float, int]] = []
+    for r in range(rounds):
+        # run-enclave: the command's start to the application's first console line.
+        t0 = time.perf_counter()
+        _, rss = _timed_rss(
+            [
+                sys.executable,
+                "-c",
+                _RUN_CLI,
+                "run-enclave",
+                "--eif-path",
+                str(eif),
+                "--isolation",
+                "process",
+                "--memory",
+                str(memory),
+                "--cpu-count",
+                "1",
+                "--state-dir",
+                str(state),
+                "--json",
+            ],
+            base / "rss-ours",
+            stdout=subprocess.PIPE,
+        )
+        [record] = store.all()
+        deadline = time.monotonic() + 60
+        while b"ready" not in b"".join(runner.follow_console(store, record, disconnect_timeout=0)):
+            if time.monotonic() > deadline:
+                raise SystemExit("the benchmark enclave never printed its line")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - t0
+        enclave_rss = _vm_hwm_kib(record.pid)
+        runner.terminate_enclave(record, store=store)
+        ours.append((elapsed, rss, enclave_rss))
+        # Baseline: check the file's hash, unpack the same ramdisk, start a shell that prints.
+        target = base / f"cpio-{size_mib}-{r}"
+        target.mkdir()
+        t_hash, rss_hash = _timed_rss(
+            ["sha384sum", str(eif)], base / "rss-b", stdout=subprocess.DEVNULL
+        )
+        with open(ramdisk, "rb") as stdin:
+            t_cpio, rss_cpio = _timed_rss(
+                ["cpio", "-idm", "--quiet"], base / "rss-b", stdin=stdin, cwd=target
+            )
+        t_sh, rss_sh = _timed_rss(
+            ["sh", "-c", "echo ready"], base / "rss-b", stdout=subprocess.PIPE
+        )
+        plain.append((t_hash + t_cpio + t_sh, max(rss_hash, rss_cpio, rss_sh)))
+        shutil.rmtree(target)
+        shutil.rmtree(state / "enclaves", ignore_errors=True)
+    ratios = [o[0] / p[0] for o, p in zip(ours, plain, strict=True)]
+    ratio = statistics.median(ratios)
+    t_ours = statistics.median(o[0] for o in ours)
+    t_plain = statistics.median(p[0] for p in plain)
+    rss_ours = max(o[1] for o in ours) / 1024
+    rss_enclave = max(o[2] for o in ours) / 1024
+    rss_plain = max(p[1] for p in plain) / 1024
+    start_ok = ratio <= START_TARGET
+    rss_ok = rss_ours < RSS_TARGET_MIB
+    print(
+        f"run-enclave, {eif_size / 2**20:.0f} MiB EIF: start to first console line"
+        f" {t_ours * 1e3:.0f} ms, peak RSS {rss_ours:.1f} MiB (enclave process"
+        f" {rss_enclave:.1f} MiB); baseline sha384sum + cpio -idm + sh -c echo"
+        f" {t_plain * 1e3:.0f} ms, peak RSS {rss_plain:.1f} MiB; ratio {ratio:.2f}x"
+        f" (median of {rounds} interleaved rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+    print(
+        f"  target: peak RSS < {RSS_TARGET_MIB} MiB whatever the size:"
+        f" {'met' if rss_ok else 'NOT met'}; start <= {START_TARGET}x the baseline at 1 GiB:"
+        + (f" {'met' if start_ok else 'NOT met'}" if size_mib >= 1024 else " (applies at 1 GiB)")
+    )
+    eif.unlink()
+    ramdisk.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--size", type=int, default=16384)
     parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--eif-mib", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
         bench_unpack(base, args.files, args.size)
         bench_start(base, args.starts)
+        for size_mib in args.eif_mib:
+            bench_large(base, size_mib, args.rounds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     sys.stdout.flush()

@@ -81,8 +81,9 @@ class _Sink:
 class _ThreadedSink(_Sink):
     """Hands PCR2 and most of the CRC to a worker thread through a bounded ring of buffers."""
 
-    def __init__(self) -> None:
+    def __init__(self, main_crc_share: float = MAIN_CRC_SHARE) -> None:
         self.crc = 0
+        self._main_crc_share = main_crc_share
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(BUFFERS):
             self._free.put(bytearray(CHUNK_SIZE))
@@ -114,7 +115,7 @@ class _ThreadedSink(_Sink):
         self._inbox.put(_Item(data, 0, 0, None, None))
 
     def chunk(self, view: memoryview, buffer: bytearray, pcr2: PcrHasher | None) -> None:
-        head_len = int(len(view) * MAIN_CRC_SHARE) if pcr2 is not None else 0
+        head_len = int(len(view) * self._main_crc_share) if pcr2 is not None else 0
         head_crc = zlib.crc32(view[:head_len]) if head_len else 0
         self._inbox.put(_Item(view, head_len, head_crc, pcr2, buffer))
 
@@ -139,10 +140,16 @@ def read_pass(
     *,
     parallel: bool,
     progress: Callable[[int], None] | None,
+    consume: Callable[[Any, memoryview], None] | None = None,
 ) -> tuple[int, dict[int, bytes]]:
     """Stream every section after ``header`` (already read): returns the CRC-32 and the data of the
-    metadata and signature sections (bounded in size by the reader's layout checks)."""
-    sink = _ThreadedSink() if parallel else _Sink()
+    metadata and signature sections (bounded in size by the reader's layout checks).
+
+    ``consume(section, chunk)`` is called on this thread with every chunk of the kernel, cmdline
+    and ramdisk sections, in file order, before the chunk is handed on (the view is valid only
+    during the call)."""
+    # A consumer (unpacking) loads this thread: then the worker takes all of the CRC.
+    sink = _ThreadedSink(0.0 if consume is not None else MAIN_CRC_SHARE) if parallel else _Sink()
     kept: dict[int, bytes] = {}
     try:
         sink.crc_only(header[:HEADER_CRC_SPAN])
@@ -161,6 +168,8 @@ def read_pass(
                 buffer = sink.buffer()
                 view = _fill(stream, buffer, min(CHUNK_SIZE, remaining), section.index)
                 remaining -= len(view)
+                if consume is not None:
+                    consume(section, view)
                 if measured:
                     measurer.update_pcr0_only(view)
                 sink.chunk(view, buffer, pcr2)

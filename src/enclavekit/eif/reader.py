@@ -195,8 +195,15 @@ class Eif:
         hash_algorithm: str = HASH_ALGORITHM_SHA384,
         check_signature: bool = True,
         progress: Callable[[int], None] | None = None,
+        consume: Callable[[Section, memoryview], None] | None = None,
     ) -> EifReport:
         """One sequential pass: CRC, PCR0/1/2, metadata and signature; then the signature check.
+
+        ``consume(section, chunk)``, when given, receives the data of the kernel, cmdline and
+        ramdisk sections in file order as the pass reads it (each view is valid only during the
+        call), so a caller can use the very bytes that were measured without reading them twice.
+        Those bytes are unverified until this method has returned a report without
+        :meth:`~EifReport.problems` (and has not raised).
 
         An invalid COSE signature or an unparseable signature section raises
         :class:`EifIntegrityError`; a CRC mismatch or a signature over another PCR0 is reported in
@@ -207,7 +214,13 @@ class Eif:
         head = read_exact(stream, HEADER_SIZE, "the header")
         measurer = SectionMeasurer()
         crc, kept = read_pass(
-            stream, head, self.sections, measurer, parallel=parallel, progress=progress
+            stream,
+            head,
+            self.sections,
+            measurer,
+            parallel=parallel,
+            progress=progress,
+            consume=consume,
         )
         if progress is not None:
             progress(self.file_size)

@@ -2,7 +2,7 @@
 
 Modules, one job each:
 
-- :mod:`~enclavekit.run.cpio`: newc cpio reader and path-traversal-safe unpacker.
+- :mod:`~enclavekit.run.cpio`: streaming newc cpio parser and path-traversal-safe unpacker.
 - :mod:`~enclavekit.run.vsock`: vsock emulated over unix sockets (``ENCLAVEKIT_VSOCK_DIR``).
 - :mod:`~enclavekit.run.state`: enclave records under the state directory (nitro-cli JSON shapes).
 - :mod:`~enclavekit.run.launch`: open + check + unpack an EIF into an enclave directory.

@@ -3,10 +3,16 @@
 Steps of :func:`prepare`:
 
 1. open the EIF and check its layout (:meth:`enclavekit.eif.reader.Eif.open`);
-2. one verifying pass: CRC, PCR0/1/2 (+ PCR8 and the signature when signed); a CRC mismatch or a
-   signature over another PCR0 refuses the image (as the hypervisor would);
-3. unpack every ramdisk, in order, into ``<dir>/initramfs`` (the hypervisor concatenates them into
-   one initramfs; later entries win);
+2. one pass over the file computes the CRC and PCR0/1/2 and, from the same bytes as they are read,
+   unpacks every ramdisk, in order (the hypervisor concatenates them into one initramfs; later
+   entries win), into the staging directory ``<dir>/.initramfs.unverified``: memory stays bounded
+   (a few MiB of buffers, whatever the EIF size) and what is unpacked is exactly what was measured
+   (the file is never read twice, so rewriting it during the run changes nothing);
+3. then the checks: a CRC mismatch or a signature over another PCR0 refuses the image (as the
+   hypervisor would) and the staging directory is removed; a damaged image is reported as damaged
+   even where the damage also breaks a ramdisk's cpio; a malformed ramdisk in an intact image is
+   refused after the pass. Only an image that passes becomes ``<dir>/initramfs`` (one rename);
+   nothing is started before :func:`prepare` returns;
 4. read ``/cmd`` and ``/env`` as nitro's ``init`` does: one item per line, no quoting, missing or
    empty ``cmd`` → ``sh`` with ``PATH=/sbin:/usr/sbin:/bin:/usr/bin``; the application's root is
    ``/rootfs``. ``/rootfs`` must be a real directory and ``/cmd``/``/env`` regular files: they are
@@ -28,16 +34,17 @@ from enclavekit.eif.describe import describe_report
 from enclavekit.eif.format import SectionType
 from enclavekit.eif.measure import Measurements
 from enclavekit.eif.metadata import IdentityInfo
-from enclavekit.eif.reader import Eif
+from enclavekit.eif.reader import Eif, EifReport, Section
 from enclavekit.errors import EifIntegrityError, MalformedInput
-from enclavekit.run.cpio import extract
+from enclavekit.run.cpio import CpioParser, Extractor
 from enclavekit.run.rootfs import open_directory, opened_directory, read_regular_file
+from enclavekit.run.state import remove_tree
 
 #: ``init``'s defaults when ``/cmd`` is missing or empty.
 DEFAULT_ARGV = ("sh",)
 DEFAULT_ENV = ("PATH=/sbin:/usr/sbin:/bin:/usr/bin",)
-#: A ramdisk is unpacked from memory; bound what one may take.
-MAX_RAMDISK_SIZE = 2 * 1024 * 1024 * 1024
+#: Where the ramdisks are unpacked until the EIF has passed its checks (inside ``<dir>``).
+STAGING_NAME = ".initramfs.unverified"
 #: ``/cmd`` and ``/env`` are a few lines; bound what is read.
 MAX_CMD_ENV_SIZE = 1024 * 1024
 
@@ -72,13 +79,14 @@ def read_lines(initramfs_fd: int, name: str) -> tuple[str, ...]:
     return tuple(line for line in raw.decode("utf-8", "surrogateescape").split("\n") if line)
 
 
-def measure_and_check(eif: Eif) -> tuple[Measurements, IdentityInfo | None, dict[str, Any]]:
+def check_report(
+    eif_path: Path, report: EifReport
+) -> tuple[Measurements, IdentityInfo | None, dict[str, Any]]:
     """Measurements, metadata and describe-enclaves' metadata fields; refuses a damaged image."""
-    report = eif.verify()
     problems = report.problems()
     if problems:
         raise EifIntegrityError(
-            f"{eif.path}: refusing to run a damaged image: " + "; ".join(problems)
+            f"{eif_path}: refusing to run a damaged image: " + "; ".join(problems)
         )
     described = describe_report(report)
     extra: dict[str, Any] = {
@@ -87,19 +95,77 @@ def measure_and_check(eif: Eif) -> tuple[Measurements, IdentityInfo | None, dict
     return report.measurements, report.metadata, extra
 
 
-def prepare(eif_path: Path, directory: Path) -> PreparedEnclave:
-    """Steps 1-4 of the module docstring; ``directory`` receives ``initramfs/``."""
-    with Eif.open(eif_path) as eif:
-        measurements, metadata, described = measure_and_check(eif)
-        initramfs = directory / "initramfs"
-        initramfs.mkdir(parents=True, exist_ok=True)
-        for section in eif.sections_of(SectionType.RAMDISK):
-            data = eif.read_section(section, limit=MAX_RAMDISK_SIZE)
+class _RamdiskUnpacker:
+    """The verifying pass's consumer: feeds each ramdisk's chunks to a cpio parser as they are
+    read. The first malformed ramdisk stops unpacking (kept in :attr:`error`); the pass goes on, so
+    that a damaged image is reported by its CRC."""
+
+    def __init__(self, eif_path: Path, staging: Path) -> None:
+        self._eif_path = eif_path
+        self._extractor = Extractor(staging)
+        self._section: Section | None = None
+        self._parser: CpioParser | None = None
+        self.error: MalformedInput | None = None
+
+    def __call__(self, section: Section, chunk: memoryview) -> None:
+        if section.section_type != SectionType.RAMDISK or self.error is not None:
+            return
+        try:
+            if section is not self._section:
+                self._end_section()
+                self._section, self._parser = section, self._extractor.parser()
+            assert self._parser is not None
+            self._parser.feed(chunk)
+        except MalformedInput as exc:
+            self._fail(exc)
+
+    def _end_section(self) -> None:
+        if self._parser is not None:
+            self._parser.finish()
+            self._parser = None
+
+    def _fail(self, exc: MalformedInput) -> None:
+        where = f"ramdisk {self._section.index}: " if self._section is not None else ""
+        self.error = MalformedInput(f"{self._eif_path}: {where}{exc}")
+        self.error.__cause__ = exc
+        self._extractor.close()
+
+    def finish(self) -> None:
+        """The last ramdisk's end and the directory modes; raises the kept error, if any."""
+        if self.error is None:
             try:
-                extract(data, initramfs)
+                self._end_section()
+                self._extractor.finish()
             except MalformedInput as exc:
-                raise MalformedInput(f"{eif_path}: ramdisk {section.index}: {exc}") from exc
-        size = eif.file_size
+                self._fail(exc)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._extractor.close()
+
+
+def prepare(eif_path: Path, directory: Path) -> PreparedEnclave:
+    """Steps 1-4 of the module docstring; ``directory`` receives ``initramfs/`` (it must not hold
+    one yet). On any failure nothing unpacked is left in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / STAGING_NAME
+    initramfs = directory / "initramfs"
+    staging.mkdir(mode=0o700)
+    try:
+        with Eif.open(eif_path) as eif:
+            unpacker = _RamdiskUnpacker(eif_path, staging)
+            try:
+                report = eif.verify(consume=unpacker)
+            finally:
+                unpacker.close()
+            measurements, metadata, described = check_report(eif_path, report)
+            unpacker.finish()
+            size = eif.file_size
+        os.rename(staging, initramfs)
+    except BaseException:
+        remove_tree(staging)
+        raise
     with opened_directory(initramfs) as top:
         rootfs = open_directory(top, ("rootfs",), shown="/", why="nitro's init chroots into it")
         if rootfs is None:

@@ -96,3 +96,39 @@ def store(tmp_path: Path) -> Iterator[EnclaveStore]:
 
     for record in s.all():
         runner.terminate_enclave(record, store=s, timeout=5)
+
+
+BigEntry = tuple[str, int, bytes | int]  # as Entry; an int is that many bytes of 0xA5, streamed
+
+
+def newc_chunks(entries: Sequence[BigEntry], chunk: int = 1 << 20) -> Iterator[bytes]:
+    """:func:`newc` as a stream of chunks, so a test can build a ramdisk larger than it wants to
+    hold: a file's data given as an ``int`` is generated ``chunk`` bytes at a time."""
+    offset = 0
+    filler = b"\xa5" * chunk
+
+    def padding(n: int) -> bytes:
+        return b"\0" * (-n % 4)
+
+    items = list(entries) + [("TRAILER!!!", 0, b"")]
+    for ino, (name, mode, data) in enumerate(items, start=1):
+        raw = name.encode() + b"\0"
+        size = data if isinstance(data, int) else len(data)
+        fields = [ino, mode, 0, 0, 1, 1700000000, size, 0, 0, 0, 0, len(raw), 0]
+        head = b"070701" + b"".join(b"%08x" % f for f in fields) + raw
+        head += padding(offset + len(head))
+        offset += len(head)
+        yield head
+        if isinstance(data, int):
+            left = data
+            while left:
+                piece = filler[: min(left, chunk)]
+                left -= len(piece)
+                yield piece
+        else:
+            yield data
+        offset += size
+        pad = padding(offset)
+        offset += len(pad)
+        yield pad
+    yield b"\0" * (-offset % 512)

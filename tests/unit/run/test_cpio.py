@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from enclavekit.eif.ramdisk import bootstrap_ramdisk
 from enclavekit.errors import MalformedInput
-from enclavekit.run.cpio import EntryType, extract, iter_entries, safe_relative_name
+from enclavekit.run.cpio import CpioEntry, EntryType, extract, iter_entries, safe_relative_name
 from tests.unit.run.conftest import d, f, link, newc
 
 
@@ -207,3 +207,81 @@ def test_no_archive_writes_outside_the_unpack_directory(
             pass
         assert sorted(p.name for p in base.iterdir()) == ["out", "outside"]
         assert list((base / "outside").iterdir()) == []
+
+
+def _fed_in_pieces(archive: bytes, cuts: list[int]) -> list[CpioEntry]:
+    from enclavekit.run.cpio import CpioParser, _Collector
+
+    collector = _Collector()
+    parser = CpioParser(collector)
+    previous = 0
+    for cut in sorted({min(c, len(archive)) for c in cuts}) + [len(archive)]:
+        parser.feed(archive[previous:cut])
+        previous = cut
+    parser.finish()
+    return collector.entries
+
+
+_SAMPLE = newc(
+    [d("rootfs"), f("rootfs/a", b"x" * 1000), link("rootfs/l", "a"), f("rootfs/b", b"yz")]
+) + gzip.compress(newc([f("c", b"gz" * 3000), d("e")]) + newc([f("g", b"second member")]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, len(_SAMPLE)), max_size=12))
+def test_streamed_in_pieces_of_any_size_the_entries_are_the_same(cuts: list[int]) -> None:
+    """The parser is fed the ramdisk as it is read; where the reads end must not matter."""
+    whole = list(iter_entries(_SAMPLE))
+    assert [e.name for e in whole] == ["rootfs", "rootfs/a", "rootfs/l", "rootfs/b", "c", "e", "g"]
+    assert _fed_in_pieces(_SAMPLE, cuts) == whole
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=40), st.integers(0, 2000), st.lists(st.integers(0, 2000)))
+def test_mutated_archives_fed_in_pieces_raise_only_malformed_input(
+    junk: bytes, where: int, cuts: list[int]
+) -> None:
+    archive = bytearray(_SAMPLE)
+    where = min(where, len(archive) - 1)
+    archive[where : where + len(junk)] = junk
+    try:
+        _fed_in_pieces(bytes(archive), cuts)
+    except MalformedInput:
+        pass
+
+
+def test_attack_gzip_bomb_streamed_is_refused_in_bounded_memory() -> None:
+    """A small gzip member inflating without end must be refused at the limit, never inflated
+    whole: the parser inflates at most INFLATE_CHUNK bytes at a time."""
+    from enclavekit.run.cpio import INFLATE_CHUNK, CpioHeader, CpioParser
+
+    pieces: list[int] = []
+
+    class Sizes:
+        def begin(self, header: CpioHeader) -> None:
+            pass
+
+        def data(self, piece: memoryview) -> None:
+            pieces.append(len(piece))
+
+        def end(self) -> None:
+            pass
+
+    bomb = gzip.compress(newc([f("big", b"\0" * (8 * INFLATE_CHUNK))]), compresslevel=9)
+    parser = CpioParser(Sizes(), gzip_limit=3 * INFLATE_CHUNK)
+    with pytest.raises(MalformedInput, match="more than"):
+        parser.feed(bomb)
+    assert max(pieces) <= INFLATE_CHUNK
+
+
+def test_gzip_nested_too_deep_is_refused() -> None:
+    archive = newc([f("a", b"x")])
+    for _ in range(6):
+        archive = gzip.compress(archive)
+    with pytest.raises(MalformedInput, match="levels deep"):
+        list(iter_entries(archive))
+
+
+def test_symlink_target_longer_than_path_max_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MalformedInput, match="PATH_MAX"):
+        extract(newc([link("l", "a" * 5000)]), tmp_path)

@@ -257,3 +257,32 @@ def test_processes_left_by_the_app_end_with_the_enclave(
     while time.monotonic() < deadline and pid_alive(daemon):
         time.sleep(0.05)
     assert not pid_alive(daemon)
+
+
+def test_attack_damaged_eif_with_crc_mismatch_at_the_end_starts_nothing(
+    tmp_path: Path, store: EnclaveStore
+) -> None:
+    """The EIF is unpacked while it is read; a CRC mismatch found at its very end must leave no
+    enclave started, no record, and no unpacked file anywhere in the state directory."""
+    from enclavekit.errors import EifIntegrityError
+
+    marker = tmp_path / "started"
+    eif = make_eif(
+        tmp_path / "app.eif",
+        cmd=["/bin/sh", "-c", f"echo ran > {marker}; exec sleep 60"],
+        env=["PATH=/usr/bin:/bin", "LAST=the-very-last-bytes"],
+        files=[d("rootfs/data"), f("rootfs/data/hello.txt", b"from the rootfs")],
+    )
+    raw = bytearray(eif.read_bytes())
+    raw[raw.rindex(b"LAST=the-very-last-bytes")] ^= 0x01
+    eif.write_bytes(bytes(raw))
+    with pytest.raises(EifIntegrityError, match="CRC mismatch"):
+        runner.run_enclave(
+            runner.RunOptions(eif_path=eif, isolation="process", cpu_count=1, memory_mib=64),
+            store=store,
+        )
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert store.all() == []
+    leftovers = [p for p in store.root.rglob("*") if p.name in ("hello.txt", "cmd", "env")]
+    assert leftovers == []
