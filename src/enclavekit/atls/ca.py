@@ -603,6 +603,53 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
+def end_entity_builder(
+    keys: CaKeys,
+    common_name: str,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    *,
+    now: datetime,
+    not_after: datetime,
+    eku: x509.ObjectIdentifier,
+    sans: Sequence[x509.GeneralName],
+) -> x509.CertificateBuilder:
+    """The profile of every end-entity certificate the CA root signs: CA:FALSE and digitalSignature
+    (critical), one EKU, key identifiers, the SANs if any. Callers add their own extensions and sign."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(keys.root.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(keys.key.public_key()),
+            critical=False,
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder
+
+
 class Issuer:
     """The attestation CA. Thread-safe as long as the store is."""
 
@@ -790,39 +837,9 @@ class Issuer:
         )
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in svc.dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(a)) for a in svc.ip_addresses]
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, svc.name)]))
-            .issuer_name(self.keys.root.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.keys.key.public_key()),
-                critical=False,
-            )
-            .add_extension(attestation_extension(document), critical=False)
-        )
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = end_entity_builder(
+            self.keys, svc.name, public_key, now=now, not_after=not_after, eku=eku, sans=names
+        ).add_extension(attestation_extension(document), critical=False)
         return builder.sign(self.keys.key, hashes.SHA384())
 
     # observers (metrics)

@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from enclavekit.atls.ca import CLOCK_SKEW, CaKeys
+from enclavekit.atls.ca import CaKeys, end_entity_builder
 from enclavekit.errors import UsageError
 
 #: Lifetime of the CA's own TLS certificate (re-made at every start).
@@ -54,38 +54,15 @@ def issue_ca_tls_certificate(
     sans = [_san(n) for n in names]
     key = ec.generate_private_key(ec.SECP384R1())
     not_after = min(now + CA_TLS_VALIDITY, keys.root.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]))
-        .issuer_name(keys.root.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(keys.key.public_key()),
-            critical=False,
-        )
-        .sign(keys.key, hashes.SHA384())
-    )
+    cert = end_entity_builder(
+        keys,
+        names[0][:64],
+        key.public_key(),
+        now=now,
+        not_after=not_after,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        sans=sans,
+    ).sign(keys.key, hashes.SHA384())
     return key, cert
 
 
