@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from cryptography.hazmat.primitives import serialization
@@ -44,6 +46,35 @@ _database = click.option(
     metavar="URL",
     help="postgresql://… to share state between CA replicas (default: SQLite in --state-dir).",
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retention(func: F) -> F:
+    """``--audit-retention-days`` and ``--audit-max-events`` (``ca serve`` and ``ca prune``)."""
+    func = click.option(
+        "--audit-max-events",
+        type=click.IntRange(1000, 100_000_000),
+        default=AUDIT_MAX_EVENTS,
+        show_default=True,
+        help="Keep at most this many audit events (the newest).",
+    )(func)
+    return click.option(
+        "--audit-retention-days",
+        type=click.IntRange(1, 36500),
+        default=AUDIT_RETENTION.days,
+        show_default=True,
+        help="Delete audit events (and certificate records expired) older than this many days.",
+    )(func)
+
+
+def _retention_limits(audit_retention_days: int, audit_max_events: int) -> CaLimits:
+    retention = timedelta(days=audit_retention_days)
+    return CaLimits(
+        audit_retention=retention,
+        certificate_retention=retention,
+        audit_max_events=audit_max_events,
+    )
 
 
 @click.group("ca")
@@ -98,20 +129,7 @@ def root(state_dir: Path, as_json: bool) -> None:
 )
 @root_option
 @_database
-@click.option(
-    "--audit-retention-days",
-    type=click.IntRange(1, 36500),
-    default=AUDIT_RETENTION.days,
-    show_default=True,
-    help="Delete audit events (and certificate records expired) older than this many days.",
-)
-@click.option(
-    "--audit-max-events",
-    type=click.IntRange(1000, 100_000_000),
-    default=AUDIT_MAX_EVENTS,
-    show_default=True,
-    help="Keep at most this many audit events (the newest).",
-)
+@_retention
 @click.option(
     "--tls",
     is_flag=True,
@@ -206,12 +224,7 @@ def serve(
     policy = load_ca_policy(policy_file)
     verifier = nsm_verifier(roots)
     tls_identity = issue_ca_tls_certificate(keys, tls_names, now=datetime.now(UTC)) if tls else None
-    retention = timedelta(days=audit_retention_days)
-    limits = CaLimits(
-        audit_retention=retention,
-        certificate_retention=retention,
-        audit_max_events=audit_max_events,
-    )
+    limits = _retention_limits(audit_retention_days, audit_max_events)
     if limits_file is not None:
         limits = limits_from_mapping(
             _load_mapping(limits_file, "--limits"), limits, source=f"--limits {limits_file}"
@@ -327,20 +340,7 @@ def revoke(serial: str, state_dir: Path, database: str | None, reason: str, as_j
 @ca_group.command("prune")
 @_state_dir
 @_database
-@click.option(
-    "--audit-retention-days",
-    type=click.IntRange(1, 36500),
-    default=AUDIT_RETENTION.days,
-    show_default=True,
-    help="Delete audit events (and certificate records expired) older than this many days.",
-)
-@click.option(
-    "--audit-max-events",
-    type=click.IntRange(1000, 100_000_000),
-    default=AUDIT_MAX_EVENTS,
-    show_default=True,
-    help="Keep at most this many audit events (the newest).",
-)
+@_retention
 @json_option
 def prune(
     state_dir: Path,
@@ -355,12 +355,7 @@ def prune(
     not running, or after lowering the retention.
     """
     load_ca_keys(state_dir)  # refuse a directory that holds no CA
-    retention = timedelta(days=audit_retention_days)
-    limits = CaLimits(
-        audit_retention=retention,
-        certificate_retention=retention,
-        audit_max_events=audit_max_events,
-    )
+    limits = _retention_limits(audit_retention_days, audit_max_events)
     store = open_store(state_dir, database)
     try:
         counts = prune_store(store, limits, at=datetime.now(UTC))
