@@ -179,6 +179,19 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+def manifest_layers(manifest: Mapping[str, Any], config: ImageConfig, where: str) -> list[Any]:
+    """The manifest's ``layers`` list, refused unless there is one entry per config ``diff_id``."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise MalformedInput(f"{where}: the manifest has no 'layers' list")
+    if len(layers) != len(config.diff_ids):
+        raise MalformedInput(
+            f"{where}: the manifest lists {len(layers)} layers but the config has "
+            f"{len(config.diff_ids)} diff_ids"
+        )
+    return layers
+
+
 def parse_config(data: bytes, what: str = "image config") -> ImageConfig:
     """An image config (OCI or Docker) from its JSON bytes."""
     raw = _object(parse_json(data, what), what)
@@ -445,14 +458,7 @@ def _open_oci(store: _Store, source: str, ref: str | None, arch: str | None) -> 
     )
     config_bytes = store.read_blob(manifest.get("config"), f"{source}: image config")
     config = parse_config(config_bytes, f"{source}: image config")
-    layer_descs = manifest.get("layers")
-    if not isinstance(layer_descs, list):
-        raise MalformedInput(f"{source}: manifest has no 'layers' list")
-    if len(layer_descs) != len(config.diff_ids):
-        raise MalformedInput(
-            f"{source}: manifest lists {len(layer_descs)} layers but the config has "
-            f"{len(config.diff_ids)} diff_ids"
-        )
+    layer_descs = manifest_layers(manifest, config, source)
     layers = []
     for i, (desc, diff_id) in enumerate(zip(layer_descs, config.diff_ids, strict=True)):
         desc = _object(desc, f"{source}: layer {i}")

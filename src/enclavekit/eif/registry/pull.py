@@ -27,6 +27,7 @@ from enclavekit.eif.image import (
     Image,
     LayerBlob,
     check_digest,
+    manifest_layers,
     parse_config,
     parse_json,
 )
@@ -116,14 +117,7 @@ def pull_image(
             )
         config_bytes = client.blob_bytes(config_desc.digest, config_desc.size, f"{ref}: config")
         config = parse_config(config_bytes, f"{ref}: image config")
-        layer_list = manifest_obj.get("layers")
-        if not isinstance(layer_list, list):
-            raise MalformedInput(f"{ref}: the manifest has no 'layers' list")
-        if len(layer_list) != len(config.diff_ids):
-            raise MalformedInput(
-                f"{ref}: the manifest lists {len(layer_list)} layers but the config has "
-                f"{len(config.diff_ids)} diff_ids"
-            )
+        layer_list = manifest_layers(manifest_obj, config, str(ref))
         layers = []
         for i, (raw, diff_id) in enumerate(zip(layer_list, config.diff_ids, strict=True)):
             desc = _descriptor(raw, f"{ref}: layer {i}")
