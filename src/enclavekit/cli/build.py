@@ -39,7 +39,7 @@ from enclavekit.eif.image import (
 )
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, HASH_ALGORITHM_SHA512_384
 from enclavekit.eif.metadata import load_custom_metadata
-from enclavekit.eif.registry.pull import BlobProgress, PulledImage, pull_image
+from enclavekit.eif.registry.pull import BlobProgress, PullInProgress, start_pull
 from enclavekit.eif.registry.reference import parse_reference
 from enclavekit.eif.sign import EifSigner
 from enclavekit.errors import UsageError
@@ -52,15 +52,29 @@ def _say(message: str) -> None:
 
 
 @contextmanager
-def _byte_progress() -> Iterator[Callable[[int], None] | None]:
-    """A rich byte counter on stderr while the EIF is written (only on a terminal)."""
+def _progress_display() -> Iterator[Progress | None]:
+    """One rich live display on stderr, shared by the layer downloads and the EIF being written
+    (rich allows one at a time); None when stderr is not a terminal."""
     if not stderr.is_terminal:
         yield None
         return
-    columns = (SpinnerColumn(), DownloadColumn(), TransferSpeedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task("writing", total=None)
-        yield lambda done: bar.update(task, completed=done)
+        yield bar
+
+
+def _byte_progress(bar: Progress | None) -> Callable[[int], None] | None:
+    """A byte counter while the EIF is written (only on a terminal)."""
+    if bar is None:
+        return None
+    task = bar.add_task("writing", total=None)
+    return lambda done: bar.update(task, completed=done)
 
 
 @click.command("build-enclave")
@@ -190,11 +204,12 @@ def build_enclave_command(
             f"--output-file {output_file}: the directory {output_file.parent} does not exist"
         )
     _say("Start building the Enclave Image...")
-    pulled = _pull(registry_ref, arch, insecure_registries) if registry_ref is not None else None
     with (
+        _progress_display() as display,
+        _pulling(registry_ref, arch, insecure_registries, display) as pulled,
         tempfile.TemporaryDirectory(prefix="enclavekit-docker-") as scratch,
-        _byte_progress() as written,
     ):
+        written = _byte_progress(display)
         source: Image | RootfsDir
         if pulled is not None:
             source, image_name = pulled.image, pulled.reference.familiar_repository
@@ -260,21 +275,39 @@ def _repository_of(uri: str) -> str:
         return uri  # not a reference Docker would accept either: recorded as given
 
 
-def _pull(reference: str, arch: str | None, insecure: tuple[str, ...]) -> PulledImage:
+@contextmanager
+def _pulling(
+    reference: str | None,
+    arch: str | None,
+    insecure: tuple[str, ...],
+    display: Progress | None,
+) -> Iterator[PullInProgress | None]:
+    """The registry pull (None without one): the manifest and config are checked here, the layers
+    arrive while the build runs (it waits for each one before reading it)."""
+    if reference is None:
+        yield None
+        return
     ref = parse_reference(reference)
     _say(f"Pulling {ref} from {ref.api_host}...")
-    with _layer_progress() as progress:
-        pulled = pull_image(
-            ref, arch=arch, insecure_registries=insecure, progress=progress, warn=warn
+    with start_pull(
+        ref,
+        arch=arch,
+        insecure_registries=insecure,
+        progress=_layer_progress(display),
+        warn=warn,
+    ) as pending:
+        _say(
+            f"Resolved {ref} to {pending.manifest_digest}: building while "
+            f"{len(pending.image.layers)} layers download."
         )
-    _say(f"Pulled {ref} ({pulled.manifest_digest}).")
-    return pulled
+        yield pending
+        pending.finish()
+    _say(f"Pulled {ref} ({pending.manifest_digest}).")
 
 
-@contextmanager
-def _layer_progress() -> Iterator[BlobProgress]:
-    """One rich progress bar per layer on a terminal; otherwise one line per finished layer."""
-    if not stderr.is_terminal:
+def _layer_progress(bar: Progress | None) -> BlobProgress:
+    """One progress bar per layer on a terminal; otherwise one line per finished layer."""
+    if bar is None:
         reported: set[str] = set()
 
         def line(label: str, done: int, total: int) -> None:
@@ -282,23 +315,15 @@ def _layer_progress() -> Iterator[BlobProgress]:
                 reported.add(label)
                 _say(f"  {label}: {total} bytes")
 
-        yield line
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-    )
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        tasks: dict[str, TaskID] = {}
+        return line
+    tasks: dict[str, TaskID] = {}
 
-        def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done)
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done)
 
-        yield update
+    return update
 
 
 def _build(output_file: Path, *args: Any, **kwargs: Any) -> BuildResult:

@@ -320,6 +320,8 @@ def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: Digest
     here (the caller must call ``checks.wait()`` before trusting the result).
     Gzip layers are hashed while they are unpacked into ``spool``, checked, then parsed there.
     """
+    if layer.wait is not None:
+        layer.wait()  # a layer still downloading (registry pull): its verified bytes, or why not
     location = layer.location
     with open(location.path, "rb") as handle:
         handle.seek(location.offset)

@@ -29,7 +29,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class LayerBlob:
     label: str
     digest: str | None = None  # of the stored (possibly compressed) bytes, when the source names it
     diff_id: str | None = None  # of the uncompressed tar, from the config's rootfs.diff_ids
+    #: For a layer still arriving (a registry pull in progress): blocks until its verified bytes are
+    #: at ``location``, or raises why they never will be. None: the bytes are there.
+    wait: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -407,6 +407,31 @@ class DyingProxy:
                 sock.close()
 
 
+class GatedProxy(DyingProxy):
+    """A TCP proxy to ``upstream`` that, once ``hold_after`` response bytes went through, forwards
+    nothing more until :attr:`release` is set: a registry that stalls mid-pull (and then recovers)."""
+
+    def __init__(self, upstream: str, hold_after: int) -> None:
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        super().__init__(upstream, cut_after=1 << 62)
+        self.hold_after = hold_after
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(16384):
+                if counted:
+                    with self.lock:
+                        self.sent += len(data)
+                        over = self.sent >= self.hold_after
+                    if over and not self.release.is_set():
+                        self.holding.set()
+                        self.release.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not check():

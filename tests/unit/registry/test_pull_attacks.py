@@ -11,10 +11,16 @@ import pytest
 from click.testing import CliRunner, Result
 
 from enclavekit.cli import cli
-from enclavekit.eif.registry import BlobCache, BlobMismatch, pull_image
+from enclavekit.eif.registry import BlobCache, BlobMismatch, pull_image, start_pull
 from enclavekit.errors import MalformedInput
 from tests.unit.registry.conftest import Pushed
-from tests.unit.registry.harness import DyingProxy, start_registry, storage_blob
+from tests.unit.registry.harness import (
+    DyingProxy,
+    GatedProxy,
+    start_registry,
+    storage_blob,
+    wait_for,
+)
 
 
 def build(blobs_dir: Path, out: Path, *args: str) -> Result:
@@ -237,3 +243,87 @@ def test_pull_never_without_a_daemon_is_exit_2(
     assert result.exit_code == 2, result.output
     assert "docker client" in result.stderr
     assert not out.exists()
+
+
+# -- building while the layers arrive (start_pull) ---------------------------------------------------
+
+
+def test_build_reads_each_layer_as_soon_as_it_is_verified(pushed: Pushed, tmp_path: Path) -> None:
+    """Layer 0 is usable while layer 1 (the 6 MiB one) is still stalled in transit; layer 1's file
+    does not exist until the whole blob arrived and matched its digest."""
+    _, manifest = _manifest(pushed.layouts["big:1"])
+    first_size = manifest["layers"][0]["size"]  # type: ignore[index]
+    proxy = GatedProxy(pushed.registry.host, hold_after=64 << 10)  # well into layer 1
+    try:
+        with start_pull(f"{proxy.host}/big:1", cache=BlobCache(tmp_path / "blobs")) as pending:
+            first, second = pending.image.layers
+            assert first.wait is not None and second.wait is not None
+            first.wait()
+            assert Path(first.location.path).stat().st_size == first_size
+            wait_for(proxy.holding.is_set)
+            assert not Path(second.location.path).exists()
+            proxy.release.set()
+            second.wait()
+            assert Path(second.location.path).stat().st_size == second.location.size
+            pulled = pending.finish()
+    finally:
+        proxy.release.set()
+        proxy.kill()
+    assert all(layer.wait is None for layer in pulled.image.layers)
+    direct = pull_image(f"{pushed.registry.host}/big:1", cache=BlobCache(tmp_path / "blobs"))
+    assert pulled.image.layers == direct.image.layers
+    assert pulled.image.config == direct.image.config
+
+
+def test_attack_layer_failing_mid_build_is_raised_where_the_build_waits(
+    pushed: Pushed, private_storage: Path, tmp_path: Path
+) -> None:
+    """A corrupt second layer: the first layer is served, the second one's wait raises the refusal
+    (and keeps raising it), and the cache never holds the corrupt bytes."""
+    _, manifest = _manifest(pushed.layouts["corrupt-layer:1"])
+    layer_digest = manifest["layers"][1]["digest"]  # type: ignore[index]
+    blob = storage_blob(private_storage, layer_digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    registry = start_registry(tmp_path / "reg", private_storage)
+    cache_root = tmp_path / "blobs"
+    try:
+        with start_pull(f"{registry.host}/corrupt-layer:1", cache=BlobCache(cache_root)) as pending:
+            first, second = pending.image.layers
+            assert first.wait is not None and second.wait is not None
+            first.wait()
+            for _ in range(2):
+                with pytest.raises(BlobMismatch, match="refused"):
+                    second.wait()
+            with pytest.raises(BlobMismatch):
+                pending.finish()
+    finally:
+        registry.stop()
+    assert not (cache_root / "sha256" / layer_digest.partition(":")[2]).exists()
+    assert list((cache_root / "tmp").iterdir()) == []
+
+
+def test_closing_a_pull_mid_download_stops_it_and_leaves_no_blob(
+    pushed: Pushed, tmp_path: Path
+) -> None:
+    """A build that fails (or is interrupted) closes the pull: the download thread stops, later
+    layers say why they never arrived, and no partial blob stays in the cache."""
+    proxy = GatedProxy(pushed.registry.host, hold_after=64 << 10)
+    cache_root = tmp_path / "blobs"
+    try:
+        pending = start_pull(f"{proxy.host}/big:1", cache=BlobCache(cache_root))
+        with pending:
+            wait_for(proxy.holding.is_set)
+        proxy.release.set()  # the stalled read returns; the thread sees the stop and ends
+        pending._thread.join(timeout=10)
+        assert not pending._thread.is_alive()
+    finally:
+        proxy.release.set()
+        proxy.kill()
+    second = pending.image.layers[1]
+    assert second.wait is not None
+    with pytest.raises(Exception, match="stopped before this layer arrived"):
+        second.wait()
+    assert not Path(second.location.path).exists()
+    assert list((cache_root / "tmp").iterdir()) == []

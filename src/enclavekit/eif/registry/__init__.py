@@ -12,14 +12,16 @@ One job per module:
 """
 
 from enclavekit.eif.registry.cache import BlobCache, BlobMismatch
-from enclavekit.eif.registry.pull import PulledImage, pull_image
+from enclavekit.eif.registry.pull import PulledImage, PullInProgress, pull_image, start_pull
 from enclavekit.eif.registry.reference import ImageReference, parse_reference
 
 __all__ = [
     "BlobCache",
     "BlobMismatch",
     "ImageReference",
+    "PullInProgress",
     "PulledImage",
     "parse_reference",
     "pull_image",
+    "start_pull",
 ]

@@ -5,6 +5,9 @@ Steps: resolve the reference's manifest (an OCI index or Docker manifest list pi
 config, then stream every layer into the :class:`~enclavekit.eif.registry.cache.BlobCache`, each
 hashed while it arrives. The :class:`Image` points at the cached files, so the build reads the same
 bytes a local OCI layout or ``docker save`` of the image would hold: the EIF is byte-identical.
+:func:`start_pull` downloads the layers in order on one background thread while the caller builds:
+the build waits for each layer's verified file before it opens it, so layer *n+1* arrives while
+layer *n* is unpacked (a pull costs little more than the slower of download and build).
 
 Checked: manifest digests (by digest: against the reference; by tag: against
 ``Docker-Content-Digest`` when sent), media types, descriptor sizes, every blob's digest and size,
@@ -14,6 +17,9 @@ Not supported: schema 1 manifests, foreign/non-distributable layers, encrypted l
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from enclavekit.eif.image import (
     OCI_INDEX,
     OCI_MANIFEST,
     Image,
+    ImageConfig,
     LayerBlob,
     check_digest,
     manifest_layers,
@@ -59,6 +66,9 @@ PLATFORMS = {
     "arm64/v8": ("arm64", "v8"),
 }
 
+#: Seconds :meth:`PullInProgress.close` waits for the download thread to stop.
+CLOSE_TIMEOUT = 5.0
+
 #: ``progress(label, done, total)``: called with done=0 when a blob starts, then as bytes arrive;
 #: ``done == total`` when it is complete (from the cache or the network).
 BlobProgress = Callable[[str, int, int], None]
@@ -83,8 +93,35 @@ def pull_image(
     client_options: Mapping[str, Any] | None = None,
 ) -> PulledImage:
     """Pull ``reference`` (Docker's syntax) for ``arch`` (``x86_64``/``amd64``, ``aarch64``/``arm64``,
-    ``arm64/v8``; default amd64). Credentials default to Docker's sources (see
-    :mod:`~enclavekit.eif.registry.auth`)."""
+    ``arm64/v8``; default amd64) and return once every layer is in the cache. Credentials default to
+    Docker's sources (see :mod:`~enclavekit.eif.registry.auth`). :func:`start_pull` returns as soon as
+    the manifest and config are checked, to build while the layers arrive."""
+    with start_pull(
+        reference,
+        arch=arch,
+        cache=cache,
+        credentials=credentials,
+        insecure_registries=insecure_registries,
+        progress=progress,
+        warn=warn,
+        client_options=client_options,
+    ) as pending:
+        return pending.finish()
+
+
+def start_pull(
+    reference: str | ImageReference,
+    *,
+    arch: str | None = None,
+    cache: BlobCache | None = None,
+    credentials: Credentials | None = None,
+    insecure_registries: Sequence[str] = (),
+    progress: BlobProgress | None = None,
+    warn: Callable[[str], None] | None = None,
+    client_options: Mapping[str, Any] | None = None,
+) -> PullInProgress:
+    """Resolve and check ``reference``'s manifest and config, then download its layers in order on a
+    background thread (arguments as :func:`pull_image`). Use the result as a context manager."""
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     if arch is not None and arch not in PLATFORMS:
         raise UsageError(f"--arch {arch!r}: expected one of {', '.join(PLATFORMS)}")
@@ -93,9 +130,10 @@ def pull_image(
     if credentials is None:
         credentials = find_credentials(ref.registry)
     insecure = ref.registry in insecure_registries or ref.api_host in insecure_registries
-    with RegistryClient(
+    client = RegistryClient(
         ref, credentials=credentials, insecure=insecure, warn=warn, **(client_options or {})
-    ) as client:
+    )
+    try:
         top = client.manifest(ref.reference, MANIFEST_TYPES)
         manifest_obj, media_type, digest = _decode(top.data, top.media_type, f"{ref}")
         if media_type in (OCI_INDEX, DOCKER_LIST):
@@ -118,22 +156,121 @@ def pull_image(
         config_bytes = client.blob_bytes(config_desc.digest, config_desc.size, f"{ref}: config")
         config = parse_config(config_bytes, f"{ref}: image config")
         layer_list = manifest_layers(manifest_obj, config, str(ref))
-        layers = []
-        for i, (raw, diff_id) in enumerate(zip(layer_list, config.diff_ids, strict=True)):
+        wanted = []
+        for i, raw in enumerate(layer_list):
             desc = _descriptor(raw, f"{ref}: layer {i}")
             if desc.media_type not in LAYER_TYPES:
                 raise UsageError(
                     f"{ref}: layer {i} has media type {desc.media_type!r}; supported are "
                     + ", ".join(sorted(LAYER_TYPES))
                 )
-            label = f"layer {i} ({desc.digest[:19]})"
-            path = _fetch_layer(client, cache, desc, label, progress)
-            layers.append(
-                LayerBlob(ContentRef(str(path), 0, desc.size), label, desc.digest, diff_id)
+            wanted.append((desc, f"layer {i} ({desc.digest[:19]})"))
+    except BaseException:
+        client.close()
+        raise
+    return PullInProgress(ref, digest, config, wanted, client, cache, progress)
+
+
+class PullInProgress:
+    """A pull whose manifest and config are checked and whose layers download, in order, on a
+    background thread into the blob cache.
+
+    :attr:`image` is usable at once: each layer's ``wait`` blocks until that layer's verified bytes
+    are in the cache and raises the download's error if they never will be (a build reads layers in
+    order, so it overlaps each layer's download with the work on the layers before). Nothing is
+    trusted early: a layer is readable only after the cache checked its digest and size. Leaving
+    the context stops the download and closes the connection; :meth:`finish` waits for every layer.
+    """
+
+    def __init__(
+        self,
+        reference: ImageReference,
+        manifest_digest: str,
+        config: ImageConfig,
+        wanted: Sequence[tuple[_Descriptor, str]],
+        client: RegistryClient,
+        cache: BlobCache,
+        progress: BlobProgress | None,
+    ) -> None:
+        self.reference = reference
+        self.manifest_digest = manifest_digest
+        self._client = client
+        self._cache = cache
+        self._progress = progress
+        self._wanted = list(wanted)
+        self._done = [threading.Event() for _ in self._wanted]
+        self._errors: list[BaseException | None] = [None] * len(self._wanted)
+        self._stop = threading.Event()
+        layers = tuple(
+            LayerBlob(
+                ContentRef(str(cache.path(desc.digest)), 0, desc.size),
+                label,
+                desc.digest,
+                diff_id,
+                wait=functools.partial(self._wait, i),
             )
-    tags = () if ref.digest else (f"{ref.familiar_repository}:{ref.tag}",)
-    image = Image(config, tuple(layers), f"docker://{ref}", tags)
-    return PulledImage(image, ref, digest)
+            for i, ((desc, label), diff_id) in enumerate(
+                zip(self._wanted, config.diff_ids, strict=True)
+            )
+        )
+        tags = () if reference.digest else (f"{reference.familiar_repository}:{reference.tag}",)
+        self.image = Image(config, layers, f"docker://{reference}", tags)
+        self._thread = threading.Thread(target=self._download, name="layer-pull", daemon=True)
+        self._thread.start()
+
+    def _download(self) -> None:
+        for i, (desc, label) in enumerate(self._wanted):
+            try:
+                if self._stop.is_set():
+                    raise _Cancelled()
+                path = _fetch_layer(
+                    self._client, self._cache, desc, label, self._progress, self._stop
+                )
+                if path != self._cache.path(desc.digest):  # the cache's layout changed under us
+                    raise AssertionError(f"{label}: cached at {path}, expected elsewhere")
+            except BaseException as exc:  # handed to whoever waits for this layer or a later one
+                # Once stopped, whatever closing the connection made the download raise is noise.
+                error = _Cancelled() if self._stop.is_set() else exc
+                for j in range(i, len(self._wanted)):
+                    self._errors[j] = error
+                    self._done[j].set()
+                return
+            self._done[i].set()
+
+    def _wait(self, index: int) -> None:
+        self._done[index].wait()
+        error = self._errors[index]
+        if error is not None:
+            raise error
+
+    def finish(self) -> PulledImage:
+        """Wait for every layer; the image with plain (already present) layers."""
+        for i in range(len(self._wanted)):
+            self._wait(i)
+        layers = tuple(dataclasses.replace(layer, wait=None) for layer in self.image.layers)
+        image = dataclasses.replace(self.image, layers=layers)
+        return PulledImage(image, self.reference, self.manifest_digest)
+
+    def close(self) -> None:
+        """Stop the download (between chunks) and close the connection."""
+        self._stop.set()
+        # A read blocked on a silent registry ends at the client's timeout; don't wait that long
+        # (the thread is a daemon and leaves only a temporary file, which the cache ignores).
+        self._thread.join(timeout=CLOSE_TIMEOUT)
+        self._client.close()
+
+    def __enter__(self) -> PullInProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Cancelled(Exception):
+    """The pull was closed before this layer arrived."""
+
+    def __str__(self) -> str:
+        return "the pull was stopped before this layer arrived"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +365,7 @@ def _fetch_layer(
     desc: _Descriptor,
     label: str,
     progress: BlobProgress | None,
+    stop: threading.Event,
 ) -> Path:
     if progress is not None:
         progress(label, 0, desc.size)
@@ -240,17 +378,21 @@ def _fetch_layer(
     def attempt() -> Path:
         with client.blob_stream(desc.digest, label) as chunks:
             return cache.store(
-                desc.digest, desc.size, _counted(chunks, label, desc.size, progress), label
+                desc.digest, desc.size, _counted(chunks, label, desc.size, progress, stop), label
             )
 
     return client.retrying(attempt, label)
 
 
-def _counted(chunks: Any, label: str, total: int, progress: BlobProgress | None) -> Any:
+def _counted(
+    chunks: Any, label: str, total: int, progress: BlobProgress | None, stop: threading.Event
+) -> Any:
     done = 0
     if progress is not None:
         progress(label, 0, total)
     for chunk in chunks:
+        if stop.is_set():
+            raise _Cancelled()
         done += len(chunk)
         if progress is not None:
             progress(label, min(done, total), total)
