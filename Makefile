@@ -4,6 +4,9 @@ PYTHON ?= python3
 UV := .tools/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
+# Installed packages ship compiled bytecode, as pip installs them: environments that set
+# PYTHONDONTWRITEBYTECODE (CI machines often do) would otherwise compile every import in every process.
+export UV_COMPILE_BYTECODE := 1
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -17,6 +20,7 @@ $(UV):
 
 $(BIN)/enclavekit: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --all-extras
+	$(BIN)/python -m compileall -q src
 	@touch $@
 
 venv: $(BIN)/enclavekit
