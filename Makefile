@@ -43,8 +43,20 @@ check: lint typecheck
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
+# Every benchmark at its default size, each recording its figures in $(BENCH_RESULTS)/<bench>.json (committed,
+# so the figures are reviewable); then docs/performance.md and README.md's Performance section are rendered
+# from them. A failing bench does not stop the others; `make bench` fails at the end and names it.
+BENCH_RESULTS := benchmarks/results
+
 bench: venv
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@mkdir -p $(BENCH_RESULTS); failed=""; \
+	for b in benchmarks/bench_*.py; do \
+		echo "== $$b"; \
+		ENCLAVEKIT_BENCH_RESULTS=$(BENCH_RESULTS) ENCLAVEKIT_BENCH_LOADAVG="$$(cat /proc/loadavg 2>/dev/null)" \
+			$(BIN)/python $$b || failed="$$failed $$b"; \
+	done; \
+	$(BIN)/python benchmarks/report.py --results $(BENCH_RESULTS) || exit 1; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed (their figures may be missing or stale)" >&2; exit 1; fi
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache build dist site

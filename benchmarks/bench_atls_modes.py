@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers (Pebble)
 
+from _results import record
+
 from enclavekit.atls.ca import (
     CaPolicy,
     Issuer,
@@ -137,6 +139,14 @@ def bench_acme(n: int, tmp: Path, pki: EmulatedAwsPki, up: int) -> None:
         f"ACME: plain TLS + GET {plain * 1e3:.2f} ms; handshake + fresh attestation + GET"
         f" {attested * 1e3:.2f} ms; ratio {attested / plain:.2f}x"
     )
+    record(
+        bench="bench_atls_modes",
+        figure="ACME: fresh attested request time / plain TLS + GET time",
+        value=attested / plain,
+        unit="ratio",
+        baseline=f"plain TLS handshake + GET through the same proxy ({plain * 1e3:.2f} ms), same run, median of {n}",
+        headline=True,
+    )
 
 
 def bench_mutual(n: int, tmp: Path, pki: EmulatedAwsPki, up: int) -> None:
@@ -179,6 +189,14 @@ def bench_mutual(n: int, tmp: Path, pki: EmulatedAwsPki, up: int) -> None:
     print(
         f"mutual: one-sided attested TLS + GET {base * 1e3:.2f} ms; mutual {both * 1e3:.2f} ms;"
         f" ratio {both / base:.2f}x"
+    )
+    record(
+        bench="bench_atls_modes",
+        figure="mutual attested request time / one-sided attested request time",
+        value=both / base,
+        unit="ratio",
+        baseline=f"the same client without identity, one-sided proxy ({base * 1e3:.2f} ms), same run, median of {n}",
+        headline=True,
     )
     one_sided.stop()
     mutual.stop()
