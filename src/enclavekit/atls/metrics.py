@@ -127,7 +127,6 @@ class CaMetrics:
 
     def install(self, app: Any, issuer: Any) -> None:
         """Add ``GET /metrics``, the latency/database-error middleware and the issuance observer."""
-        from fastapi import Request
         from fastapi.responses import Response
 
         pc = _prometheus()
@@ -142,20 +141,7 @@ class CaMetrics:
 
         self.registry.register(_Challenges())
 
-        @app.middleware("http")  # type: ignore[untyped-decorator]
-        async def _measure(request: Request, call_next: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                response = await call_next(request)
-            except Exception as exc:
-                if _is_database_error(exc):
-                    self.database_errors.inc()
-                raise
-            finally:
-                route = request.scope.get("route")
-                endpoint = getattr(route, "path", None) or "other"
-                self.latency.labels(endpoint).observe(time.perf_counter() - start)
-            return response
+        app.add_middleware(_MeasuredRequests, metrics=self)
 
         def metrics_endpoint() -> Response:
             return Response(pc.generate_latest(self.registry), media_type=pc.CONTENT_TYPE_LATEST)
@@ -164,6 +150,35 @@ class CaMetrics:
 
     def render(self) -> bytes:
         return bytes(_prometheus().generate_latest(self.registry))
+
+
+class _MeasuredRequests:
+    """ASGI middleware: each HTTP request's latency by route template, and store exceptions counted.
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``), which runs
+    every request through an extra task group and memory streams: a third of the event loop's CPU per
+    issuance in a profile of ``ca serve``. Latency runs from the request to the end of its response
+    (or the exception)."""
+
+    def __init__(self, app: Any, metrics: CaMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            if _is_database_error(exc):
+                self.metrics.database_errors.inc()
+            raise
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
 class ProxyMetrics:
