@@ -46,11 +46,12 @@ from enclavekit.eif.layers import (
     Spool,
     TarEntry,
 )
+from enclavekit.eif.layerstream import NotStreamable, streamed_export
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
 from enclavekit.eif.metadata import BuildInfo, IdentityInfo
 from enclavekit.eif.ramdisk import argv_file, bootstrap_ramdisk, customer_ramdisk_chunks
 from enclavekit.eif.sign import EifSigner
-from enclavekit.eif.writer import write_eif_file
+from enclavekit.eif.writer import WrittenEif, write_eif_file
 from enclavekit.errors import MalformedInput, UsageError
 
 log = logging.getLogger(__name__)
@@ -320,6 +321,17 @@ def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: Digest
     here (the caller must call ``checks.wait()`` before trusting the result).
     Gzip layers are hashed while they are unpacked into ``spool``, checked, then parsed there.
     """
+    location = unpacked_layer(layer, spool, checks)
+    try:
+        tree.add_layer(location, label=layer.label)
+    except MalformedInput:
+        checks.wait()  # a digest mismatch explains a damaged tar better than the damage does
+        raise
+
+
+def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> ContentRef:
+    """Where the uncompressed tar of ``layer`` lies: in place (its digests checked on ``checks``,
+    meanwhile), or for a gzip layer in ``spool`` (unpacked once, hashed on the way, checked)."""
     if layer.wait is not None:
         layer.wait()  # a layer still downloading (registry pull): its verified bytes, or why not
     location = layer.location
@@ -333,12 +345,7 @@ def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: Digest
         )
     if not magic.startswith(_GZIP_MAGIC):
         checks.submit(layer, location)
-        try:
-            tree.add_layer(location, label=layer.label)
-        except MalformedInput:
-            checks.wait()  # a digest mismatch explains a damaged tar better than the damage does
-            raise
-        return
+        return location
     # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
     # parsed in place like an uncompressed one.
     blob_hasher = _hasher(layer.digest)
@@ -350,7 +357,7 @@ def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: Digest
     _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
     spool.flush()
-    tree.add_layer(unpacked, label=layer.label)
+    return unpacked
 
 
 def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
@@ -516,34 +523,76 @@ def build_enclave(
         spool = Spool(str(Path(scratch) / "spool"))
         try:
             with DigestChecks() as checks:
-                # 2-3. Index the layers (uncompressed layers' digests are checked meanwhile, on worker
-                #      threads).
-                tree = index_image(source, spool, checks, progress)
-                spool.flush()
-                # 4. Write the EIF, streaming the customer ramdisk.
-                if progress is not None:
-                    progress("Writing the Enclave Image File...")
-                with ContentReader() as reader:
-                    chunks = _then(
-                        customer_ramdisk_chunks(
-                            tree.export(reader), cmd=cmd_file, env=env_file, read=reader.chunks
-                        ),
-                        checks.wait,  # before the EIF is committed: a bad layer leaves no output
-                    )
-                    result = write_eif_file(
-                        output,
-                        kernel=blobs.kernel,
-                        cmdline=blobs.cmdline,
-                        ramdisks=[bootstrap, chunks],
-                        metadata=metadata,
-                        signer=signer,
-                        arch="aarch64" if arch == "aarch64" else "x86_64",
-                        hash_algorithm=hash_algorithm,
-                        progress=written,
-                    )
+
+                def write(listing: Callable[[ContentReader], Iterator[TarEntry]]) -> WrittenEif:
+                    # 4. Write the EIF, streaming the customer ramdisk.
+                    if progress is not None:
+                        progress("Writing the Enclave Image File...")
+                    with ContentReader() as reader:
+                        chunks = _then(
+                            customer_ramdisk_chunks(
+                                listing(reader), cmd=cmd_file, env=env_file, read=reader.chunks
+                            ),
+                            checks.wait,  # before the EIF is committed: a bad layer leaves no output
+                        )
+                        return write_eif_file(
+                            output,
+                            kernel=blobs.kernel,
+                            cmdline=blobs.cmdline,
+                            ramdisks=[bootstrap, chunks],
+                            metadata=metadata,
+                            signer=signer,
+                            arch="aarch64" if arch == "aarch64" else "x86_64",
+                            hash_algorithm=hash_algorithm,
+                            progress=written,
+                        )
+
+                if isinstance(source, Image) and len(source.layers) == 1:
+                    result = _build_single_layer(source.layers[0], spool, checks, write, progress)
+                else:
+                    # 2-3. Index the layers (uncompressed layers' digests are checked meanwhile, on
+                    #      worker threads).
+                    tree = index_image(source, spool, checks, progress)
+                    spool.flush()
+                    result = write(tree.export)
         finally:
             spool.close()
     return BuildResult(output, result.measurements, result.size, metadata)
+
+
+def _build_single_layer(
+    layer: LayerBlob,
+    spool: Spool,
+    checks: DigestChecks,
+    write: Callable[[Callable[[ContentReader], Iterator[TarEntry]]], WrittenEif],
+    progress: Progress | None,
+) -> WrittenEif:
+    """One layer: listed straight from its tar when it is in walk order (:mod:`.layerstream`), else
+    (at the first entry that needs it, the partial EIF discarded) through the merged tree."""
+    if progress is not None:
+        progress(f"Reading {layer.label} (1/1, {layer.location.size / 1e6:.1f} MB)")
+    location = unpacked_layer(layer, spool, checks)
+    init = docker_init_layer()
+    try:
+        try:
+            return write(
+                lambda reader: streamed_export(
+                    location, label=layer.label, init_layer=init, reader=reader
+                )
+            )
+        except NotStreamable as why:
+            log.debug(
+                "%s is not listed in one pass (%s): building the merged tree", layer.label, why
+            )
+        tree = MergedTree()
+        tree.add_layer(location, label=layer.label)
+        tree.begin_layer("docker init layer")
+        for entry in init:
+            tree.apply(entry)
+        return write(tree.export)
+    except MalformedInput:
+        checks.wait()  # a digest mismatch explains a damaged tar better than the damage does
+        raise
 
 
 def _then(chunks: Iterator[bytes], last: Callable[[], None]) -> Iterator[bytes]:

@@ -150,6 +150,13 @@ _TAR_KINDS = {
     b"4": EntryKind.BLOCK,
     b"6": EntryKind.FIFO,
 }
+
+
+def tar_kind(type_byte: bytes) -> EntryKind:
+    """The kind of a tar member by its type byte (the scanner yields only these types)."""
+    return _TAR_KINDS[type_byte]
+
+
 _new = tuple.__new__
 #: A layer's scanner, its file and the offset of the tar in that file.
 _Source = tuple[TarScanner, str, int]
@@ -184,7 +191,7 @@ def _show(name: bytes) -> str:
     return repr(name.decode("utf-8", "backslashreplace"))
 
 
-def _escapes_root(depth: int, target: bytes) -> bool:
+def escapes_root(depth: int, target: bytes) -> bool:
     """Would a relative symlink ``depth`` directories below the root pointing at ``target`` climb above
     the root?"""
     for part in target.split(b"/"):
@@ -422,7 +429,7 @@ class MergedTree:
         if not linkname:
             raise self._fail(f"symlink {_show(name)} has an empty target")
         depth = parent_path.count(b"/") + 1 if parent_path else 0
-        if not linkname.startswith(b"/") and _escapes_root(depth, linkname):
+        if not linkname.startswith(b"/") and escapes_root(depth, linkname):
             raise self._fail(
                 f"symlink {_show(name)} -> {_show(linkname)} points outside the image root "
                 "(symlink escape refused)"

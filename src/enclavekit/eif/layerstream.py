@@ -1,0 +1,208 @@
+"""A single-layer image listed as ``docker export`` lists it, in one pass over its tar, without a merged tree.
+
+When an image has one layer whose tar is already in walk order (names strictly increasing as component
+tuples — depth first, names sorted bytewise, a directory before its contents — as Docker's archiver, buildah
+and most flattening tools write them), the export listing is the tar's own order with Docker's init layer
+merged in and missing parent directories made up: nothing needs to be held per entry. :func:`streamed_export`
+yields exactly the entries :meth:`~enclavekit.eif.layers.MergedTree.export` would (a property test holds
+both to that), or raises :class:`NotStreamable` at the first entry it does not handle itself, and the caller
+builds the merged tree instead (its verdicts and messages are the tree's):
+
+- names that are not clean relative paths (``./``, ``..``, ``//``, a trailing ``/``, NUL) or hold ``.wh.``
+  (whiteouts: a bottom layer's hide nothing, but their parents count);
+- an entry not after the previous one in walk order (a duplicate name included);
+- an entry below a non-directory (the tree refuses it), hard links (the export needs the file's first
+  name and attributes), a symlink that the tree would refuse, paths deeper than
+  :data:`~enclavekit.eif.layers.MAX_DEPTH`, more than :data:`~enclavekit.eif.layers.MAX_ENTRIES` entries;
+- an init-layer entry over an image entry of another kind (Docker replaces a subtree there).
+
+A :class:`NotStreamable` can come after entries were yielded: the caller discards what it made of them.
+Corrupt tar data raises :class:`~enclavekit.errors.MalformedInput` from the scanner, as it would for the tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from enclavekit.eif.layers import (
+    IMPLICIT_DIR_MTIME,
+    IMPLICIT_DIR_PERMISSIONS,
+    MAX_DEPTH,
+    MAX_ENTRIES,
+    WHITEOUT_PREFIX,
+    ContentReader,
+    ContentRef,
+    EntryKind,
+    TarEntry,
+    escapes_root,
+    tar_kind,
+)
+from enclavekit.eif.tarscan import TarScanner
+
+
+class NotStreamable(Exception):
+    """The layer needs the merged tree (see the module); not an error of the image."""
+
+
+_new = tuple.__new__
+_DIR = EntryKind.DIRECTORY
+_REGULAR = EntryKind.REGULAR
+_SYMLINK = EntryKind.SYMLINK
+_HARDLINK = EntryKind.HARDLINK
+_DEVICES = (EntryKind.CHAR, EntryKind.BLOCK)
+
+
+def streamed_export(
+    location: ContentRef,
+    *,
+    label: str,
+    init_layer: Sequence[TarEntry],
+    reader: ContentReader,
+) -> Iterator[TarEntry]:
+    """The listing of the one layer tar at ``location`` with ``init_layer`` applied on top (clean names,
+    no hard links), or :class:`NotStreamable`."""
+    init = sorted((tuple(entry.name.split(b"/")), entry) for entry in init_layer)
+    next_init = 0
+    scanner = TarScanner(reader.window(location.path), location.offset, location.size, label=label)
+    file, base = location.path, location.offset
+    previous: tuple[bytes, ...] = ()
+    previous_is_dir = True
+    open_dirs: list[
+        tuple[bytes, ...]
+    ] = []  # the directories above the current position, outermost first
+    count = 0
+    for member in scanner.members():
+        name = member.name
+        if (
+            not name
+            or name.startswith((b"/", b"."))
+            or name.endswith(b"/")
+            or b"//" in name
+            or b"/." in name
+            or b"\0" in name
+            or WHITEOUT_PREFIX in name
+        ):
+            raise NotStreamable(name)
+        parts = tuple(name.split(b"/"))
+        if parts <= previous or len(parts) >= MAX_DEPTH:
+            raise NotStreamable(name)
+        if not previous_is_dir and parts[: len(previous)] == previous:
+            raise NotStreamable(name)  # below a file or symlink: the tree refuses it
+        kind = tar_kind(member.type)
+        if kind is _HARDLINK:
+            raise NotStreamable(name)
+        # Leave the directories this entry is not in, then make up the parents it lacks.
+        while open_dirs and parts[: len(open_dirs[-1])] != open_dirs[-1]:
+            open_dirs.pop()
+        for depth in range(len(open_dirs) + 1, len(parts)):
+            implicit = parts[:depth]
+            while next_init < len(init) and init[next_init][0] < implicit:
+                yield _listed(init[next_init][1])
+                next_init += 1
+            count += 1
+            entry = _new(
+                TarEntry,
+                (
+                    b"/".join(implicit) + b"/",
+                    _DIR,
+                    IMPLICIT_DIR_PERMISSIONS,
+                    0,
+                    0,
+                    IMPLICIT_DIR_MTIME,
+                    b"",
+                    0,
+                    0,
+                    None,
+                ),
+            )
+            if next_init < len(init) and init[next_init][0] == implicit:
+                entry = _over(entry, init[next_init][1])
+                next_init += 1
+            yield entry
+            open_dirs.append(implicit)
+        while next_init < len(init) and init[next_init][0] < parts:
+            yield _listed(init[next_init][1])
+            next_init += 1
+        count += 1
+        if count > MAX_ENTRIES:
+            raise NotStreamable(name)
+        if kind is _DIR:
+            entry = _new(
+                TarEntry,
+                (
+                    name + b"/",
+                    _DIR,
+                    member.mode & 0o7777,
+                    member.uid,
+                    member.gid,
+                    member.mtime,
+                    b"",
+                    0,
+                    0,
+                    None,
+                ),
+            )
+            open_dirs.append(parts)
+        else:
+            if kind is _SYMLINK and (
+                not member.linkname
+                or (
+                    not member.linkname.startswith(b"/")
+                    and escapes_root(len(parts) - 1, member.linkname)
+                )
+            ):
+                raise NotStreamable(name)
+            device = kind in _DEVICES
+            entry = _new(
+                TarEntry,
+                (
+                    name,
+                    kind,
+                    member.mode & 0o7777,
+                    member.uid,
+                    member.gid,
+                    member.mtime,
+                    member.linkname,
+                    member.devmajor if device else 0,
+                    member.devminor if device else 0,
+                    _new(ContentRef, (file, base + member.data, member.size))
+                    if kind is _REGULAR
+                    else None,
+                ),
+            )
+        if next_init < len(init) and init[next_init][0] == parts:
+            entry = _over(entry, init[next_init][1])
+            next_init += 1
+        yield entry
+        previous, previous_is_dir = parts, kind is _DIR
+    yield from (_listed(entry) for _, entry in init[next_init:])
+
+
+def _listed(entry: TarEntry) -> TarEntry:
+    """An init-layer entry as the export lists it (directories with ``/`` and only their attributes)."""
+    if entry.kind is not _DIR:
+        return entry
+    return _new(
+        TarEntry,
+        (
+            entry.name + b"/",
+            _DIR,
+            entry.permissions,
+            entry.uid,
+            entry.gid,
+            entry.mtime,
+            b"",
+            0,
+            0,
+            None,
+        ),
+    )
+
+
+def _over(image_entry: TarEntry, init_entry: TarEntry) -> TarEntry:
+    """What Docker's init layer makes of an image entry of the same name."""
+    if image_entry.kind is _DIR and init_entry.kind is _DIR:  # attributes change, contents stay
+        return _listed(init_entry)
+    if image_entry.kind is not _DIR and init_entry.kind is not _DIR:
+        return init_entry
+    raise NotStreamable(init_entry.name)
