@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +87,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start(
-    tmp: Path, *extra: str, workers: int = 2, env: Mapping[str, str] | None = None
-) -> CaProcess:
+def _start(tmp: Path, *extra: str, workers: int = 2) -> CaProcess:
+    """``ca serve`` with ``$TMPDIR`` = ``tmp/tmp`` (where its metrics directory goes: a killed
+    server's stays there, not in /tmp)."""
     pki = EmulatedAwsPki.ephemeral()
     emulator = NsmEmulator(pcrs=PCRS, pki=pki)
     (tmp / "nsm-root.pem").write_bytes(pki.root_pem())
@@ -99,6 +99,7 @@ def _start(
         ]}}})
     )  # fmt: skip
     (tmp / "limits.yaml").write_text(json.dumps(WIDE_LIMITS))
+    (tmp / "tmp").mkdir(exist_ok=True)
     if not (tmp / "ca").exists():
         subprocess.run([EXE, "ca", "init", "--state-dir", str(tmp / "ca")], check=True,
                        capture_output=True)  # fmt: skip
@@ -107,7 +108,7 @@ def _start(
         [EXE, "ca", "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp / "ca"),
          "--policy", str(tmp / "policy.yaml"), "--root", str(tmp / "nsm-root.pem"),
          "--limits", str(tmp / "limits.yaml"), "--workers", str(workers), *extra],
-        stderr=subprocess.PIPE, env=env,
+        stderr=subprocess.PIPE, env=os.environ | {"TMPDIR": str(tmp / "tmp")},
     )  # fmt: skip
     ca = CaProcess(proc, f"http://127.0.0.1:{port}", emulator)
     deadline = time.monotonic() + 90
@@ -371,10 +372,8 @@ def _check_scrapes(ca: CaProcess, metrics_dir: Path, issued: int) -> None:
 
 
 def _start_with_metrics_dir(tmp: Path) -> tuple[CaProcess, Path]:
-    temp = tmp / "tmp"
-    temp.mkdir()
-    ca = _start(tmp, env=os.environ | {"TMPDIR": str(temp)})
-    (metrics_dir,) = temp.glob("enclavekit-ca-metrics-*")
+    ca = _start(tmp)
+    (metrics_dir,) = (tmp / "tmp").glob("enclavekit-ca-metrics-*")
     return ca, metrics_dir
 
 
