@@ -21,7 +21,8 @@ worker that dies on its own is restarted; five such deaths within a minute stop 
 
 Hooks for what needs to know about workers (metrics in multiprocess mode, for instance):
 ``worker_init(index)`` runs in each worker after the fork, before its application is built, and
-``on_worker_exit(pid)`` runs in the parent when a worker has exited.
+``on_worker_exit(pid, index)`` runs in the parent when a worker has exited, before its replacement
+(which gets the same ``index``) is started: an index has at most one live worker at a time.
 
 Not handled here: TLS, limits and the application itself (uvicorn options pass through
 ``uvicorn_options``), Windows (no ``fork``).
@@ -63,7 +64,7 @@ def serve(
     workers: int,
     uvicorn_options: Mapping[str, Any] | None = None,
     worker_init: Callable[[int], None] | None = None,
-    on_worker_exit: Callable[[int], None] | None = None,
+    on_worker_exit: Callable[[int, int], None] | None = None,
     graceful_timeout: float = GRACEFUL_TIMEOUT,
 ) -> int:
     """Serve ``make_app()`` on ``sock`` from ``workers`` processes until SIGINT/SIGTERM.
@@ -108,7 +109,7 @@ class _Supervisor:
         workers: int,
         options: dict[str, Any],
         worker_init: Callable[[int], None] | None,
-        on_worker_exit: Callable[[int], None] | None,
+        on_worker_exit: Callable[[int, int], None] | None,
         graceful_timeout: float,
     ) -> None:
         self.make_app = make_app
@@ -229,7 +230,7 @@ class _Supervisor:
             if index is None:
                 continue
             if self.on_worker_exit is not None:
-                self.on_worker_exit(pid)
+                self.on_worker_exit(pid, index)
             if restart and not self.stopping:
                 now = time.monotonic()
                 self.crashes = [t for t in self.crashes if now - t < _CRASH_WINDOW] + [now]

@@ -194,7 +194,7 @@ def serve(
 
     from enclavekit.atls import workers as ca_workers
     from enclavekit.atls.ca_tls import in_memory_pem_files, is_loopback, issue_ca_tls_certificate
-    from enclavekit.atls.metrics import CaMetrics
+    from enclavekit.atls.metrics import CaMetrics, MultiprocessDir
     from enclavekit.atls.service import create_app
 
     host, port = host_port(listen, "--listen")
@@ -233,6 +233,8 @@ def serve(
     open_store(state_dir, database, sqlite_synchronous=sqlite_synchronous).close()
     admin_token = load_admin_token(state_dir)
     mine = limits.per_worker(count)
+    # With several workers, /metrics merges every worker's files in this run's directory.
+    metrics_dir: MultiprocessDir | None = None
 
     def make_app() -> object:  # in each worker: its own store connection and metrics
         issuer = Issuer(
@@ -243,7 +245,8 @@ def serve(
             limits=mine,
         )
         app = create_app(issuer, admin_token=admin_token)
-        CaMetrics().install(app, issuer)
+        shared = metrics_dir.path if metrics_dir is not None else None
+        CaMetrics(multiprocess_dir=shared).install(app, issuer)
         return app
 
     try:  # bound here, so that a busy port is exit 2 naming --listen, before any announcement
@@ -276,7 +279,16 @@ def serve(
                 services=services,
                 workers=count,
             )
-            status = ca_workers.serve(make_app, sock, workers=count, uvicorn_options=options)
+            if count > 1:  # removed when the ExitStack closes, after every worker has exited
+                metrics_dir = files.enter_context(MultiprocessDir.create())
+            status = ca_workers.serve(
+                make_app,
+                sock,
+                workers=count,
+                uvicorn_options=options,
+                worker_init=metrics_dir.worker_init if metrics_dir is not None else None,
+                on_worker_exit=metrics_dir.on_worker_exit if metrics_dir is not None else None,
+            )
         finally:
             event(logger, "stop", f"attestation CA on {url} stopped", listen=url)
     if status:

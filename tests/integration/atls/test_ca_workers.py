@@ -1,5 +1,6 @@
 """``enclavekit ca serve --workers 2`` as a process: exactly-once challenges across workers, on
-SQLite and PostgreSQL, and a clean stop (SIGTERM, SIGINT, the parent killed: no worker left)."""
+SQLite and PostgreSQL, a clean stop (SIGTERM, SIGINT, the parent killed: no worker left), and
+``/metrics`` counting every worker (a crashed one's counts included)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclavekit.nsm import EmulatedAwsPki, NsmEmulator
+from tests.unit.atls.test_metrics_workers import samples
 
 PCRS = {0: b"\x10" * 48, 1: b"\x11" * 48, 2: b"\x12" * 48}
 EXE = str(Path(sys.executable).parent / "enclavekit")
@@ -85,6 +88,8 @@ def _alive(pid: int) -> bool:
 
 
 def _start(tmp: Path, *extra: str, workers: int = 2) -> CaProcess:
+    """``ca serve`` with ``$TMPDIR`` = ``tmp/tmp`` (where its metrics directory goes: a killed
+    server's stays there, not in /tmp)."""
     pki = EmulatedAwsPki.ephemeral()
     emulator = NsmEmulator(pcrs=PCRS, pki=pki)
     (tmp / "nsm-root.pem").write_bytes(pki.root_pem())
@@ -94,6 +99,7 @@ def _start(tmp: Path, *extra: str, workers: int = 2) -> CaProcess:
         ]}}})
     )  # fmt: skip
     (tmp / "limits.yaml").write_text(json.dumps(WIDE_LIMITS))
+    (tmp / "tmp").mkdir(exist_ok=True)
     if not (tmp / "ca").exists():
         subprocess.run([EXE, "ca", "init", "--state-dir", str(tmp / "ca")], check=True,
                        capture_output=True)  # fmt: skip
@@ -102,7 +108,7 @@ def _start(tmp: Path, *extra: str, workers: int = 2) -> CaProcess:
         [EXE, "ca", "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp / "ca"),
          "--policy", str(tmp / "policy.yaml"), "--root", str(tmp / "nsm-root.pem"),
          "--limits", str(tmp / "limits.yaml"), "--workers", str(workers), *extra],
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=os.environ | {"TMPDIR": str(tmp / "tmp")},
     )  # fmt: skip
     ca = CaProcess(proc, f"http://127.0.0.1:{port}", emulator)
     deadline = time.monotonic() + 90
@@ -259,15 +265,151 @@ def test_attack_killed_supervisor_leaves_no_orphan_workers(tmp_path: Path) -> No
     ca.proc.stderr.close()
 
 
-def test_crashed_worker_is_replaced(sqlite_ca: CaProcess) -> None:
-    first = sqlite_ca.workers()
+def _kill_one_worker(ca: CaProcess) -> None:
+    """SIGKILL to one worker, then wait until the supervisor has started its replacement."""
+    first = ca.workers()
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        now = sqlite_ca.workers()
+        now = ca.workers()
         if len(now) == 2 and first[0] not in now:
-            break
+            return
         time.sleep(0.2)
-    else:
-        raise AssertionError("the worker was not replaced")
+    raise AssertionError("the worker was not replaced")
+
+
+def test_crashed_worker_is_replaced(sqlite_ca: CaProcess) -> None:
+    _kill_one_worker(sqlite_ca)
     assert httpx.get(sqlite_ca.url + "/healthz").status_code == 200
+
+
+# -- /metrics with two workers ----------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+ISSUED = ("enclavekit_ca_issuances_total", ())
+WORKERS = ("enclavekit_ca_workers", ())
+
+
+def _count(endpoint: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("enclavekit_ca_request_seconds_count", (("endpoint", endpoint),))
+
+
+def _per_slot(metrics_dir: Path) -> dict[str, Samples]:
+    """Each worker slot's own counts, read from its files (which worker served what)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    slots: dict[str, Samples] = {}
+    for path in metrics_dir.glob("*.db"):
+        if path.name.startswith("gauge_"):
+            continue
+        slot = slots.setdefault(path.stem.rsplit("_", 1)[1], {})
+        for family in MultiProcessCollector.merge([str(path)]):
+            for s in family.samples:
+                slot[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return slots
+
+
+def _issue(ca: CaProcess, count: int) -> None:
+    """``count`` issuances from 4 threads, each on a new connection (any worker may accept it)."""
+    statuses: list[int] = []
+
+    def one() -> None:
+        csr, doc = ca.request()
+        body = {"service": "web", "csr": csr, "attestation_document": doc}
+        with httpx.Client(timeout=60) as client:
+            statuses.append(client.post(ca.url + "/v1/certificates", json=body).status_code)
+
+    for start in range(0, count, 4):
+        threads = [threading.Thread(target=one) for _ in range(min(4, count - start))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert statuses == [201] * count
+
+
+def _issue_until_both_served(ca: CaProcess, metrics_dir: Path) -> int:
+    """Issue certificates until each worker has issued some; returns how many were issued."""
+    issued = 0
+    while issued < 200:
+        _issue(ca, 4)
+        issued += 4
+        slots = _per_slot(metrics_dir)
+        if len(slots) == 2 and all(s.get(ISSUED, 0) > 0 for s in slots.values()):
+            return issued
+    raise AssertionError(f"one worker served all {issued} issuances: {_per_slot(metrics_dir)}")
+
+
+def _scrape(ca: CaProcess) -> Samples:
+    with httpx.Client(timeout=30) as client:  # a new connection: any worker may answer
+        answer = client.get(ca.url + "/metrics")
+    assert answer.status_code == 200
+    return samples(answer.text)
+
+
+def _check_scrapes(ca: CaProcess, metrics_dir: Path, issued: int) -> None:
+    """Scrape (two at a time) until each worker has answered some, at least 10 times: every answer
+    counts all ``issued`` issuances, their challenges and both workers."""
+    scrapes = 0
+    got: list[Samples] = []
+    while scrapes < 400:
+        got.clear()
+        threads = [threading.Thread(target=lambda: got.append(_scrape(ca))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        scrapes += 2
+        for s in got:
+            assert s[ISSUED] == issued
+            assert s[_count("/v1/certificates")] == issued
+            assert s[_count("/v1/challenges")] == issued
+            assert s[WORKERS] == 2
+        answered = [s.get(_count("/metrics"), 0) for s in _per_slot(metrics_dir).values()]
+        if scrapes >= 10 and len(answered) == 2 and all(answered):
+            return
+    raise AssertionError(f"one worker answered all {scrapes} scrapes")
+
+
+def _start_with_metrics_dir(tmp: Path) -> tuple[CaProcess, Path]:
+    ca = _start(tmp)
+    (metrics_dir,) = (tmp / "tmp").glob("enclavekit-ca-metrics-*")
+    return ca, metrics_dir
+
+
+def test_metrics_count_the_requests_of_every_worker(tmp_path: Path) -> None:
+    """Issuances served by both workers; every scrape, whichever worker answers, shows the total.
+    The run's multiprocess directory is private (0700) and removed at the stop."""
+    ca, metrics_dir = _start_with_metrics_dir(tmp_path)
+    try:
+        assert stat.S_IMODE(metrics_dir.stat().st_mode) == 0o700
+        issued = _issue_until_both_served(ca, metrics_dir)
+        _check_scrapes(ca, metrics_dir, issued)
+    finally:
+        assert _stop(ca) == 0
+    assert not metrics_dir.exists()
+
+
+def test_metrics_keep_the_counts_of_a_crashed_worker(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL after serving issuances: its replacement counts on from its
+    totals (none lost, none doubled), and the directory keeps its 3 files per worker slot."""
+    ca, metrics_dir = _start_with_metrics_dir(tmp_path)
+    try:
+        issued = _issue_until_both_served(ca, metrics_dir)
+        _kill_one_worker(ca)
+        deadline = time.monotonic() + 30
+        while (s := _scrape(ca))[WORKERS] != 2:  # until the replacement has built its metrics
+            assert s[ISSUED] == issued
+            assert time.monotonic() < deadline, "the replacement never counted itself"
+            time.sleep(0.1)
+        _check_scrapes(ca, metrics_dir, issued)
+        _issue(ca, 4)
+        _check_scrapes(ca, metrics_dir, issued + 4)
+        assert sorted(p.name for p in metrics_dir.iterdir()) == sorted(
+            f"{kind}_worker{slot}.db"
+            for kind in ("counter", "histogram", "gauge_livesum")
+            for slot in (0, 1)
+        )
+    finally:
+        assert _stop(ca) == 0
+    assert not metrics_dir.exists()

@@ -192,7 +192,7 @@ def test_ca_serve_tls_and_mutual_attested_proxy_processes(tmp_path: Path) -> Non
                  "--tls-name", "localhost", "--state-dir", str(tmp_path / "ca"),
                  "--policy", str(tmp_path / "ca-policy.yaml"),
                  "--root", str(tmp_path / "nsm-root.pem"),
-                 "--workers", "1"],  # /metrics counts per worker: one, to read the total
+                 "--workers", "1"],  # the single-process /metrics (two workers: test_ca_workers.py)
                 stderr=subprocess.PIPE,
             )  # fmt: skip
             procs.append(ca)
