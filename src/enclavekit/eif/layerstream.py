@@ -50,6 +50,7 @@ _REGULAR = EntryKind.REGULAR
 _SYMLINK = EntryKind.SYMLINK
 _HARDLINK = EntryKind.HARDLINK
 _DEVICES = (EntryKind.CHAR, EntryKind.BLOCK)
+_REGULAR_TYPES = frozenset(t for t in (b"0", b"\0", b"7") if tar_kind(t) is EntryKind.REGULAR)
 
 
 def streamed_export(
@@ -62,10 +63,14 @@ def streamed_export(
     """The listing of the one layer tar at ``location`` with ``init_layer`` applied on top (clean names,
     no hard links), or :class:`NotStreamable`."""
     init = sorted((tuple(entry.name.split(b"/")), entry) for entry in init_layer)
+    init_parents = {entry.name.rpartition(b"/")[0] for entry in init_layer}
     next_init = 0
     scanner = TarScanner(reader.window(location.path), location.offset, location.size, label=label)
     file, base = location.path, location.offset
-    previous: tuple[bytes, ...] = ()
+    # The previous entry: its parent directory (bytes and components), its last component, whether it
+    # was a directory. The root before the first entry.
+    previous_parent, previous_leaf = b"", b""
+    previous_parent_parts: tuple[bytes, ...] = ()
     previous_is_dir = True
     open_dirs: list[
         tuple[bytes, ...]
@@ -73,6 +78,40 @@ def streamed_export(
     count = 0
     for member in scanner.members():
         name = member.name
+        parent, _, leaf = name.rpartition(b"/")
+        # The common case, a file beside the previous file: after it in walk order exactly when its
+        # last component is; no directory opens or closes, no parent is missing, and no init-layer entry
+        # can lie between the two unless their directory holds init-layer entries.
+        if (
+            parent == previous_parent
+            and not previous_is_dir
+            and leaf > previous_leaf
+            and member.type in _REGULAR_TYPES
+            and parent not in init_parents
+            and leaf[:1] != b"."
+            and b"\0" not in leaf
+            and WHITEOUT_PREFIX not in leaf
+        ):
+            count += 1
+            if count > MAX_ENTRIES:
+                raise NotStreamable(name)
+            yield _new(
+                TarEntry,
+                (
+                    name,
+                    _REGULAR,
+                    member.mode & 0o7777,
+                    member.uid,
+                    member.gid,
+                    member.mtime,
+                    b"",
+                    0,
+                    0,
+                    _new(ContentRef, (file, base + member.data, member.size)),
+                ),
+            )
+            previous_leaf = leaf
+            continue
         if (
             not name
             or name.startswith((b"/", b"."))
@@ -84,6 +123,7 @@ def streamed_export(
         ):
             raise NotStreamable(name)
         parts = tuple(name.split(b"/"))
+        previous = (*previous_parent_parts, previous_leaf) if previous_leaf else ()
         if parts <= previous or len(parts) >= MAX_DEPTH:
             raise NotStreamable(name)
         if not previous_is_dir and parts[: len(previous)] == previous:
@@ -174,7 +214,8 @@ def streamed_export(
             entry = _over(entry, init[next_init][1])
             next_init += 1
         yield entry
-        previous, previous_is_dir = parts, kind is _DIR
+        previous_parent, previous_parent_parts, previous_leaf = parent, parts[:-1], leaf
+        previous_is_dir = kind is _DIR
     yield from (_listed(entry) for _, entry in init[next_init:])
 
 
