@@ -8,6 +8,8 @@ Steps (each input byte is read once, each output byte written once):
    uncompressed layers are referenced in place, their headers parsed here while worker threads hash
    them (:class:`DigestChecks`, waited for before the EIF is committed).
 3. Add what ``docker create`` adds (its init layer), so the listing matches ``docker export``.
+   (A single layer already in walk order skips the tree: :mod:`~enclavekit.eif.layerstream` lists it in
+   one pass while the EIF is written, and hands over to the tree at the first entry it cannot list.)
 4. Write the EIF with :func:`enclavekit.eif.writer.write_eif_file`: the bootstrap ramdisk (``dev``,
    ``init``, ``nsm.ko``) and the customer ramdisk streamed from the merged tree, measured as they are
    written. The output appears atomically; on any error (a layer digest mismatch included) no ``.eif``
