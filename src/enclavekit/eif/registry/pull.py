@@ -66,6 +66,8 @@ PLATFORMS = {
     "arm64/v8": ("arm64", "v8"),
 }
 
+#: Bytes the blob cache hashes and writes at once while a layer streams in.
+_BATCH = 1 << 20
 #: Seconds :meth:`PullInProgress.close` waits for the download thread to stop.
 CLOSE_TIMEOUT = 5.0
 
@@ -390,10 +392,25 @@ def _counted(
     done = 0
     if progress is not None:
         progress(label, 0, total)
+    # The connection delivers ~64 KiB at a time; the cache hashes and writes 1 MiB batches (16 times
+    # fewer hand-offs of the GIL to and from SHA-256 and write, which a build running beside the pull
+    # would otherwise wait for).
+    batch: list[bytes] = []
+    batched = 0
     for chunk in chunks:
         if stop.is_set():
             raise _Cancelled()
-        done += len(chunk)
+        batch.append(chunk)
+        batched += len(chunk)
+        if batched >= _BATCH:
+            done += batched
+            yield b"".join(batch)
+            batch.clear()
+            batched = 0
+            if progress is not None:
+                progress(label, min(done, total), total)
+    if batch:
+        done += batched
+        yield b"".join(batch)
         if progress is not None:
             progress(label, min(done, total), total)
-        yield chunk
