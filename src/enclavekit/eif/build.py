@@ -25,6 +25,7 @@ creates for ``WORKDIR``/``VOLUME`` at ``docker create`` time when the image lack
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,12 +35,13 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from enclavekit.eif.image import Image, LayerBlob, RootfsDir, rootfs_entries
+from enclavekit.eif.image import Image, LayerBlob, LayerStream, RootfsDir, rootfs_entries
 from enclavekit.eif.layers import (
     ContentReader,
     ContentRef,
@@ -201,7 +203,7 @@ def _rfc3339(moment: datetime, nanos: int) -> str:
 class _HashingReader:
     """Reads ``size`` bytes from a file region, feeding every byte to ``hashers``."""
 
-    def __init__(self, stream: BinaryIO, size: int, hashers: Sequence[Any]) -> None:
+    def __init__(self, stream: BinaryIO | LayerStream, size: int, hashers: Sequence[Any]) -> None:
         self._stream = stream
         self._remaining = size
         self._hashers = hashers
@@ -334,9 +336,16 @@ def index_layer(tree: MergedTree, layer: LayerBlob, spool: Spool, checks: Digest
 def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> ContentRef:
     """Where the uncompressed tar of ``layer`` lies: in place (its digests checked on ``checks``,
     meanwhile), or for a gzip layer in ``spool`` (unpacked once, hashed on the way, checked)."""
-    if layer.wait is not None:
-        layer.wait()  # a layer still downloading (registry pull): its verified bytes, or why not
     location = layer.location
+    if layer.stream is not None:
+        # Still downloading (registry pull): a gzip layer is unpacked while it arrives, its bytes
+        # hashed here as for any layer; nothing is parsed before both digests are checked below.
+        with layer.stream() as head:
+            magic = head.read(4)
+        if magic.startswith(_GZIP_MAGIC):
+            return _unpacked_gzip(layer, spool, layer.stream)
+    if layer.wait is not None:
+        layer.wait()  # the verified bytes of a layer still downloading, or why they never came
     with open(location.path, "rb") as handle:
         handle.seek(location.offset)
         magic = handle.read(4)
@@ -348,18 +357,43 @@ def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Cont
     if not magic.startswith(_GZIP_MAGIC):
         checks.submit(layer, location)
         return location
-    # A gzip layer is unpacked once into the spool (hashed on the way in and out), checked, and then
-    # parsed in place like an uncompressed one.
+    return _unpacked_gzip(layer, spool, None)
+
+
+def _unpacked_gzip(
+    layer: LayerBlob, spool: Spool, stream: Callable[[], LayerStream] | None
+) -> ContentRef:
+    """A gzip layer unpacked once into the spool (hashed on the way in and out) and checked; it is
+    then parsed in place like an uncompressed one. ``stream``: read it as it arrives."""
+    location = layer.location
     blob_hasher = _hasher(layer.digest)
     diff_hasher = _hasher(layer.diff_id)
-    with open(location.path, "rb") as handle:
-        handle.seek(location.offset)
-        raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
-        unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
+    try:
+        with contextlib.ExitStack() as files:
+            handle: BinaryIO | LayerStream
+            if stream is not None:
+                handle = files.enter_context(stream())
+            else:
+                handle = files.enter_context(_opened_at(location))
+            raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
+            unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
+    except MalformedInput:
+        if layer.wait is not None:
+            layer.wait()  # bytes that are not gzip may be a registry's bad blob: say that first
+        raise
+    if layer.wait is not None:
+        layer.wait()  # the download's own verdict first (a registry's bad blob is named as such)
     _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
     spool.flush()
     return unpacked
+
+
+@contextmanager
+def _opened_at(location: ContentRef) -> Iterator[BinaryIO]:
+    with open(location.path, "rb") as handle:
+        handle.seek(location.offset)
+        yield handle
 
 
 def _hashed(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:

@@ -32,7 +32,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from enclavekit.eif.layers import ContentRef, EntryKind, TarEntry
 from enclavekit.errors import MalformedInput, UsageError
@@ -53,6 +53,18 @@ ARCHITECTURES = {"amd64": "x86_64", "arm64": "aarch64"}
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 
 
+class LayerStream(Protocol):
+    """A reader of a layer's bytes in order (see :attr:`LayerBlob.stream`)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> LayerStream: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LayerBlob:
     """One layer as stored: where its bytes are and what they must hash to."""
@@ -64,6 +76,9 @@ class LayerBlob:
     #: For a layer still arriving (a registry pull in progress): blocks until its verified bytes are
     #: at ``location``, or raises why they never will be. None: the bytes are there.
     wait: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    #: For a layer still arriving: opens a reader of its bytes as they arrive (``read(n)`` blocks;
+    #: the bytes are unverified until the reader checks the digest and ``wait`` returns).
+    stream: Callable[[], LayerStream] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

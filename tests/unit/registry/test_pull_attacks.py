@@ -327,3 +327,32 @@ def test_closing_a_pull_mid_download_stops_it_and_leaves_no_blob(
         second.wait()
     assert not Path(second.location.path).exists()
     assert list((cache_root / "tmp").iterdir()) == []
+
+
+def test_a_layer_is_read_while_it_arrives_and_verified_after(
+    pushed: Pushed, tmp_path: Path
+) -> None:
+    """The build unpacks a gzip layer while it downloads: its first bytes are readable while the rest
+    is stalled in transit, before the blob is in the cache; the whole read equals the blob."""
+    _, manifest = _manifest(pushed.layouts["big:1"])
+    big = manifest["layers"][1]  # type: ignore[index]
+    stored = storage_blob(pushed.registry.storage, big["digest"]).read_bytes()
+    first_size = manifest["layers"][0]["size"]  # type: ignore[index]
+    proxy = GatedProxy(pushed.registry.host, hold_after=first_size + (2 << 20))
+    try:
+        with start_pull(f"{proxy.host}/big:1", cache=BlobCache(tmp_path / "blobs")) as pending:
+            second = pending.image.layers[1]
+            assert second.stream is not None and second.wait is not None
+            with second.stream() as early:
+                head = early.read(1 << 20)  # arrives before the proxy holds
+                wait_for(proxy.holding.is_set)
+                assert head == stored[: 1 << 20]
+                assert not Path(second.location.path).exists()  # not verified, not cached
+                proxy.release.set()
+                rest = early.read()
+            assert head + rest == stored
+            second.wait()
+            assert Path(second.location.path).read_bytes() == stored
+    finally:
+        proxy.release.set()
+        proxy.kill()

@@ -18,7 +18,7 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from enclavekit.errors import MalformedInput, UsageError
@@ -64,11 +64,21 @@ class BlobCache:
             path.unlink()
         return None
 
-    def store(self, digest: str, size: int, chunks: Iterable[bytes], what: str) -> Path:
+    def store(
+        self,
+        digest: str,
+        size: int,
+        chunks: Iterable[bytes],
+        what: str,
+        *,
+        on_write: Callable[[str, int], None] | None = None,
+    ) -> Path:
         """Write ``chunks`` as the blob ``digest`` of ``size`` bytes, hashing them as they stream.
 
         More than ``size`` bytes, fewer, or another digest: :class:`BlobMismatch`, and nothing enters
         the cache. Any other error (the source failing mid-stream) also leaves nothing behind.
+        ``on_write(temporary path, bytes written)`` is called after each chunk reached the file (written
+        unbuffered, so other readers of that path see it): the bytes are not verified yet.
         """
         tmp_dir = self.root / "tmp"
         try:
@@ -83,7 +93,7 @@ class BlobCache:
         try:
             hasher = hashlib.new(digest.partition(":")[0])
             total = 0
-            with os.fdopen(fd, "wb") as handle:
+            with os.fdopen(fd, "wb", buffering=0) as handle:
                 for chunk in chunks:
                     total += len(chunk)
                     if total > size:
@@ -92,7 +102,11 @@ class BlobCache:
                             "names; refused"
                         )
                     hasher.update(chunk)
-                    handle.write(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[handle.write(view) or 0 :]
+                    if on_write is not None:
+                        on_write(name, total)
             found = f"{hasher.name}:{hasher.hexdigest()}"
             if total != size:
                 raise BlobMismatch(

@@ -203,6 +203,9 @@ class PullInProgress:
         self._done = [threading.Event() for _ in self._wanted]
         self._errors: list[BaseException | None] = [None] * len(self._wanted)
         self._stop = threading.Event()
+        # Per layer: the current download attempt's temporary file and how much of it is written.
+        self._arrived = threading.Condition()
+        self._partial: list[tuple[str, int] | None] = [None] * len(self._wanted)
         layers = tuple(
             LayerBlob(
                 ContentRef(str(cache.path(desc.digest)), 0, desc.size),
@@ -210,6 +213,7 @@ class PullInProgress:
                 desc.digest,
                 diff_id,
                 wait=functools.partial(self._wait, i),
+                stream=functools.partial(self._follow, i),
             )
             for i, ((desc, label), diff_id) in enumerate(
                 zip(self._wanted, config.diff_ids, strict=True)
@@ -226,18 +230,36 @@ class PullInProgress:
                 if self._stop.is_set():
                     raise _Cancelled()
                 path = _fetch_layer(
-                    self._client, self._cache, desc, label, self._progress, self._stop
+                    self._client,
+                    self._cache,
+                    desc,
+                    label,
+                    self._progress,
+                    self._stop,
+                    functools.partial(self._written, i),
                 )
                 if path != self._cache.path(desc.digest):  # the cache's layout changed under us
                     raise AssertionError(f"{label}: cached at {path}, expected elsewhere")
             except BaseException as exc:  # handed to whoever waits for this layer or a later one
                 # Once stopped, whatever closing the connection made the download raise is noise.
                 error = _Cancelled() if self._stop.is_set() else exc
-                for j in range(i, len(self._wanted)):
-                    self._errors[j] = error
-                    self._done[j].set()
+                with self._arrived:
+                    for j in range(i, len(self._wanted)):
+                        self._errors[j] = error
+                        self._done[j].set()
+                    self._arrived.notify_all()
                 return
-            self._done[i].set()
+            with self._arrived:
+                self._done[i].set()
+                self._arrived.notify_all()
+
+    def _written(self, index: int, path: str, written: int) -> None:
+        with self._arrived:
+            self._partial[index] = (path, written)
+            self._arrived.notify_all()
+
+    def _follow(self, index: int) -> _LayerFollower:
+        return _LayerFollower(self, index)
 
     def _wait(self, index: int) -> None:
         self._done[index].wait()
@@ -249,7 +271,9 @@ class PullInProgress:
         """Wait for every layer; the image with plain (already present) layers."""
         for i in range(len(self._wanted)):
             self._wait(i)
-        layers = tuple(dataclasses.replace(layer, wait=None) for layer in self.image.layers)
+        layers = tuple(
+            dataclasses.replace(layer, wait=None, stream=None) for layer in self.image.layers
+        )
         image = dataclasses.replace(self.image, layers=layers)
         return PulledImage(image, self.reference, self.manifest_digest)
 
@@ -262,6 +286,80 @@ class PullInProgress:
         self._client.close()
 
     def __enter__(self) -> PullInProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LayerFollower:
+    """Reads a layer's bytes while they arrive: from the current download attempt's temporary file,
+    then from the cache. ``read(n)`` blocks until ``n`` bytes (or the rest of the blob) are there.
+
+    The bytes are *not verified* when they are read: whoever reads them must check the layer's digest
+    itself before trusting what it made of them (the build does: a gzip layer is hashed while it is
+    unpacked and checked before its tar is parsed), and call the layer's ``wait`` at the end for the
+    cache's verdict. A retried download restarts its file; the follower goes on at its offset in the
+    new one (a blob's bytes are the same on every attempt, or the digest check fails).
+    """
+
+    def __init__(self, pull: PullInProgress, index: int) -> None:
+        self._pull = pull
+        self._index = index
+        self._size = pull._wanted[index][0].size
+        self._final = str(pull._cache.path(pull._wanted[index][0].digest))
+        self._pos = 0
+        self._path: str | None = None
+        self._handle: Any = None
+
+    def _available(self) -> tuple[str, int]:
+        """(file, bytes readable in it), blocking until some past the current offset exist."""
+        pull, index = self._pull, self._index
+        with pull._arrived:
+            while True:
+                error = pull._errors[index]
+                if error is not None:
+                    raise error
+                if pull._done[index].is_set():
+                    return self._final, self._size
+                partial = pull._partial[index]
+                if partial is not None and partial[1] > self._pos:
+                    return partial
+                pull._arrived.wait()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._size - self._pos
+        out: list[bytes] = []
+        wanted = min(n, self._size - self._pos)
+        while wanted > 0:
+            path, available = self._available()
+            if path != self._path:
+                self.close()
+                try:
+                    self._handle = open(path, "rb")  # noqa: SIM115 - closed by close()
+                except FileNotFoundError:  # an attempt's file, just removed: look again
+                    continue
+                self._path = path
+            self._handle.seek(self._pos)
+            data = self._handle.read(min(wanted, available - self._pos))
+            if not data:  # shorter than written: changed behind our back
+                raise MalformedInput(
+                    f"{self._pull._wanted[self._index][1]}: {path} ended at {self._pos} bytes, "
+                    f"{available} were written; was the blob cache changed during the pull?"
+                )
+            out.append(data)
+            self._pos += len(data)
+            wanted -= len(data)
+        return b"".join(out)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            self._path = None
+
+    def __enter__(self) -> _LayerFollower:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -368,6 +466,7 @@ def _fetch_layer(
     label: str,
     progress: BlobProgress | None,
     stop: threading.Event,
+    on_write: Callable[[str, int], None] | None = None,
 ) -> Path:
     if progress is not None:
         progress(label, 0, desc.size)
@@ -380,7 +479,11 @@ def _fetch_layer(
     def attempt() -> Path:
         with client.blob_stream(desc.digest, label) as chunks:
             return cache.store(
-                desc.digest, desc.size, _counted(chunks, label, desc.size, progress, stop), label
+                desc.digest,
+                desc.size,
+                _counted(chunks, label, desc.size, progress, stop),
+                label,
+                on_write=on_write,
             )
 
     return client.retrying(attempt, label)
