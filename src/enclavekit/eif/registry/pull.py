@@ -6,8 +6,9 @@ config, then stream every layer into the :class:`~enclavekit.eif.registry.cache.
 hashed while it arrives. The :class:`Image` points at the cached files, so the build reads the same
 bytes a local OCI layout or ``docker save`` of the image would hold: the EIF is byte-identical.
 :func:`start_pull` downloads the layers in order on one background thread while the caller builds:
-the build waits for each layer's verified file before it opens it, so layer *n+1* arrives while
-layer *n* is unpacked (a pull costs little more than the slower of download and build).
+each layer's ``stream`` reads its bytes as they arrive (unverified: the build hashes them itself and
+parses nothing before its digests and the cache's verdict are in), its ``wait`` blocks until the
+verified file is in the cache. A pull then costs little more than the slower of download and build.
 
 Checked: manifest digests (by digest: against the reference; by tag: against
 ``Docker-Content-Digest`` when sent), media types, descriptor sizes, every blob's digest and size,
