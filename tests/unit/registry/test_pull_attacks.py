@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -356,3 +360,38 @@ def test_a_layer_is_read_while_it_arrives_and_verified_after(
     finally:
         proxy.release.set()
         proxy.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_attack_signal_while_the_build_waits_for_a_stalled_layer_leaves_nothing(
+    pushed: Pushed, isolated: Path, tmp_path: Path, blobs_dir: Path, signum: int
+) -> None:
+    """The build is reading a layer that stopped arriving: a stop signal ends it with 128 + the
+    signal, no EIF or temporary file beside the output, and no partial blob in the cache."""
+    _, manifest = _manifest(pushed.layouts["big:1"])
+    first_size = manifest["layers"][0]["size"]  # type: ignore[index]
+    proxy = GatedProxy(pushed.registry.host, hold_after=first_size + (2 << 20))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    exe = str(Path(sys.executable).parent / "enclavekit")
+    try:
+        proc = subprocess.Popen(
+            [exe, "build-enclave", "--image", f"docker://{proxy.host}/big:1",
+             "--output-file", str(out_dir / "big.eif"), "--blobs", str(blobs_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_for(proxy.holding.is_set)
+        time.sleep(0.3)  # let the build reach the stalled layer
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proxy.release.set()
+        proxy.kill()
+    assert proc.returncode == 128 + signum, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    assert list(out_dir.iterdir()) == []
+    cache_root = tmp_path / "cache" / "enclavekit" / "blobs"
+    big = manifest["layers"][1]  # type: ignore[index]
+    assert not (cache_root / "sha256" / big["digest"].partition(":")[2]).exists()
+    assert list((cache_root / "tmp").iterdir()) == []

@@ -91,6 +91,8 @@ class BlobCache:
                 "to a writable folder"
             ) from None
         try:
+            if on_write is not None:
+                on_write(name, 0)
             hasher = hashlib.new(digest.partition(":")[0])
             total = 0
             with os.fdopen(fd, "wb", buffering=0) as handle:

@@ -18,8 +18,10 @@ Not supported: schema 1 manifests, foreign/non-distributable layers, encrypted l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +72,7 @@ PLATFORMS = {
 #: Bytes the blob cache hashes and writes at once while a layer streams in.
 _BATCH = 1 << 20
 #: Seconds :meth:`PullInProgress.close` waits for the download thread to stop.
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 1.0
 
 #: ``progress(label, done, total)``: called with done=0 when a blob starts, then as bytes arrive;
 #: ``done == total`` when it is complete (from the cache or the network).
@@ -281,10 +283,18 @@ class PullInProgress:
     def close(self) -> None:
         """Stop the download (between chunks) and close the connection."""
         self._stop.set()
-        # A read blocked on a silent registry ends at the client's timeout; don't wait that long
-        # (the thread is a daemon and leaves only a temporary file, which the cache ignores).
+        # Closing the connections ends a read blocked on a silent registry (the download then stops
+        # and removes its temporary file); should it still hang, the daemon thread is left behind
+        # and the file it was writing is removed here.
+        with contextlib.suppress(Exception):
+            self._client.close()
         self._thread.join(timeout=CLOSE_TIMEOUT)
-        self._client.close()
+        if self._thread.is_alive():
+            with self._arrived:
+                leftovers = [partial[0] for partial in self._partial if partial is not None]
+            for name in leftovers:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
 
     def __enter__(self) -> PullInProgress:
         return self
