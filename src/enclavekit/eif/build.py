@@ -470,17 +470,23 @@ def index_image(
             tree.apply(entry)
         return tree
     for number, layer in enumerate(source.layers, 1):
-        if progress is not None:
-            progress(
-                f"Reading {layer.label} ({number}/{len(source.layers)}, "
-                f"{layer.location.size / 1e6:.1f} MB)"
-            )
+        _reading(progress, layer, number, len(source.layers))
         index_layer(tree, layer, spool, checks)
-    tree.begin_layer("docker init layer")
-    for entry in docker_init_layer():
-        tree.apply(entry)
+    _add_init_layer(tree, docker_init_layer())
     spool.flush()
     return tree
+
+
+def _reading(progress: Progress | None, layer: LayerBlob, number: int, layers: int) -> None:
+    if progress is not None:
+        progress(f"Reading {layer.label} ({number}/{layers}, {layer.location.size / 1e6:.1f} MB)")
+
+
+def _add_init_layer(tree: MergedTree, entries: Sequence[TarEntry]) -> None:
+    """Docker's init layer on top of the image's (see :func:`docker_init_layer`)."""
+    tree.begin_layer("docker init layer")
+    for entry in entries:
+        tree.apply(entry)
 
 
 def docker_info(image: Image) -> dict[str, Any]:
@@ -605,8 +611,7 @@ def _build_single_layer(
 ) -> WrittenEif:
     """One layer: listed straight from its tar when it is in walk order (:mod:`.layerstream`), else
     (at the first entry that needs it, the partial EIF discarded) through the merged tree."""
-    if progress is not None:
-        progress(f"Reading {layer.label} (1/1, {layer.location.size / 1e6:.1f} MB)")
+    _reading(progress, layer, 1, 1)
     location = unpacked_layer(layer, spool, checks)
     init = docker_init_layer()
     try:
@@ -622,9 +627,7 @@ def _build_single_layer(
             )
         tree = MergedTree()
         tree.add_layer(location, label=layer.label)
-        tree.begin_layer("docker init layer")
-        for entry in init:
-            tree.apply(entry)
+        _add_init_layer(tree, init)
         return write(tree.export)
     except MalformedInput:
         checks.wait()  # a digest mismatch explains a damaged tar better than the damage does

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
-from enclavekit.eif.tarscan import FileWindow, TarScanner
+from enclavekit.eif.tarscan import FileWindow, TarMember, TarScanner
 from enclavekit.errors import MalformedInput
 
 #: Refuse images with more entries than this: the merged index is held in memory (see :class:`MergedTree`).
@@ -155,6 +155,54 @@ _TAR_KINDS = {
 def tar_kind(type_byte: bytes) -> EntryKind:
     """The kind of a tar member by its type byte (the scanner yields only these types)."""
     return _TAR_KINDS[type_byte]
+
+
+def clean_name(name: bytes) -> bool:
+    """Whether ``name`` is a plain relative path: non-empty, no leading, trailing or double ``/``, no
+    component starting with ``.`` (so no ``.``/``..``), no NUL, no whiteout prefix anywhere. Other names
+    need :func:`split_name` (and may be refused)."""
+    return not (
+        not name
+        or name.startswith((b"/", b"."))
+        or name.endswith(b"/")
+        or b"//" in name
+        or b"/." in name
+        or b"\0" in name
+        or WHITEOUT_PREFIX in name
+    )
+
+
+def directory_entry(path: bytes, permissions: int, uid: int, gid: int, mtime: int) -> TarEntry:
+    """A directory as the export lists it (``path`` without its trailing ``/``)."""
+    return _new(
+        TarEntry, (path + b"/", EntryKind.DIRECTORY, permissions, uid, gid, mtime, b"", 0, 0, None)
+    )
+
+
+def member_entry(
+    path: bytes, kind: EntryKind, member: TarMember, file: str, offset: int
+) -> TarEntry:
+    """A non-directory tar member as the export lists it under ``path`` (its layer tar lies at
+    ``offset`` of ``file``): permission bits only, a target for symlinks, device numbers for devices,
+    contents for files."""
+    device = kind is EntryKind.CHAR or kind is EntryKind.BLOCK
+    return _new(
+        TarEntry,
+        (
+            path,
+            kind,
+            member.mode & 0o7777,
+            member.uid,
+            member.gid,
+            member.mtime,
+            member.linkname if kind is EntryKind.SYMLINK else b"",
+            member.devmajor if device else 0,
+            member.devminor if device else 0,
+            _new(ContentRef, (file, offset + member.data, member.size))
+            if kind is EntryKind.REGULAR
+            else None,
+        ),
+    )
 
 
 _new = tuple.__new__
@@ -374,15 +422,7 @@ class MergedTree:
         mtime: int = 0,
     ) -> None:
         """One entry: ``node`` for non-directories, the attributes for directories."""
-        if (
-            not name
-            or name.startswith((b"/", b"."))
-            or name.endswith(b"/")
-            or b"//" in name
-            or b"/." in name
-            or b"\0" in name
-            or WHITEOUT_PREFIX in name
-        ):
+        if not clean_name(name):
             parts = split_name(name)
             if not parts:
                 return  # the root directory itself: docker export never lists it
@@ -537,26 +577,11 @@ class MergedTree:
         extra = self._extra
         kinds = _TAR_KINDS
         regular = EntryKind.REGULAR
-        devices = (EntryKind.CHAR, EntryKind.BLOCK)
         for name in sorted(children):
             node = children[name]
             path = prefix + name
             if isinstance(node, _Dir):
-                yield _new(
-                    TarEntry,
-                    (
-                        path + b"/",
-                        EntryKind.DIRECTORY,
-                        node.permissions,
-                        node.uid,
-                        node.gid,
-                        node.mtime,
-                        b"",
-                        0,
-                        0,
-                        None,
-                    ),
-                )
+                yield directory_entry(path, node.permissions, node.uid, node.gid, node.mtime)
                 yield from self._emit(node, path + b"/", shared, first_name, scanners)
                 continue
             if node in shared:
@@ -603,24 +628,7 @@ class MergedTree:
             if kind is EntryKind.SYMLINK or kind is EntryKind.DIRECTORY:
                 # Headers are read again here: checks that depend on them are made again.
                 self._recheck(path, kind, member.linkname, node)
-            device = kind in devices
-            yield _new(
-                TarEntry,
-                (
-                    path,
-                    kind,
-                    member.mode & 0o7777,
-                    member.uid,
-                    member.gid,
-                    member.mtime,
-                    member.linkname,
-                    member.devmajor if device else 0,
-                    member.devminor if device else 0,
-                    _new(ContentRef, (file, offset + member.data, member.size))
-                    if kind is regular
-                    else None,
-                ),
-            )
+            yield member_entry(path, kind, member, file, offset)
 
     def _recheck(self, path: bytes, kind: EntryKind, linkname: bytes, node: int) -> None:
         self._layer = self._sources[node >> _LAYER_SHIFT & _LAYER_MASK][1]

@@ -34,7 +34,10 @@ from enclavekit.eif.layers import (
     ContentRef,
     EntryKind,
     TarEntry,
+    clean_name,
+    directory_entry,
     escapes_root,
+    member_entry,
     tar_kind,
 )
 from enclavekit.eif.tarscan import TarScanner
@@ -44,12 +47,10 @@ class NotStreamable(Exception):
     """The layer needs the merged tree (see the module); not an error of the image."""
 
 
-_new = tuple.__new__
 _DIR = EntryKind.DIRECTORY
 _REGULAR = EntryKind.REGULAR
 _SYMLINK = EntryKind.SYMLINK
 _HARDLINK = EntryKind.HARDLINK
-_DEVICES = (EntryKind.CHAR, EntryKind.BLOCK)
 _REGULAR_TYPES = frozenset(t for t in (b"0", b"\0", b"7") if tar_kind(t) is EntryKind.REGULAR)
 
 
@@ -95,32 +96,10 @@ def streamed_export(
             count += 1
             if count > MAX_ENTRIES:
                 raise NotStreamable(name)
-            yield _new(
-                TarEntry,
-                (
-                    name,
-                    _REGULAR,
-                    member.mode & 0o7777,
-                    member.uid,
-                    member.gid,
-                    member.mtime,
-                    b"",
-                    0,
-                    0,
-                    _new(ContentRef, (file, base + member.data, member.size)),
-                ),
-            )
+            yield member_entry(name, _REGULAR, member, file, base)
             previous_leaf = leaf
             continue
-        if (
-            not name
-            or name.startswith((b"/", b"."))
-            or name.endswith(b"/")
-            or b"//" in name
-            or b"/." in name
-            or b"\0" in name
-            or WHITEOUT_PREFIX in name
-        ):
+        if not clean_name(name):
             raise NotStreamable(name)
         parts = tuple(name.split(b"/"))
         previous = (*previous_parent_parts, previous_leaf) if previous_leaf else ()
@@ -140,20 +119,8 @@ def streamed_export(
                 yield _listed(init[next_init][1])
                 next_init += 1
             count += 1
-            entry = _new(
-                TarEntry,
-                (
-                    b"/".join(implicit) + b"/",
-                    _DIR,
-                    IMPLICIT_DIR_PERMISSIONS,
-                    0,
-                    0,
-                    IMPLICIT_DIR_MTIME,
-                    b"",
-                    0,
-                    0,
-                    None,
-                ),
+            entry = directory_entry(
+                b"/".join(implicit), IMPLICIT_DIR_PERMISSIONS, 0, 0, IMPLICIT_DIR_MTIME
             )
             if next_init < len(init) and init[next_init][0] == implicit:
                 entry = _over(entry, init[next_init][1])
@@ -167,20 +134,8 @@ def streamed_export(
         if count > MAX_ENTRIES:
             raise NotStreamable(name)
         if kind is _DIR:
-            entry = _new(
-                TarEntry,
-                (
-                    name + b"/",
-                    _DIR,
-                    member.mode & 0o7777,
-                    member.uid,
-                    member.gid,
-                    member.mtime,
-                    b"",
-                    0,
-                    0,
-                    None,
-                ),
+            entry = directory_entry(
+                name, member.mode & 0o7777, member.uid, member.gid, member.mtime
             )
             open_dirs.append(parts)
         else:
@@ -192,24 +147,7 @@ def streamed_export(
                 )
             ):
                 raise NotStreamable(name)
-            device = kind in _DEVICES
-            entry = _new(
-                TarEntry,
-                (
-                    name,
-                    kind,
-                    member.mode & 0o7777,
-                    member.uid,
-                    member.gid,
-                    member.mtime,
-                    member.linkname,
-                    member.devmajor if device else 0,
-                    member.devminor if device else 0,
-                    _new(ContentRef, (file, base + member.data, member.size))
-                    if kind is _REGULAR
-                    else None,
-                ),
-            )
+            entry = member_entry(name, kind, member, file, base)
         if next_init < len(init) and init[next_init][0] == parts:
             entry = _over(entry, init[next_init][1])
             next_init += 1
@@ -223,21 +161,7 @@ def _listed(entry: TarEntry) -> TarEntry:
     """An init-layer entry as the export lists it (directories with ``/`` and only their attributes)."""
     if entry.kind is not _DIR:
         return entry
-    return _new(
-        TarEntry,
-        (
-            entry.name + b"/",
-            _DIR,
-            entry.permissions,
-            entry.uid,
-            entry.gid,
-            entry.mtime,
-            b"",
-            0,
-            0,
-            None,
-        ),
-    )
+    return directory_entry(entry.name, entry.permissions, entry.uid, entry.gid, entry.mtime)
 
 
 def _over(image_entry: TarEntry, init_entry: TarEntry) -> TarEntry:

@@ -33,11 +33,10 @@ ARCHIVE_ALIGNMENT = 512
 MAX_FIELD = 0xFFFFFFFF
 
 TRAILER_NAME = b"TRAILER!!!"
-_HEADER_FORMAT = b"070701" + b"%08x" * 13
-#: The same header with the archive device and the zero check field written in.
+_MAGIC = b"070701"
 #: A newc header after its magic: 13 fields, each 8 lowercase hex digits (the bytes of 13 big-endian
 #: uint32, hexlified: one C call instead of 13 ``%08x`` conversions).
-_SMALL_FIELDS = struct.Struct(">13I")
+_FIELDS = struct.Struct(">13I")
 _hexlify = binascii.hexlify
 
 
@@ -133,7 +132,7 @@ class CpioWriter:
                 f"{min(fields) if min(fields) < 0 else max(fields)} (files of 4 GiB or more, "
                 "negative times and large ids cannot be stored)"
             )
-        return _HEADER_FORMAT % fields
+        return _MAGIC + _hexlify(_FIELDS.pack(*fields))
 
     def begin(self, entry: CpioEntry) -> None:
         """Write ``entry``'s header and name; its ``size`` bytes of data must follow via :meth:`write`."""
@@ -193,7 +192,7 @@ class CpioWriter:
             raise ValueError("archive already closed")
         offset = self._offset
         head = _hexlify(
-            _SMALL_FIELDS.pack(
+            _FIELDS.pack(
                 self._inode,
                 mode,
                 uid,
@@ -201,8 +200,8 @@ class CpioWriter:
                 2 if mode >> 12 == FileType.DIRECTORY else 1,
                 mtime,
                 size,
-                3,  # devmajor/devminor: gocpio's constant device
-                1,
+                ARCHIVE_DEVICE[0],
+                ARCHIVE_DEVICE[1],
                 rdev_major,
                 rdev_minor,
                 len(name) + 1,
@@ -211,9 +210,9 @@ class CpioWriter:
         )
         self._inode += 1
         before = _ZEROS[-offset % 4]
-        end = offset + len(before) + 6 + len(head) + len(name) + 1
+        end = offset + len(before) + len(_MAGIC) + len(head) + len(name) + 1
         after = _ZEROS[-end % 4]
-        out = b"".join((before, b"070701", head, name, b"\0", after, data))
+        out = b"".join((before, _MAGIC, head, name, b"\0", after, data))
         self._sink.write(out)
         self._offset = offset + len(out)
 
