@@ -395,3 +395,26 @@ def test_attack_signal_while_the_build_waits_for_a_stalled_layer_leaves_nothing(
     big = manifest["layers"][1]  # type: ignore[index]
     assert not (cache_root / "sha256" / big["digest"].partition(":")[2]).exists()
     assert list((cache_root / "tmp").iterdir()) == []
+
+
+def test_a_follower_waits_for_the_next_attempt_when_a_failed_attempts_file_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A retried download removes its first file: the reader asks for a file other than that one
+    (it does not spin on the missing path) and goes on at its offset in the new attempt's file."""
+    from enclavekit.eif.registry.pull import _LayerFollower
+
+    second = tmp_path / "attempt-2"
+    second.write_bytes(b"0123456789")
+    calls: list[tuple[int, str | None]] = []
+
+    def readable(position: int, gone: str | None) -> tuple[str, int]:
+        calls.append((position, gone))
+        if gone is None:
+            return str(tmp_path / "attempt-1"), 10  # removed before it could be opened
+        return str(second), 10
+
+    with _LayerFollower(readable, 10, "layer 0") as follower:
+        assert follower.read(4) == b"0123"
+        assert follower.read() == b"456789"
+    assert calls[:2] == [(0, None), (0, str(tmp_path / "attempt-1"))]

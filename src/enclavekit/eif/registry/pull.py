@@ -262,7 +262,30 @@ class PullInProgress:
             self._arrived.notify_all()
 
     def _follow(self, index: int) -> _LayerFollower:
-        return _LayerFollower(self, index)
+        desc, label = self._wanted[index]
+        return _LayerFollower(functools.partial(self._readable, index), desc.size, label)
+
+    def _readable(self, index: int, position: int, gone: str | None) -> tuple[str, int]:
+        """(file, bytes readable in it) for layer ``index``, blocking until some past ``position``
+        exist in a file other than ``gone`` (one found removed: a failed attempt's); the cached file
+        once the layer is complete; the download's error if it failed."""
+        desc, label = self._wanted[index]
+        with self._arrived:
+            while True:
+                error = self._errors[index]
+                if error is not None:
+                    raise error
+                if self._done[index].is_set():
+                    cached = str(self._cache.path(desc.digest))
+                    if cached == gone:
+                        raise MalformedInput(
+                            f"{label}: {cached} was removed from the blob cache during the pull"
+                        )
+                    return cached, desc.size
+                partial = self._partial[index]
+                if partial is not None and partial[1] > position and partial[0] != gone:
+                    return partial
+                self._arrived.wait()
 
     def _wait(self, index: int) -> None:
         self._done[index].wait()
@@ -314,49 +337,37 @@ class _LayerFollower:
     new one (a blob's bytes are the same on every attempt, or the digest check fails).
     """
 
-    def __init__(self, pull: PullInProgress, index: int) -> None:
-        self._pull = pull
-        self._index = index
-        self._size = pull._wanted[index][0].size
-        self._final = str(pull._cache.path(pull._wanted[index][0].digest))
+    def __init__(
+        self, readable: Callable[[int, str | None], tuple[str, int]], size: int, label: str
+    ) -> None:
+        self._readable = readable  # PullInProgress._readable for this layer
+        self._size = size
+        self._label = label
         self._pos = 0
         self._path: str | None = None
         self._handle: Any = None
-
-    def _available(self) -> tuple[str, int]:
-        """(file, bytes readable in it), blocking until some past the current offset exist."""
-        pull, index = self._pull, self._index
-        with pull._arrived:
-            while True:
-                error = pull._errors[index]
-                if error is not None:
-                    raise error
-                if pull._done[index].is_set():
-                    return self._final, self._size
-                partial = pull._partial[index]
-                if partial is not None and partial[1] > self._pos:
-                    return partial
-                pull._arrived.wait()
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = self._size - self._pos
         out: list[bytes] = []
         wanted = min(n, self._size - self._pos)
+        gone: str | None = None
         while wanted > 0:
-            path, available = self._available()
+            path, available = self._readable(self._pos, gone)
             if path != self._path:
                 self.close()
                 try:
                     self._handle = open(path, "rb")  # noqa: SIM115 - closed by close()
-                except FileNotFoundError:  # an attempt's file, just removed: look again
+                except FileNotFoundError:  # a failed attempt's file: wait for the next one
+                    gone = path
                     continue
                 self._path = path
             self._handle.seek(self._pos)
             data = self._handle.read(min(wanted, available - self._pos))
             if not data:  # shorter than written: changed behind our back
                 raise MalformedInput(
-                    f"{self._pull._wanted[self._index][1]}: {path} ended at {self._pos} bytes, "
+                    f"{self._label}: {path} ended at {self._pos} bytes, "
                     f"{available} were written; was the blob cache changed during the pull?"
                 )
             out.append(data)
