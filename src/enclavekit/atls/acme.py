@@ -51,6 +51,10 @@ ORDER_TIMEOUT = 90.0
 RENEWAL_POLL = 600.0
 #: An http-01 request (line + headers) must arrive within this many seconds.
 HTTP01_TIMEOUT = 5.0
+#: A request the ACME server refuses with ``badNonce`` is sent again with a fresh nonce this many
+#: times (RFC 8555 section 6.5: the client should retry; Let's Encrypt and Pebble reject some valid
+#: nonces on purpose). ``acme``'s own client retries once.
+BAD_NONCE_RETRIES = 8
 _CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 
@@ -134,6 +138,27 @@ class Http01Responder:
             self._tokens.clear()
 
 
+def _patient_network(*args: Any, **kwargs: Any) -> Any:
+    """``acme.client.ClientNetwork`` that retries a ``badNonce`` refusal up to
+    :data:`BAD_NONCE_RETRIES` times, each time with a new nonce (the refusal's ``Replay-Nonce``
+    or a fresh one from ``newNonce``); any other error, and the last ``badNonce``, propagate."""
+    import acme.client
+    import acme.messages
+
+    class PatientNetwork(acme.client.ClientNetwork):
+        def post(self, *a: Any, **kw: Any) -> Any:
+            for _ in range(BAD_NONCE_RETRIES):
+                try:
+                    return self._post_once(*a, **kw)
+                except acme.messages.Error as error:
+                    if error.code != "badNonce":
+                        raise
+                    log.debug("ACME server refused the nonce; retrying with a new one")
+            return self._post_once(*a, **kw)
+
+    return PatientNetwork(*args, **kwargs)
+
+
 def _check_domains(domains: Sequence[str]) -> tuple[str, ...]:
     if not domains:
         raise UsageError("--acme needs at least one --domain")
@@ -191,11 +216,11 @@ class AcmeIdentity(EnclaveIdentity):
         import josepy
 
         account_key = josepy.jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
-        net = acme.client.ClientNetwork(
+        net = _patient_network(
             account_key,
             alg=josepy.jwa.ES256,
-            # requests takes a CA bundle path where acme's annotation says bool.
-            verify_ssl=self.ca_bundle if self.ca_bundle else True,  # type: ignore[arg-type]
+            # requests takes a CA bundle path (acme annotates verify_ssl as bool).
+            verify_ssl=self.ca_bundle if self.ca_bundle else True,
             user_agent="enclavekit-atls",
             timeout=int(self.timeout),
         )

@@ -2,8 +2,9 @@
 
 Pebble gets its own TLS certificate (made here, for ``localhost``/127.0.0.1), validates http-01
 for real against ``http_port`` (``PEBBLE_VA_NOSLEEP=1`` only removes its random delay;
-``PEBBLE_VA_ALWAYS_VALID`` is removed from the environment), and makes a new root per start,
-fetched from its management interface.
+``PEBBLE_VA_ALWAYS_VALID`` is removed from the environment), refuses 5 % of valid nonces with
+``badNonce`` as Let's Encrypt may (``nonce_reject`` changes the share), and makes a new root per
+start, fetched from its management interface.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class Pebble:
 
 
 @contextmanager
-def run_pebble(tmp: Path, http_port: int) -> Iterator[Pebble]:
+def run_pebble(tmp: Path, http_port: int, *, nonce_reject: int | None = None) -> Iterator[Pebble]:
+    """``nonce_reject``: percentage of valid nonces Pebble refuses with ``badNonce`` (Pebble's
+    default, 5, when None)."""
     exe = shutil.which("pebble")
     if exe is None:
         pytest.skip("pebble is not installed (apt-get install -y pebble; .ci/run installs it)")
@@ -113,6 +116,8 @@ def run_pebble(tmp: Path, http_port: int) -> Iterator[Pebble]:
     (tmp / "pebble-config.json").write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEBBLE_")}
     env["PEBBLE_VA_NOSLEEP"] = "1"  # no random validation delay; validation itself stays real
+    if nonce_reject is not None:
+        env["PEBBLE_WFE_NONCEREJECT"] = str(nonce_reject)
     log = (tmp / "pebble.log").open("wb")
     proc = subprocess.Popen(
         [exe, "-config", str(tmp / "pebble-config.json")],

@@ -254,3 +254,37 @@ def test_renewal_replaces_the_certificate_and_the_binding_follows(acme: AcmeSetu
         time.sleep(0.05)
     assert peer.certificate_der == acme.identity.current.certificate_der
     assert peer.fresh is not None
+
+
+def _obtain_with_nonce_reject(tmp: Path, percent: int) -> AcmeIdentity:
+    responder = Http01Responder("127.0.0.1", 0).start()
+    try:
+        with run_pebble(tmp, responder.port, nonce_reject=percent) as pebble:
+            identity = AcmeIdentity(
+                pebble.directory,
+                ["localhost"],
+                Nsm.in_process(NsmEmulator(pcrs=PCRS, pki=EmulatedAwsPki.ephemeral())),
+                responder,
+                ca_bundle=str(pebble.listener_ca),
+                timeout=30,
+            )
+            identity.obtain()
+            return identity
+    finally:
+        responder.stop()
+
+
+def test_refused_nonces_are_retried_with_fresh_ones(tmp_path: Path) -> None:
+    """Let's Encrypt may refuse a valid nonce (RFC 8555 6.5); with 30 % refused, every request of
+    the order still gets through (each one fails only if all 9 tries are refused: 2e-5)."""
+    identity = _obtain_with_nonce_reject(tmp_path, 30)
+    assert identity.current.certificate_der
+
+
+def test_attack_a_server_refusing_every_nonce_ends_in_a_clear_error(tmp_path: Path) -> None:
+    """The retries are bounded: a server that refuses every nonce gets a VerificationError naming
+    badNonce, not an endless loop."""
+    started = time.monotonic()
+    with pytest.raises(VerificationError, match="badNonce"):
+        _obtain_with_nonce_reject(tmp_path, 100)
+    assert time.monotonic() - started < 30
