@@ -141,11 +141,59 @@ class TarScanner:
         read = self._window.read
         base, limit = self._offset, self._offset + size
         read_member = self._read_member
+        adler32 = zlib.adler32
         while True:
             header = read(base + position, BLOCK, limit=limit) if size - position >= BLOCK else b""
             if not header or header == _ZERO_BLOCK:
                 self._check_tail(position)
                 return
+            # The usual member, inline (one call per member costs more than its parsing): one plain
+            # header, no prefix, Go's or Python's number layout, unsigned checksum, no device numbers.
+            # Anything else, and every error, takes _read_member's general path (same result).
+            kind = header[156:157]
+            fields = header[100:156]
+            if (
+                kind in _PLAIN_TYPES
+                and header[345] == 0
+                and fields.translate(_DIGITS_TO_ZERO) == _COMMON_LAYOUT
+                and header[329:345] in _ZERO_DEVICES
+                and len(header) == BLOCK
+            ):
+                v = int(fields.translate(None, b"\0 "), 8)
+                if (v & 0o777777) == (
+                    (adler32(header[:148]) & 0xFFFF)
+                    + (adler32(header[156:412]) & 0xFFFF)
+                    + (adler32(header[412:]) & 0xFFFF)
+                    + 253
+                ):
+                    cut = header.find(b"\0", 0, 100)
+                    name = header[:cut] if cut >= 0 else header[:100]
+                    v >>= 18
+                    mtime = v & 0o77777777777
+                    v >>= 33
+                    length = v & 0o77777777777
+                    v >>= 33
+                    data = position + BLOCK
+                    if kind in REGULAR_TYPES:
+                        if kind != b"\0" or not name.endswith(b"/"):
+                            following = data + length + (-length % BLOCK)
+                            if following > size:
+                                raise self._past_end(name, length)
+                            yield _member(
+                                TarMember,
+                                (position, name, kind, v >> 42, (v >> 21) & 0o7777777,
+                                 v & 0o7777777, mtime, b"", 0, 0, data, length),
+                            )  # fmt: skip
+                            position = following
+                            continue
+                    elif kind == b"5":
+                        yield _member(
+                            TarMember,
+                            (position, name.rstrip(b"/"), kind, v >> 42, (v >> 21) & 0o7777777,
+                             v & 0o7777777, mtime, b"", 0, 0, data, length),
+                        )  # fmt: skip
+                        position = data
+                        continue
             member, position = read_member(position, header)
             yield member
 
