@@ -77,8 +77,9 @@ def streamed_export(
         tuple[bytes, ...]
     ] = []  # the directories above the current position, outermost first
     count = 0
+    new = tuple.__new__
     for member in scanner.members():
-        name = member.name
+        _, name, member_type, mode, uid, gid, mtime, _, _, _, data, size = member
         parent, _, leaf = name.rpartition(b"/")
         # The common case, a file beside the previous file: after it in walk order exactly when its
         # last component is; no directory opens or closes, no parent is missing, and no init-layer entry
@@ -87,7 +88,7 @@ def streamed_export(
             parent == previous_parent
             and not previous_is_dir
             and leaf > previous_leaf
-            and member.type in _REGULAR_TYPES
+            and member_type in _REGULAR_TYPES
             and parent not in init_parents
             and leaf[:1] != b"."
             and b"\0" not in leaf
@@ -96,7 +97,11 @@ def streamed_export(
             count += 1
             if count > MAX_ENTRIES:
                 raise NotStreamable(name)
-            yield member_entry(name, _REGULAR, member, file, base)
+            # member_entry(name, _REGULAR, member, file, base), inline: this is the per-file path.
+            content = new(ContentRef, (file, base + data, size))
+            yield new(
+                TarEntry, (name, _REGULAR, mode & 0o7777, uid, gid, mtime, b"", 0, 0, content)
+            )
             previous_leaf = leaf
             continue
         if not clean_name(name):

@@ -84,6 +84,9 @@ class CpioEntry(NamedTuple):
 
 
 _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
+_NUL_AND_ZEROS = tuple(b"\0" + zeros for zeros in _ZEROS)
+_DIRECTORY_TYPE = int(FileType.DIRECTORY)
+_DEVICE_MAJOR, _DEVICE_MINOR = ARCHIVE_DEVICE
 
 
 class CpioWriter:
@@ -191,28 +194,30 @@ class CpioWriter:
         if self._closed:
             raise ValueError("archive already closed")
         offset = self._offset
+        length = len(name) + 1
+        inode = self._inode
+        self._inode = inode + 1
+        before = _ZEROS[-offset % 4]
         head = _hexlify(
             _FIELDS.pack(
-                self._inode,
+                inode,
                 mode,
                 uid,
                 gid,
-                2 if mode >> 12 == FileType.DIRECTORY else 1,
+                2 if mode >> 12 == _DIRECTORY_TYPE else 1,
                 mtime,
                 size,
-                ARCHIVE_DEVICE[0],
-                ARCHIVE_DEVICE[1],
+                _DEVICE_MAJOR,
+                _DEVICE_MINOR,
                 rdev_major,
                 rdev_minor,
-                len(name) + 1,
+                length,
                 0,  # check
             )
         )
-        self._inode += 1
-        before = _ZEROS[-offset % 4]
-        end = offset + len(before) + len(_MAGIC) + len(head) + len(name) + 1
-        after = _ZEROS[-end % 4]
-        out = b"".join((before, _MAGIC, head, name, b"\0", after, data))
+        # The name's NUL and the padding after it, to 4 bytes (_MAGIC + the header are 110 bytes).
+        terminator = _NUL_AND_ZEROS[-(offset + len(before) + 110 + length) % 4]
+        out = b"".join((before, _MAGIC, head, name, terminator, data))
         self._sink.write(out)
         self._offset = offset + len(out)
 
@@ -297,6 +302,9 @@ _FILE_TYPES = {
 }
 
 
+#: Every name the customer ramdisk treats specially (one set lookup per entry finds them all).
+_SPECIAL_NAMES = EXCLUDED | frozenset(MUST_EXIST)
+
 _REGULAR_MODE = FileType.REGULAR << 12
 _SYMLINK_MODE = FileType.SYMLINK << 12
 
@@ -380,29 +388,25 @@ def customer_ramdisk_chunks(
     seen: set[bytes] = set()
     add = writer.add_small
     regular, symlink, hardlink = EntryKind.REGULAR, EntryKind.SYMLINK, EntryKind.HARDLINK
-    excluded, must_exist, types = EXCLUDED, MUST_EXIST, _FILE_TYPES
+    excluded, types = EXCLUDED, _FILE_TYPES
+    special = _SPECIAL_NAMES
     for entry in entries:
-        name = entry.name
-        if name in excluded:
-            continue
-        if name == b"etc/hosts":
+        name, kind, permissions, uid, gid, mtime, linkname, major, minor, content = entry
+        if name in special:
+            if name in excluded:
+                continue
             seen.add(name)
-            writer.add(_cpio(entry, FileType.REGULAR, len(HOSTS), LINUXKIT_MTIME), HOSTS)
-            continue
-        if name == b"etc/resolv.conf":
-            seen.add(name)
-            target = RESOLV_CONF_TARGET
-            writer.add(_cpio(entry, FileType.SYMLINK, len(target), LINUXKIT_MTIME), target)
-            continue
-        mtime = entry.mtime
-        if name in must_exist:
-            seen.add(name)
-            mtime = LINUXKIT_MTIME
-        kind = entry.kind
+            if name == b"etc/hosts":
+                writer.add(_cpio(entry, FileType.REGULAR, len(HOSTS), LINUXKIT_MTIME), HOSTS)
+                continue
+            if name == b"etc/resolv.conf":
+                target = RESOLV_CONF_TARGET
+                writer.add(_cpio(entry, FileType.SYMLINK, len(target), LINUXKIT_MTIME), target)
+                continue
+            mtime = LINUXKIT_MTIME  # the other must-exist names
         data = b""
         if kind is regular:
-            mode = _REGULAR_MODE | entry.permissions
-            content = entry.content
+            mode = _REGULAR_MODE | permissions
             if content is not None:
                 chunks = read(content)
                 if type(chunks) is tuple and len(chunks) == 1 and len(chunks[0]) == content.size:
@@ -416,23 +420,14 @@ def customer_ramdisk_chunks(
                     writer.end()
                     continue
         elif kind is hardlink:
-            mode = _SYMLINK_MODE | entry.permissions
-            data = relative_link(ROOTFS_PREFIX + name, ROOTFS_PREFIX + entry.linkname)
+            mode = _SYMLINK_MODE | permissions
+            data = relative_link(ROOTFS_PREFIX + name, ROOTFS_PREFIX + linkname)
         elif kind is symlink:
-            mode = _SYMLINK_MODE | entry.permissions
-            data = entry.linkname
+            mode = _SYMLINK_MODE | permissions
+            data = linkname
         else:
-            mode = (types[kind] << 12) | entry.permissions
-        add(
-            ROOTFS_PREFIX + name,
-            mode,
-            entry.uid,
-            entry.gid,
-            mtime,
-            entry.rdev_major,
-            entry.rdev_minor,
-            data,
-        )
+            mode = (types[kind] << 12) | permissions
+        add(ROOTFS_PREFIX + name, mode, uid, gid, mtime, major, minor, data)
         if buffer.ready:
             yield from buffer.take()
     # 3. Must-exist entries the image lacked.
