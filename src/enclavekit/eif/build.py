@@ -33,7 +33,7 @@ import re
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,10 +50,15 @@ from enclavekit.eif.layers import (
     Spool,
     TarEntry,
 )
-from enclavekit.eif.layerstream import NotStreamable, streamed_export
+from enclavekit.eif.layerstream import NotStreamable, streamed_listing
 from enclavekit.eif.measure import HASH_ALGORITHM_SHA384, Measurements
 from enclavekit.eif.metadata import BuildInfo, IdentityInfo
-from enclavekit.eif.ramdisk import argv_file, bootstrap_ramdisk, customer_ramdisk_chunks
+from enclavekit.eif.ramdisk import (
+    Listing,
+    argv_file,
+    bootstrap_ramdisk,
+    customer_ramdisk_chunks,
+)
 from enclavekit.eif.sign import EifSigner
 from enclavekit.eif.writer import WrittenEif, write_eif_file
 from enclavekit.errors import MalformedInput, UsageError
@@ -566,7 +571,9 @@ def build_enclave(
         try:
             with DigestChecks() as checks:
 
-                def write(listing: Callable[[ContentReader], Iterator[TarEntry]]) -> WrittenEif:
+                def write(
+                    listing: Callable[[ContentReader], Iterable[TarEntry] | Listing],
+                ) -> WrittenEif:
                     # 4. Write the EIF, streaming the customer ramdisk.
                     if progress is not None:
                         progress("Writing the Enclave Image File...")
@@ -606,7 +613,7 @@ def _build_single_layer(
     layer: LayerBlob,
     spool: Spool,
     checks: DigestChecks,
-    write: Callable[[Callable[[ContentReader], Iterator[TarEntry]]], WrittenEif],
+    write: Callable[[Callable[[ContentReader], Iterable[TarEntry] | Listing]], WrittenEif],
     progress: Progress | None,
 ) -> WrittenEif:
     """One layer: listed straight from its tar when it is in walk order (:mod:`.layerstream`), else
@@ -617,8 +624,14 @@ def _build_single_layer(
     try:
         try:
             return write(
-                lambda reader: streamed_export(
-                    location, label=layer.label, init_layer=init, reader=reader
+                lambda reader: (
+                    lambda plain_files: streamed_listing(
+                        location,
+                        label=layer.label,
+                        init_layer=init,
+                        reader=reader,
+                        plain=plain_files.add,
+                    )
                 )
             )
         except NotStreamable as why:

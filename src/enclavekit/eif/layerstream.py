@@ -22,7 +22,7 @@ Corrupt tar data raises :class:`~enclavekit.errors.MalformedInput` from the scan
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from enclavekit.eif.layers import (
     IMPLICIT_DIR_MTIME,
@@ -54,6 +54,16 @@ _HARDLINK = EntryKind.HARDLINK
 _REGULAR_TYPES = frozenset(t for t in (b"0", b"\0", b"7") if tar_kind(t) is EntryKind.REGULAR)
 
 
+#: ``plain(parent, name, permissions, uid, gid, mtime, data)``: writes a regular file given whole, or
+#: returns False (see :class:`~enclavekit.eif.ramdisk.PlainFiles`).
+PlainFile = Callable[[bytes, bytes, int, int, int, int, bytes], bool]
+#: Files of at most this many bytes are offered to ``plain`` (their data is in the scan's window).
+PLAIN_MAX = 64 << 10
+#: After this many files taken by ``plain``, the listing yields ``None`` (the consumer may hand on
+#: what they made: at most 16 x 64 KiB held).
+PLAIN_RUN = 16
+
+
 def streamed_export(
     location: ContentRef,
     *,
@@ -63,6 +73,22 @@ def streamed_export(
 ) -> Iterator[TarEntry]:
     """The listing of the one layer tar at ``location`` with ``init_layer`` applied on top (clean names,
     no hard links), or :class:`NotStreamable`."""
+    for entry in streamed_listing(location, label=label, init_layer=init_layer, reader=reader):
+        assert entry is not None  # no plain files without ``plain``
+        yield entry
+
+
+def streamed_listing(
+    location: ContentRef,
+    *,
+    label: str,
+    init_layer: Sequence[TarEntry],
+    reader: ContentReader,
+    plain: PlainFile | None = None,
+) -> Iterator[TarEntry | None]:
+    """:func:`streamed_export`, except that a regular file beside the previous one, of at most
+    :data:`PLAIN_MAX` bytes, is first offered to ``plain`` with its data; a file it takes is not
+    listed, and a ``None`` follows every :data:`PLAIN_RUN` files it took."""
     init = sorted((tuple(entry.name.split(b"/")), entry) for entry in init_layer)
     init_parents = {entry.name.rpartition(b"/")[0] for entry in init_layer}
     next_init = 0
@@ -76,8 +102,9 @@ def streamed_export(
     open_dirs: list[
         tuple[bytes, ...]
     ] = []  # the directories above the current position, outermost first
-    count = 0
+    count = taken = 0
     new = tuple.__new__
+    read = scanner.read
     for member in scanner.members():
         _, name, member_type, mode, uid, gid, mtime, _, _, _, data, size = member
         parent, _, leaf = name.rpartition(b"/")
@@ -97,6 +124,17 @@ def streamed_export(
             count += 1
             if count > MAX_ENTRIES:
                 raise NotStreamable(name)
+            if plain is not None and size <= PLAIN_MAX:
+                contents = read(data, size)
+                if len(contents) == size and plain(
+                    parent, name, mode & 0o7777, uid, gid, mtime, contents
+                ):
+                    previous_leaf = leaf
+                    taken += 1
+                    if taken == PLAIN_RUN:
+                        taken = 0
+                        yield None
+                    continue
             # member_entry(name, _REGULAR, member, file, base), inline: this is the per-file path.
             content = new(ContentRef, (file, base + data, size))
             yield new(

@@ -367,8 +367,42 @@ class _ChunkBuffer:
 CHUNK_SIZE = 1 << 20
 
 
+#: Directories whose files linuxkit may treat specially: :class:`PlainFiles` refuses files in them.
+_SPECIAL_PARENTS = frozenset(name.rstrip(b"/").rpartition(b"/")[0] for name in _SPECIAL_NAMES)
+
+
+class PlainFiles:
+    """A shortcut into :func:`customer_ramdisk_chunks` for a listing that holds a regular file's
+    whole contents already (a one-pass listing reads them from its window): :meth:`add` writes the
+    file as the ramdisk would write its :class:`~enclavekit.eif.layers.TarEntry`, without making
+    one, or returns False (nothing written) when the file lies in a directory where linuxkit
+    renames, replaces or drops names (``/``, ``etc``, ``dev``, ...): the listing then passes the
+    entry as usual. Files added here must come in the listing's order, between its entries.
+    """
+
+    def __init__(self, writer: CpioWriter) -> None:
+        self._add_small = writer.add_small
+
+    def add(
+        self, parent: bytes, name: bytes, permissions: int, uid: int, gid: int, mtime: int,
+        data: bytes,
+    ) -> bool:  # fmt: skip
+        """Write regular file ``name`` (in directory ``parent``) with ``data``, or return False."""
+        if parent in _SPECIAL_PARENTS:
+            return False
+        self._add_small(
+            ROOTFS_PREFIX + name, _REGULAR_MODE | permissions, uid, gid, mtime, 0, 0, data
+        )
+        return True
+
+
+#: A listing that ``customer_ramdisk_chunks`` may hand :class:`PlainFiles`: ``None`` items in it
+#: only mark where the ramdisk may hand on the chunks it has.
+Listing = Callable[[PlainFiles], Iterable[TarEntry | None]]
+
+
 def customer_ramdisk_chunks(
-    entries: Iterable[TarEntry],
+    entries: Iterable[TarEntry] | Listing,
     *,
     cmd: bytes,
     env: bytes,
@@ -377,11 +411,14 @@ def customer_ramdisk_chunks(
     """Ramdisk 1 as nitro-cli's linuxkit run makes it from a ``docker export`` listing (spec §6.4),
     as a stream of chunks (each byte produced once, nothing held whole).
 
-    ``entries`` is the export listing (see :meth:`MergedTree.export`); ``read`` yields a file's
-    contents.
+    ``entries`` is the export listing (see :meth:`MergedTree.export`), or a function of a
+    :class:`PlainFiles` that returns it; ``read`` yields a file's contents.
     """
     buffer = _ChunkBuffer()
     writer = CpioWriter(buffer)
+    listing: Iterable[TarEntry | None] = (
+        entries(PlainFiles(writer)) if callable(entries) else entries
+    )
     # 1. The prefix directory.
     writer.add(CpioEntry(ROOTFS_PREFIX.rstrip(b"/"), FileType.DIRECTORY, 0o755))
     # 2. The image, filtered as linuxkit's ImageTar filters it.
@@ -390,7 +427,11 @@ def customer_ramdisk_chunks(
     regular, symlink, hardlink = EntryKind.REGULAR, EntryKind.SYMLINK, EntryKind.HARDLINK
     excluded, types = EXCLUDED, _FILE_TYPES
     special = _SPECIAL_NAMES
-    for entry in entries:
+    for entry in listing:
+        if entry is None:  # PlainFiles wrote files
+            if buffer.ready:
+                yield from buffer.take()
+            continue
         name, kind, permissions, uid, gid, mtime, linkname, major, minor, content = entry
         if name in special:
             if name in excluded:

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from enclavekit.eif.build import docker_init_layer
 from enclavekit.eif.layers import ContentReader, ContentRef, MergedTree, TarEntry
-from enclavekit.eif.layerstream import NotStreamable, streamed_export
+from enclavekit.eif.layerstream import NotStreamable, streamed_export, streamed_listing
+from enclavekit.eif.ramdisk import customer_ramdisk_chunks
 from enclavekit.errors import MalformedInput
 from tests.unit.build_enclave.factory import F, layer
 
@@ -47,6 +48,29 @@ def _streamed(path: Path) -> list[TarEntry] | type[NotStreamable]:
             return NotStreamable
 
 
+def _ramdisks(path: Path) -> tuple[bytes, bytes]:
+    """The customer ramdisk from the streamed entries, and with the plain-file shortcut."""
+    location = ContentRef(str(path), 0, path.stat().st_size)
+    init = docker_init_layer()
+    with ContentReader() as reader:
+        entries = streamed_export(location, label=_LABEL, init_layer=init, reader=reader)
+        listed = b"".join(
+            customer_ramdisk_chunks(entries, cmd=b"sh\n", env=b"", read=reader.chunks)
+        )
+    with ContentReader() as reader:
+        shortcut = b"".join(
+            customer_ramdisk_chunks(
+                lambda plain_files: streamed_listing(
+                    location, label=_LABEL, init_layer=init, reader=reader, plain=plain_files.add
+                ),
+                cmd=b"sh\n",
+                env=b"",
+                read=reader.chunks,
+            )
+        )
+    return listed, shortcut
+
+
 def _check(tmp_path: Path, entries: list[F]) -> str:
     path = tmp_path / "layer.tar"
     path.write_bytes(layer(*entries))
@@ -55,6 +79,8 @@ def _check(tmp_path: Path, entries: list[F]) -> str:
     if streamed is NotStreamable:
         return "fallback"
     assert streamed == tree  # a listing the tree refuses must never stream
+    listed, shortcut = _ramdisks(path)
+    assert shortcut == listed  # the plain-file shortcut writes what the entries would
     return "streamed"
 
 
@@ -196,7 +222,7 @@ def test_one_pass_build_is_byte_identical_to_the_tree_build(
     import enclavekit.eif.build as build_module
 
     streamed = _build(tmp_path, blobs_dir, _ORDERED, "streamed", compress=compress)
-    monkeypatch.setattr(build_module, "streamed_export", _refuse)
+    monkeypatch.setattr(build_module, "streamed_listing", _refuse)
     assert _build(tmp_path, blobs_dir, _ORDERED, "tree", compress=compress) == streamed
 
 
@@ -214,5 +240,51 @@ def test_a_late_fallback_discards_the_partial_eif(
     assert _streamed(path) is NotStreamable
     out = _build(tmp_path, blobs_dir, entries, "late", compress=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    monkeypatch.setattr(build_module, "streamed_export", _refuse)
+    monkeypatch.setattr(build_module, "streamed_listing", _refuse)
     assert _build(tmp_path, blobs_dir, entries, "tree", compress=False) == out
+
+
+def test_the_plain_file_shortcut_writes_what_the_entries_would(tmp_path: Path) -> None:
+    """Runs longer than PLAIN_RUN, a file over PLAIN_MAX, files in linuxkit's special directories
+    (``etc/hosts`` is replaced, ``Dockerfile`` dropped) and ordinary ones: the shortcut takes the
+    ordinary small files and the ramdisk is byte-identical to the one made from the entries."""
+    from enclavekit.eif import layerstream
+
+    entries = [
+        F("Dockerfile", b"FROM scratch\n"),
+        F("a.txt", b"top level\n"),
+        F("etc", kind="dir", mode=0o755),
+        F("etc/hostname", b"box\n"),
+        F("etc/hosts", b"127.0.0.1 x\n"),
+        F("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        F("usr", kind="dir", mode=0o755),
+        F("usr/big.bin", b"\x01" * (layerstream.PLAIN_MAX + 1)),
+        *[F(f"usr/m{i:03d}.py", bytes([i]) * i, uid=1000, mtime=7) for i in range(40)],
+    ]
+    path = tmp_path / "layer.tar"
+    path.write_bytes(layer(*entries))
+    taken: list[bytes] = []
+    location = ContentRef(str(path), 0, path.stat().st_size)
+    with ContentReader() as reader:
+
+        def listing(plain_files: object) -> Iterator[TarEntry | None]:
+            add = plain_files.add  # type: ignore[attr-defined]
+
+            def counted(parent: bytes, name: bytes, *rest: object) -> bool:
+                took: bool = add(parent, name, *rest)
+                if took:
+                    taken.append(name)
+                return took
+
+            return streamed_listing(
+                location, label=_LABEL, init_layer=docker_init_layer(), reader=reader,
+                plain=counted,
+            )  # fmt: skip
+
+        shortcut = b"".join(
+            customer_ramdisk_chunks(listing, cmd=b"sh\n", env=b"", read=reader.chunks)
+        )
+    listed, _ = _ramdisks(path)
+    assert shortcut == listed
+    # big.bin follows its directory (and is too big); the top level and etc are linuxkit's.
+    assert taken == [f"usr/m{i:03d}.py".encode() for i in range(40)]
