@@ -39,18 +39,28 @@ def _reason(exc: OSError) -> str:
 
 
 def read_input(path: str | Path, option: str, *, limit: int) -> bytes:
-    """The bytes of ``path`` (``-``: stdin), at most ``limit`` of them."""
+    """The bytes of ``path`` (``-``: stdin), at most ``limit`` of them; a stop signal ends a wait for them."""
+    from enclavekit.cli import _waiting
+
     try:
-        if str(path) == "-":
+        if str(path) != "-":
+            data = _waiting.read_path(path, limit)
+        elif (fd := _stdin_fd()) is not None:
+            data = _waiting.read_fd(fd, limit)
+        else:  # stdin replaced by an in-memory stream (an embedding program, click's test runner)
             data = sys.stdin.buffer.read(limit + 1)
-        else:
-            with Path(path).open("rb") as handle:
-                data = handle.read(limit + 1)
     except OSError as exc:
         raise UsageError(f"{option} {path}: cannot read it: {_reason(exc)}") from None
     if len(data) > limit:
         raise MalformedInput(f"{option} {path}: larger than {limit} bytes")
     return data
+
+
+def _stdin_fd() -> int | None:
+    try:
+        return sys.stdin.buffer.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 def write_output(path: str | Path, data: bytes, option: str, *, mode: int = 0o644) -> None:
