@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -69,6 +70,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Threads that run issuances in one process when the store is a database server, so that its round
+#: trips overlap (see :func:`create_app`).
+ISSUER_THREADS = 4
 
 #: The request paths whose attempts pass the issuance token buckets.
 _RATE_LIMITED = frozenset({("POST", "/v1/certificates")})
@@ -274,9 +279,24 @@ class _HostileClientGuard:
 
 
 def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
-    """The CA's ASGI application; its limits are ``issuer.limits``."""
+    """The CA's ASGI application; its limits are ``issuer.limits``.
+
+    Where an issuance runs: against a local store (SQLite), on the event loop. Its ~2.5 ms are
+    cryptography and a short local transaction, and a worker whose loop is busy is not waiting in
+    ``accept``, so the kernel hands new connections to a worker that is: with ``ca serve --workers 2``
+    that served 1.82x one worker's issuances at 2.4 ms of CPU each, against 1.44x and 3.0 ms with
+    the issuance on threads (the thread hand-offs and the workers' shared write lock, taken by a
+    thread that must then win back its process's GIL, cost more than they overlap; issue 18).
+    Against a database server (PostgreSQL), on :data:`ISSUER_THREADS` threads, so that its round
+    trips overlap: there threads measured 7 % more issuances per second than the loop.
+    """
     app = FastAPI(title=API_TITLE, version="1", description=__doc__)
     limits = issuer.limits
+    issuer_threads = (
+        ThreadPoolExecutor(ISSUER_THREADS, thread_name_prefix="issuer")
+        if issuer.store.over_network
+        else None
+    )
     app.add_middleware(_HostileClientGuard, limits=limits)
     fields = frozenset(
         {"body", "query", "path", "header"}
@@ -307,8 +327,7 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
         )
         return {"nonce": challenge.nonce.hex(), "expires_at": _iso(challenge.expires_at)}
 
-    @app.post("/v1/certificates", status_code=201)
-    def issue(body: CertificateRequest) -> dict[str, Any]:
+    def issue_json(body: CertificateRequest) -> bytes:
         try:
             document = base64.b64decode(body.attestation_document, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -316,7 +335,21 @@ def create_app(issuer: Issuer, *, admin_token: str | None = None) -> FastAPI:
         issued = issuer.issue(body.service, body.csr.encode(), document)
         out = _record_json(issued.record, issued.certificate)
         out["chain"] = issued.chain_pem.decode()
-        return out
+        return json.dumps(out).encode()
+
+    @app.post(
+        "/v1/certificates",
+        status_code=201,
+        response_model=None,
+        responses={201: {"description": "The certificate, its record and the chain (JSON)"}},
+    )
+    async def issue(body: CertificateRequest) -> Response:
+        if issuer_threads is None:
+            payload = issue_json(body)
+        else:
+            loop = asyncio.get_running_loop()
+            payload = await loop.run_in_executor(issuer_threads, issue_json, body)
+        return Response(payload, status_code=201, media_type="application/json")
 
     @app.get("/v1/certificates/{serial}", response_model=None)
     def get_certificate(serial: str) -> dict[str, Any] | JSONResponse:

@@ -124,6 +124,10 @@ class Event:
 class Store(Protocol):
     """What the CA needs from its persistent state."""
 
+    #: Whether a call waits on the network (a database server) rather than on a local file: the CA
+    #: service overlaps such waits on threads and runs issuances against a local store inline.
+    over_network: bool
+
     def add_challenge(
         self,
         nonce: bytes,
@@ -489,6 +493,8 @@ class SqliteStore(_SqlStore):
     """The embedded default. One connection, serialised by a lock; safe across threads. Several
     processes may open the same file (each its own :class:`SqliteStore`, opened after ``fork``)."""
 
+    over_network = False
+
     def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
         super().__init__()
         if synchronous not in SQLITE_SYNCHRONOUS:
@@ -583,6 +589,7 @@ class PostgresStore(_SqlStore):
     """PostgreSQL via psycopg 3. ``schema`` isolates one CA (or one test run) inside a database."""
 
     _marker = "%s"
+    over_network = True
 
     def __init__(self, url: str, *, schema: str = "enclavekit_ca") -> None:
         super().__init__()

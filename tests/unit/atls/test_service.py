@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from cryptography import x509
 
-from enclavekit.atls.ca import Issuer
+from enclavekit.atls.ca import CaKeys, Issuer, NitroEvidenceVerifier
 from enclavekit.atls.service import create_app, start_in_thread
-from tests.unit.atls.atls_support import DEBUG_PCRS, DocumentFactory, make_csr, spki
+from enclavekit.atls.store import Store
+from tests.unit.atls.atls_support import (
+    DEBUG_PCRS,
+    Clock,
+    DocumentFactory,
+    ca_policy,
+    make_csr,
+    spki,
+)
 
 TOKEN = "t0ken"
 
@@ -145,3 +154,26 @@ def test_audit_log_records_issuance_and_refusal(
     assert [e["kind"] for e in events] == ["refused", "issued"]
     assert events[1]["serial"] == serial
     assert "already used" in events[0]["detail"]
+
+
+def test_an_issuance_runs_on_the_loop_with_a_local_store_and_on_threads_with_a_server(
+    ca_keys: CaKeys, factory: DocumentFactory, clock: Clock, any_store: Store
+) -> None:
+    """SQLite: on the event loop (a busy worker then leaves new connections to idle ones);
+    PostgreSQL: on the issuer's threads, so that the database's round trips overlap."""
+    issuer = Issuer(
+        ca_keys, ca_policy(), any_store, NitroEvidenceVerifier(factory.verifier()), clock=clock
+    )
+    threads: list[str] = []
+    issuer.add_observer(lambda _outcome: threads.append(threading.current_thread().name))
+    running = start_in_thread(create_app(issuer))
+    try:
+        with httpx.Client(base_url=running.url) as c:
+            r = c.post("/v1/certificates", json=_request(c, factory))
+            assert r.status_code == 201, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert set(r.json()) >= {"serial", "certificate", "chain", "not_after"}
+    finally:
+        running.stop()
+    [name] = threads
+    assert name.startswith("issuer") is any_store.over_network

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -24,36 +23,7 @@ from enclavekit.atls.store import (
 )
 from enclavekit.errors import UsageError
 from tests.unit.atls.atls_support import T0
-
-#: The CI database (trust auth); override with ENCLAVEKIT_TEST_DATABASE_URL.
-PG_URL = os.environ.get("ENCLAVEKIT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(PG_URL, connect_timeout=2).close()
-    except Exception:
-        return False
-    return True
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "s.sqlite3")
-        yield s
-        s.close()
-        return
-    if not _pg_available():
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    pg = PostgresStore(PG_URL, schema=f"ekt_{uuid.uuid4().hex[:12]}")
-    try:
-        yield pg
-    finally:
-        pg.drop()
-        pg.close()
+from tests.unit.atls.conftest import PG_URL, _pg_available
 
 
 def _record(serial: int = 0xABC) -> CertificateRecord:
