@@ -12,6 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from enclavekit.cli import cli
+from enclavekit.transport.server import DEFAULT_WORKERS
 
 from .conftest import EchoServer, recv_all
 
@@ -116,7 +117,7 @@ def test_live_proxy_process_relays(tmp_path: Path, echo_server: EchoServer) -> N
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert b"allowed" in err
-    assert b"connections on 4 event loop(s), idle timeout 600 s" in err
+    assert f"connections on {DEFAULT_WORKERS} event loop(s), idle timeout 600 s".encode() in err
 
 
 def test_forward_bad_address_exits_2() -> None:
