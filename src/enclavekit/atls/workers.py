@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from enclavekit._cpus import usable_cpus
+
 #: Seconds a stopping worker may take to finish the requests in flight before it is killed.
 GRACEFUL_TIMEOUT = 10.0
 #: Unexpected worker deaths tolerated within ``_CRASH_WINDOW`` seconds before the service stops.
@@ -51,10 +53,7 @@ BACKLOG = 2048
 
 def default_workers() -> int:
     """The CPUs this process may run on (the ``--workers`` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def serve(

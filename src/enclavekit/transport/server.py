@@ -41,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from types import TracebackType
 
+from enclavekit._cpus import usable_cpus
 from enclavekit.errors import Error
 from enclavekit.transport.relay import (
     DEFAULT_BUFFER_SIZE,
@@ -53,17 +54,10 @@ from enclavekit.transport.relay import (
 logger = logging.getLogger(__name__)
 
 
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 #: Event-loop threads: nitro-cli's ``-w`` default (4; there it meant simultaneous connections), or the
 #: CPUs this process may use if fewer. The loops share one GIL: on 2 CPUs, ``-w 2`` relayed 100
 #: concurrent transfers at 1.05-1.06x a thread-per-connection relay, ``-w 4`` at 0.82-0.97x.
-DEFAULT_WORKERS = min(4, _usable_cpus())
+DEFAULT_WORKERS = min(4, usable_cpus())
 #: Connections open at once unless RLIMIT_NOFILE allows fewer.
 DEFAULT_MAX_CONNECTIONS = 4096
 #: A connection with no byte either way for this long is closed (nitro-cli has no idle timeout).
