@@ -41,48 +41,34 @@ def read_path(path: str | os.PathLike[str], limit: int) -> bytes:
 
 def read_fd(fd: int, limit: int) -> bytes:
     """At most ``limit + 1`` bytes of ``fd``, up to its end; a stop signal ends a wait for more."""
-    if _never_waits(fd):
-        return _read_direct(fd, limit)
-    with _wakeup_pipe() as wakeup:
-        if wakeup is None:
-            return _read_direct(fd, limit)
-        return _read_polled(fd, limit, wakeup)
-
-
-def _never_waits(fd: int) -> bool:
     mode = os.fstat(fd).st_mode
-    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return _read(fd, limit, None)
+    with _wakeup_pipe() as wakeup:
+        return _read(fd, limit, wakeup)
 
 
-def _read_direct(fd: int, limit: int) -> bytes:
-    os.set_blocking(
-        fd, True
-    )  # only where nothing else shares the open file: our own open, or a file
+def _read(fd: int, limit: int, wakeup: int | None) -> bytes:
+    """Read to the end or past ``limit``; with ``wakeup``, wait in ``poll`` on ``fd`` and ``wakeup``."""
+    poller = None
+    if wakeup is None:
+        # A plain blocking read: a file (it never waits), or no wakeup pipe (not the main thread).
+        os.set_blocking(fd, True)
+    else:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        poller.register(wakeup, select.POLLIN)
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = os.read(fd, min(CHUNK, limit + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _read_polled(fd: int, limit: int, wakeup: int) -> bytes:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    poller.register(wakeup, select.POLLIN)
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        ready = {ready_fd for ready_fd, _ in poller.poll()}
-        if wakeup in ready:  # a signal arrived: its handler runs before the loop waits again
-            with contextlib.suppress(BlockingIOError):
-                while os.read(wakeup, 512):
-                    pass
-        if fd not in ready:
-            continue
+        if poller is not None and wakeup is not None:
+            ready = {ready_fd for ready_fd, _ in poller.poll()}
+            if wakeup in ready:  # a signal arrived: its handler runs before the loop waits again
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wakeup, 512):
+                        pass
+            if fd not in ready:
+                continue
         try:
             chunk = os.read(fd, min(CHUNK, limit + 1 - size))
         except BlockingIOError:  # readiness without data (a terminal, another reader of the pipe)
