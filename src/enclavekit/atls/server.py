@@ -410,6 +410,10 @@ class AttestedTlsProxy:
             # Called for every ClientHello (server_name None without SNI): handshakes started.
             self.context.sni_callback = lambda *_: metrics.handshakes.labels("started").inc()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The connections' tasks, held here: asyncio keeps a task alive only through what it waits
+        # on, and a connection whose sockets are both paused is referenced by nothing else, so the
+        # garbage collector would close its coroutine mid-relay ("coroutine ignored GeneratorExit").
+        self._connections: set[asyncio.Task[Any]] = set()
         identity.add_listener(self._on_renewal)
 
     def _on_renewal(self, new: ServingIdentity) -> None:
@@ -423,6 +427,10 @@ class AttestedTlsProxy:
             loop.call_soon_threadsafe(load_identity, self.context, new.key, new.chain)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
         try:
             if self.metrics is not None:
                 self.metrics.handshakes.labels("ok").inc()
