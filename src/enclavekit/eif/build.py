@@ -41,7 +41,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from enclavekit.eif.image import Image, LayerBlob, LayerStream, RootfsDir, rootfs_entries
+from enclavekit.eif.image import (
+    Image,
+    LayerBlob,
+    LayerStream,
+    RootfsDir,
+    SourceRestarted,
+    rootfs_entries,
+)
 from enclavekit.eif.layers import (
     ContentReader,
     ContentRef,
@@ -208,7 +215,7 @@ def _rfc3339(moment: datetime, nanos: int) -> str:
 class _HashingReader:
     """Reads ``size`` bytes from a file region, feeding every byte to ``hashers``."""
 
-    def __init__(self, stream: BinaryIO | LayerStream, size: int, hashers: Sequence[Any]) -> None:
+    def __init__(self, stream: BinaryIO | _Resumed, size: int, hashers: Sequence[Any]) -> None:
         self._stream = stream
         self._remaining = size
         self._hashers = hashers
@@ -343,12 +350,12 @@ def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Cont
     meanwhile), or for a gzip layer in ``spool`` (unpacked once, hashed on the way, checked)."""
     location = layer.location
     if layer.stream is not None:
-        # Still downloading (registry pull): a gzip layer is unpacked while it arrives, its bytes
-        # hashed here as for any layer; nothing is parsed before both digests are checked below.
-        with layer.stream() as head:
-            magic = head.read(4)
-        if magic.startswith(_GZIP_MAGIC):
-            return _unpacked_gzip(layer, spool, layer.stream)
+        # Still downloading (registry pull): a gzip layer is unpacked while it arrives; nothing is
+        # parsed before both digests are checked (by _unpacked_gzip).
+        with layer.stream() as arriving:
+            magic = arriving.read(4)
+            if magic.startswith(_GZIP_MAGIC):
+                return _unpacked_arriving_gzip(layer, spool, _Resumed(magic, arriving))
     if layer.wait is not None:
         layer.wait()  # the verified bytes of a layer still downloading, or why they never came
     with open(location.path, "rb") as handle:
@@ -365,21 +372,58 @@ def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Cont
     return _unpacked_gzip(layer, spool, None)
 
 
+class _Resumed:
+    """``head`` (bytes already read from ``stream``), then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: LayerStream) -> None:
+        self._head = head
+        self._stream = stream
+        self.source_checks_digest = stream.source_checks_digest
+
+    def read(self, n: int = -1, /) -> bytes:
+        head = self._head
+        if not head:
+            return self._stream.read(n)
+        self._head = b""
+        if n is not None and 0 <= n < len(head):
+            self._head = head[n:]
+            return head[:n]
+        more = self._stream.read(-1 if n is None or n < 0 else n - len(head))
+        return head + more if more else head
+
+    def checked(self) -> bool:
+        return self._stream.checked()
+
+
+def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) -> ContentRef:
+    """A gzip layer unpacked from ``stream`` while it downloads. When the download itself checks the
+    digest over exactly the bytes read (``source_checks_digest``), they are not hashed again here;
+    should that check not cover them in the end (a retried download, batches it dropped), the
+    layer is unpacked once more from its verified file and hashed here, as any layer is."""
+    mark = spool.mark()
+    try:
+        return _unpacked_gzip(layer, spool, stream, hash_blob=not stream.source_checks_digest)
+    except SourceRestarted:
+        pass
+    spool.rewind(mark)
+    return _unpacked_gzip(layer, spool, None)
+
+
 def _unpacked_gzip(
-    layer: LayerBlob, spool: Spool, stream: Callable[[], LayerStream] | None
+    layer: LayerBlob, spool: Spool, stream: _Resumed | None, *, hash_blob: bool = True
 ) -> ContentRef:
     """A gzip layer unpacked once into the spool (hashed on the way in and out) and checked; it is
-    then parsed in place like an uncompressed one. ``stream``: read it as it arrives."""
+    then parsed in place like an uncompressed one. ``stream``: read it as it arrives; ``hash_blob``
+    False: its source checks the blob's digest (then ``stream.checked()`` must say so, or
+    :class:`SourceRestarted` is raised)."""
     location = layer.location
-    blob_hasher = _hasher(layer.digest)
+    blob_hasher = _hasher(layer.digest) if hash_blob else None
     diff_hasher = _hasher(layer.diff_id)
     try:
         with contextlib.ExitStack() as files:
-            handle: BinaryIO | LayerStream
-            if stream is not None:
-                handle = files.enter_context(stream())
-            else:
-                handle = files.enter_context(_opened_at(location))
+            handle: BinaryIO | _Resumed = (
+                stream if stream is not None else files.enter_context(_opened_at(location))
+            )
             raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
             unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
     except MalformedInput:
@@ -388,7 +432,12 @@ def _unpacked_gzip(
         raise
     if layer.wait is not None:
         layer.wait()  # the download's own verdict first (a registry's bad blob is named as such)
-    _check(layer.label, "layer digest", layer.digest, blob_hasher)
+    if not hash_blob:
+        assert stream is not None
+        if not stream.checked():
+            raise SourceRestarted(layer.label)
+    else:
+        _check(layer.label, "layer digest", layer.digest, blob_hasher)
     _check(layer.label, "diff_id", layer.diff_id, diff_hasher)
     spool.flush()
     return unpacked

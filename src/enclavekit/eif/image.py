@@ -54,15 +54,34 @@ _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 
 
 class LayerStream(Protocol):
-    """A reader of a layer's bytes in order (see :attr:`LayerBlob.stream`)."""
+    """A reader of a layer's bytes in order (see :attr:`LayerBlob.stream`).
+
+    ``source_checks_digest``: the source hashes exactly the bytes objects this reader returns and
+    checks them against the layer's digest (a download handing over what it hashed), so the reader
+    need not hash them again; it must then call :meth:`checked` once the layer's ``wait`` returned,
+    and hash the layer itself (from the verified file) if that is False. Such a reader may raise
+    :class:`SourceRestarted` instead of returning bytes.
+    """
+
+    source_checks_digest: bool
 
     def read(self, n: int = -1, /) -> bytes: ...
+
+    def checked(self) -> bool:
+        """True when every byte read came from the one download attempt whose digest check
+        passed, and all of the layer was read."""
+        ...
 
     def close(self) -> None: ...
 
     def __enter__(self) -> LayerStream: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class SourceRestarted(Exception):
+    """A :class:`LayerStream` whose source restarted (a retried download) after bytes were read:
+    those bytes are covered by no digest check; read the layer again from its verified file."""
 
 
 @dataclass(frozen=True, slots=True)

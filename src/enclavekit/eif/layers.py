@@ -756,6 +756,16 @@ class Spool:
             self._size += len(chunk)
         return ContentRef(self.path, start, self._size - start)
 
+    def mark(self) -> int:
+        """The spool's size now, for :meth:`rewind`."""
+        return self._size
+
+    def rewind(self, mark: int) -> None:
+        """Forget everything appended since :meth:`mark` returned ``mark``."""
+        self._file.seek(mark)
+        self._file.truncate()
+        self._size = mark
+
     def flush(self) -> None:
         self._file.flush()
 

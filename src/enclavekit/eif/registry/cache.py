@@ -71,14 +71,15 @@ class BlobCache:
         chunks: Iterable[bytes],
         what: str,
         *,
-        on_write: Callable[[str, int], None] | None = None,
+        on_write: Callable[[str, int, bytes], None] | None = None,
     ) -> Path:
         """Write ``chunks`` as the blob ``digest`` of ``size`` bytes, hashing them as they stream.
 
         More than ``size`` bytes, fewer, or another digest: :class:`BlobMismatch`, and nothing enters
         the cache. Any other error (the source failing mid-stream) also leaves nothing behind.
-        ``on_write(temporary path, bytes written)`` is called after each chunk reached the file (written
-        unbuffered, so other readers of that path see it): the bytes are not verified yet.
+        ``on_write(temporary path, bytes written, chunk)`` is called after each chunk was hashed and
+        reached the file (written unbuffered, so other readers of that path see it), first with
+        ``b""``: the bytes are not verified yet, but the digest check covers exactly these objects.
         """
         tmp_dir = self.root / "tmp"
         try:
@@ -92,7 +93,7 @@ class BlobCache:
             ) from None
         try:
             if on_write is not None:
-                on_write(name, 0)
+                on_write(name, 0, b"")
             hasher = hashlib.new(digest.partition(":")[0])
             total = 0
             with os.fdopen(fd, "wb", buffering=0) as handle:
@@ -108,7 +109,7 @@ class BlobCache:
                     while view:
                         view = view[handle.write(view) or 0 :]
                     if on_write is not None:
-                        on_write(name, total)
+                        on_write(name, total, chunk)
             found = f"{hasher.name}:{hasher.hexdigest()}"
             if total != size:
                 raise BlobMismatch(

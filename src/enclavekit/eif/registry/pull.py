@@ -6,9 +6,17 @@ config, then stream every layer into the :class:`~enclavekit.eif.registry.cache.
 hashed while it arrives. The :class:`Image` points at the cached files, so the build reads the same
 bytes a local OCI layout or ``docker save`` of the image would hold: the EIF is byte-identical.
 :func:`start_pull` downloads the layers in order on one background thread while the caller builds:
-each layer's ``stream`` reads its bytes as they arrive (unverified: the build hashes them itself and
-parses nothing before its digests and the cache's verdict are in), its ``wait`` blocks until the
-verified file is in the cache. A pull then costs little more than the slower of download and build.
+each layer's ``stream`` reads its bytes as they arrive, its ``wait`` blocks until the verified file
+is in the cache. A pull then costs little more than the slower of download and build.
+
+The first reader of a layer takes the downloaded batches from memory, the very ``bytes`` objects
+the cache hashed and wrote (:class:`_HeldReader`): the build then neither re-reads the file nor
+hashes the compressed bytes a second time, and relies on the download's digest check, which covers
+exactly what it read (``checked()``; a retry after bytes were read, or batches dropped before the
+build came to the layer, and the build hashes the layer itself, as for any other reader). At most
+:data:`MAX_HELD` bytes are held: a download that far ahead of the build waits for a layer the build
+reads, and drops what it held of a layer nobody reads yet (that layer is then read from the file and
+hashed by the build: the same verdict, one more pass).
 
 Checked: manifest digests (by digest: against the reference; by tag: against
 ``Docker-Content-Digest`` when sent), media types, descriptor sizes, every blob's digest and size,
@@ -18,6 +26,7 @@ Not supported: schema 1 manifests, foreign/non-distributable layers, encrypted l
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -36,6 +45,7 @@ from enclavekit.eif.image import (
     Image,
     ImageConfig,
     LayerBlob,
+    SourceRestarted,
     check_digest,
     manifest_layers,
     parse_config,
@@ -71,6 +81,8 @@ PLATFORMS = {
 
 #: Bytes the blob cache hashes and writes at once while a layer streams in.
 _BATCH = 1 << 20
+#: Bytes of downloaded layer data held in memory for the build (see the module docstring).
+MAX_HELD = 64 << 20
 #: Seconds :meth:`PullInProgress.close` waits for the download thread to stop.
 CLOSE_TIMEOUT = 1.0
 
@@ -124,9 +136,11 @@ def start_pull(
     progress: BlobProgress | None = None,
     warn: Callable[[str], None] | None = None,
     client_options: Mapping[str, Any] | None = None,
+    hold: int = MAX_HELD,
 ) -> PullInProgress:
     """Resolve and check ``reference``'s manifest and config, then download its layers in order on a
-    background thread (arguments as :func:`pull_image`). Use the result as a context manager."""
+    background thread (arguments as :func:`pull_image`; ``hold``: bytes of downloaded batches kept
+    in memory for the layers' first readers, 0 for none). Use the result as a context manager."""
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     if arch is not None and arch not in PLATFORMS:
         raise UsageError(f"--arch {arch!r}: expected one of {', '.join(PLATFORMS)}")
@@ -173,7 +187,7 @@ def start_pull(
     except BaseException:
         client.close()
         raise
-    return PullInProgress(ref, digest, config, wanted, client, cache, progress)
+    return PullInProgress(ref, digest, config, wanted, client, cache, progress, hold=hold)
 
 
 class PullInProgress:
@@ -196,6 +210,8 @@ class PullInProgress:
         client: RegistryClient,
         cache: BlobCache,
         progress: BlobProgress | None,
+        *,
+        hold: int = MAX_HELD,
     ) -> None:
         self.reference = reference
         self.manifest_digest = manifest_digest
@@ -209,6 +225,19 @@ class PullInProgress:
         # Per layer: the current download attempt's temporary file and how much of it is written.
         self._arrived = threading.Condition()
         self._partial: list[tuple[str, int] | None] = [None] * len(self._wanted)
+        # Per layer: the current attempt's batches not yet taken by the layer's first reader (kept
+        # while ``_retained``, which stays True only while they are all there from the attempt's
+        # first byte on); ``_claimed``: a reader takes them; ``_served``: bytes it took; ``_mixed``:
+        # an attempt restarted after it took some.
+        count = len(self._wanted)
+        self._hold = max(0, hold)
+        self._held: list[collections.deque[bytes]] = [collections.deque() for _ in range(count)]
+        self._head = [0] * count  # bytes of the first held batch already taken
+        self._held_bytes = 0
+        self._retained = [self._hold > 0] * count
+        self._claimed = [False] * count
+        self._served = [0] * count
+        self._mixed = [False] * count
         layers = tuple(
             LayerBlob(
                 ContentRef(str(cache.path(desc.digest)), 0, desc.size),
@@ -256,14 +285,113 @@ class PullInProgress:
                 self._done[i].set()
                 self._arrived.notify_all()
 
-    def _written(self, index: int, path: str, written: int) -> None:
+    def _written(self, index: int, path: str, written: int, chunk: bytes) -> None:
+        """The download wrote (and hashed) ``chunk``; ``written`` bytes of this attempt are in
+        ``path`` (a new path: a new attempt, starting over)."""
         with self._arrived:
+            previous = self._partial[index]
+            if previous is not None and previous[0] != path:  # a retry starts over
+                self._drop(index)
+                if self._served[index]:
+                    self._mixed[index] = True
+                    self._retained[index] = False
+            if chunk and self._retained[index]:
+                if self._claimed[index]:
+                    # Its reader frees memory as it goes: wait for it (never drop what it reads).
+                    while (
+                        self._claimed[index]
+                        and self._held_bytes
+                        and self._held_bytes + len(chunk) > self._hold
+                        and not self._stop.is_set()
+                    ):
+                        self._arrived.wait()
+                elif self._held_bytes + len(chunk) > self._hold:
+                    self._drop(index)
+                    self._retained[index] = False
+                if self._retained[index] and not self._stop.is_set():
+                    self._held[index].append(chunk)
+                    self._held_bytes += len(chunk)
             self._partial[index] = (path, written)
             self._arrived.notify_all()
 
-    def _follow(self, index: int) -> _LayerFollower:
+    def _drop(self, index: int) -> None:
+        """Forget the batches held for layer ``index`` (the condition's lock is held)."""
+        held = self._held[index]
+        self._held_bytes -= sum(len(batch) for batch in held) - self._head[index]
+        held.clear()
+        self._head[index] = 0
+        self._arrived.notify_all()
+
+    def _release(self, index: int) -> None:
+        with self._arrived:
+            self._claimed[index] = False
+            self._retained[index] = False
+            self._drop(index)
+
+    def _follow(self, index: int) -> _HeldReader | _LayerFollower:
         desc, label = self._wanted[index]
+        with self._arrived:
+            # Held from the attempt's first byte: everything, or all that arrived so far (a layer
+            # served from the cache was never held: it is read from its file).
+            complete_in_memory = not self._done[index].is_set() or (
+                sum(len(batch) for batch in self._held[index]) == desc.size
+            )
+            if (
+                self._retained[index]
+                and not self._claimed[index]
+                and self._served[index] == 0
+                and self._errors[index] is None
+                and complete_in_memory
+            ):
+                self._claimed[index] = True
+                for earlier in range(index):  # the build reads in order: it is done with those
+                    if not self._claimed[earlier]:
+                        self._retained[earlier] = False
+                        self._drop(earlier)
+                return _HeldReader(self, index, desc.size)
         return _LayerFollower(functools.partial(self._readable, index), desc.size, label)
+
+    def _take(self, index: int, n: int) -> bytes:
+        """Up to ``n`` held bytes of layer ``index`` for its reader, blocking until some arrive;
+        b"" at the end. Raises the download's error, or :class:`SourceRestarted`."""
+        with self._arrived:
+            while True:
+                if self._mixed[index] or not self._retained[index]:
+                    raise SourceRestarted(self._wanted[index][1])
+                error = self._errors[index]
+                if error is not None:
+                    raise error
+                held = self._held[index]
+                if held:
+                    first = held[0]
+                    start = self._head[index]
+                    if start == 0 and len(first) <= n:
+                        data = held.popleft()
+                    else:
+                        data = first[start : start + n]
+                        if start + len(data) == len(first):
+                            held.popleft()
+                            self._head[index] = 0
+                        else:
+                            self._head[index] = start + len(data)
+                    self._held_bytes -= len(data)
+                    self._served[index] += len(data)
+                    self._arrived.notify_all()
+                    return data
+                if self._done[index].is_set():
+                    if self._served[index] != self._wanted[index][0].size:
+                        raise SourceRestarted(self._wanted[index][1])
+                    return b""
+                self._arrived.wait()
+
+    def _checked(self, index: int) -> bool:
+        with self._arrived:
+            return (
+                self._done[index].is_set()
+                and self._errors[index] is None
+                and not self._mixed[index]
+                and self._served[index] == self._wanted[index][0].size
+            )
 
     def _readable(self, index: int, position: int, gone: str | None) -> tuple[str, int]:
         """(file, bytes readable in it) for layer ``index``, blocking until some past ``position``
@@ -295,6 +423,10 @@ class PullInProgress:
 
     def finish(self) -> PulledImage:
         """Wait for every layer; the image with plain (already present) layers."""
+        with self._arrived:  # nobody reads them from memory any more
+            for i in range(len(self._wanted)):
+                self._retained[i] = False
+                self._drop(i)
         for i in range(len(self._wanted)):
             self._wait(i)
         layers = tuple(
@@ -306,6 +438,10 @@ class PullInProgress:
     def close(self) -> None:
         """Stop the download (between chunks) and close the connection."""
         self._stop.set()
+        with self._arrived:  # a download waiting for the build to take held bytes goes on, to stop
+            for i in range(len(self._wanted)):
+                self._retained[i] = False
+                self._drop(i)
         # Closing the connections ends a read blocked on a silent registry (the download then stops
         # and removes its temporary file); should it still hang, the daemon thread is left behind
         # and the file it was writing is removed here.
@@ -320,6 +456,49 @@ class PullInProgress:
                     os.unlink(name)
 
     def __enter__(self) -> PullInProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _HeldReader:
+    """The first reader of a layer: takes the download's batches from memory, the very objects the
+    cache hashed (see the module docstring). ``read(n)`` blocks until ``n`` bytes (or the rest of the
+    blob) arrived; :meth:`checked` (after the layer's ``wait``) says whether the download's digest
+    check covers all that was read. Closing it early lets the download drop the rest."""
+
+    source_checks_digest = True
+
+    def __init__(self, pull: PullInProgress, index: int, size: int) -> None:
+        self._pull = pull
+        self._index = index
+        self._remaining = size
+        self._closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._remaining:
+            n = self._remaining
+        out: list[bytes] = []
+        wanted = n
+        while wanted > 0:
+            data = self._pull._take(self._index, wanted)
+            if not data:
+                break
+            out.append(data)
+            wanted -= len(data)
+        self._remaining -= n - wanted
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def checked(self) -> bool:
+        return self._pull._checked(self._index)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pull._release(self._index)
+
+    def __enter__(self) -> _HeldReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -346,6 +525,11 @@ class _LayerFollower:
         self._pos = 0
         self._path: str | None = None
         self._handle: Any = None
+
+    source_checks_digest = False
+
+    def checked(self) -> bool:
+        return False  # its reader hashes what it read
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -488,7 +672,7 @@ def _fetch_layer(
     label: str,
     progress: BlobProgress | None,
     stop: threading.Event,
-    on_write: Callable[[str, int], None] | None = None,
+    on_write: Callable[[str, int, bytes], None] | None = None,
 ) -> Path:
     if progress is not None:
         progress(label, 0, desc.size)
