@@ -406,6 +406,8 @@ def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) ->
     except SourceRestarted:
         pass
     spool.rewind(mark)
+    if layer.wait is not None:
+        layer.wait()  # the verified file, or why it never came
     return _unpacked_gzip(layer, spool, None)
 
 

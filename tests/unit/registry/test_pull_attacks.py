@@ -408,11 +408,11 @@ def test_a_follower_waits_for_the_next_attempt_when_a_failed_attempts_file_is_go
     second.write_bytes(b"0123456789")
     calls: list[tuple[int, str | None]] = []
 
-    def readable(position: int, gone: str | None) -> tuple[str, int]:
+    def readable(position: int, gone: str | None) -> tuple[str, int, int]:
         calls.append((position, gone))
-        if gone is None:
-            return str(tmp_path / "attempt-1"), 10  # removed before it could be opened
-        return str(second), 10
+        if len(calls) == 1:
+            return str(tmp_path / "attempt-1"), 10, 1  # removed before it could be opened
+        return str(second), 10, 2
 
     with _LayerFollower(readable, 10, "layer 0") as follower:
         assert follower.read(4) == b"0123"

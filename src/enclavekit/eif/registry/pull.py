@@ -225,6 +225,7 @@ class PullInProgress:
         # Per layer: the current download attempt's temporary file and how much of it is written.
         self._arrived = threading.Condition()
         self._partial: list[tuple[str, int] | None] = [None] * len(self._wanted)
+        self._attempt = [0] * len(self._wanted)  # download attempts begun, per layer
         # Per layer: the current attempt's batches not yet taken by the layer's first reader (kept
         # while ``_retained``, which stays True only while they are all there from the attempt's
         # first byte on); ``_claimed``: a reader takes them; ``_served``: bytes it took; ``_mixed``:
@@ -290,6 +291,8 @@ class PullInProgress:
         ``path`` (a new path: a new attempt, starting over)."""
         with self._arrived:
             previous = self._partial[index]
+            if previous is None or previous[0] != path:
+                self._attempt[index] += 1
             if previous is not None and previous[0] != path:  # a retry starts over
                 self._drop(index)
                 if self._served[index]:
@@ -393,10 +396,10 @@ class PullInProgress:
                 and self._served[index] == self._wanted[index][0].size
             )
 
-    def _readable(self, index: int, position: int, gone: str | None) -> tuple[str, int]:
-        """(file, bytes readable in it) for layer ``index``, blocking until some past ``position``
-        exist in a file other than ``gone`` (one found removed: a failed attempt's); the cached file
-        once the layer is complete; the download's error if it failed."""
+    def _readable(self, index: int, position: int, gone: str | None) -> tuple[str, int, int]:
+        """(file, bytes readable in it, download attempt) for layer ``index``, blocking until some
+        past ``position`` exist in a file other than ``gone`` (one found removed: a failed
+        attempt's); the cached file once the layer is complete; the download's error if it failed."""
         desc, label = self._wanted[index]
         with self._arrived:
             while True:
@@ -409,10 +412,10 @@ class PullInProgress:
                         raise MalformedInput(
                             f"{label}: {cached} was removed from the blob cache during the pull"
                         )
-                    return cached, desc.size
+                    return cached, desc.size, self._attempt[index]
                 partial = self._partial[index]
                 if partial is not None and partial[1] > position and partial[0] != gone:
-                    return partial
+                    return partial[0], partial[1], self._attempt[index]
                 self._arrived.wait()
 
     def _wait(self, index: int) -> None:
@@ -512,12 +515,14 @@ class _LayerFollower:
     The bytes are *not verified* when they are read: whoever reads them must check the layer's digest
     itself before trusting what it made of them (the build does: a gzip layer is hashed while it is
     unpacked and checked before its tar is parsed), and call the layer's ``wait`` at the end for the
-    cache's verdict. A retried download restarts its file; the follower goes on at its offset in the
-    new one (a blob's bytes are the same on every attempt, or the digest check fails).
+    cache's verdict. A retried download restarts its file: a follower that had read nothing goes on
+    in the new one; one that had read bytes of the failed attempt raises :class:`SourceRestarted`
+    (its reader then reads the layer from the verified file, as it would after a held reader's
+    restart: the same verdict either way).
     """
 
     def __init__(
-        self, readable: Callable[[int, str | None], tuple[str, int]], size: int, label: str
+        self, readable: Callable[[int, str | None], tuple[str, int, int]], size: int, label: str
     ) -> None:
         self._readable = readable  # PullInProgress._readable for this layer
         self._size = size
@@ -525,6 +530,7 @@ class _LayerFollower:
         self._pos = 0
         self._path: str | None = None
         self._handle: Any = None
+        self._attempt: int | None = None
 
     source_checks_digest = False
 
@@ -538,7 +544,11 @@ class _LayerFollower:
         wanted = min(n, self._size - self._pos)
         gone: str | None = None
         while wanted > 0:
-            path, available = self._readable(self._pos, gone)
+            path, available, attempt = self._readable(self._pos, gone)
+            if self._pos and attempt != self._attempt:
+                self.close()
+                raise SourceRestarted(self._label)
+            self._attempt = attempt
             if path != self._path:
                 self.close()
                 try:
