@@ -394,6 +394,9 @@ class _Resumed:
     def checked(self) -> bool:
         return self._stream.checked()
 
+    def close(self) -> None:
+        self._stream.close()
+
 
 def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) -> ContentRef:
     """A gzip layer unpacked from ``stream`` while it downloads. When the download itself checks the
@@ -429,6 +432,8 @@ def _unpacked_gzip(
             raw = _HashingReader(handle, location.size, [h for h in (blob_hasher,) if h])
             unpacked = spool.append(_hashed(_gunzip(raw, layer.label), diff_hasher))
     except MalformedInput:
+        if stream is not None:
+            stream.close()  # a download waiting for this reader to take held bytes goes on
         if layer.wait is not None:
             layer.wait()  # bytes that are not gzip may be a registry's bad blob: say that first
         raise

@@ -114,12 +114,13 @@ def _build_layer(
     *,
     hold: int,
     diff_id: str | None = None,
+    blob_bytes: bytes = BLOB,
 ) -> tuple[str, bytes | None, list[str]]:
     """Pull one scripted layer while the build unpacks it: (outcome, unpacked tar or None, the
     kinds of reader the build got)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     build_read = threading.Event()
-    digest = sha(BLOB)
+    digest = sha(blob_bytes)
     image_config = parse_config(config([diff_id or sha(TAR)]))
     pending = PullInProgress(
         parse_reference(f"127.0.0.1:5000/held@{sha(b'manifest')}"),
@@ -127,7 +128,7 @@ def _build_layer(
         image_config,
         [
             (
-                _Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(BLOB)),
+                _Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, len(blob_bytes)),
                 "layer 0",
             )
         ],
@@ -259,3 +260,24 @@ def _build_layer_late(tmp_path: Path, *, hold: int) -> tuple[str, bytes | None, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PullInProgress, "__init__", init)
         return _build_layer(tmp_path, [(BLOB, None)], hold=hold)
+
+
+def test_attack_blob_that_stops_being_gzip_fails_without_stalling_the_download(
+    tmp_path: Path,
+) -> None:
+    """The registry's blob matches its digest but is gzip only in its first bytes: the build stops at
+    the corrupt data while the download still waits for it to take held bytes (hold smaller than
+    the layer). Closing the reader lets the download finish, so the build reports the bad gzip
+    instead of waiting forever for the layer's verdict."""
+    bad = BLOB[:CHUNK] + hashlib.shake_256(b"not deflate").digest(3 << 20)
+    result: list[tuple[str, bytes | None, list[str]]] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            _build_layer(tmp_path, [(bad, None)], hold=CHUNK, blob_bytes=bad)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the build and the download wait for each other"
+    assert result[0][:2] == ("MalformedInput", None)
