@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from enclavekit.eif.build import DigestChecks, unpacked_layer
 from enclavekit.eif.image import LayerBlob, SourceRestarted, parse_config
@@ -281,3 +283,33 @@ def test_attack_blob_that_stops_being_gzip_fails_without_stalling_the_download(
     worker.join(20)
     assert not worker.is_alive(), "the build and the download wait for each other"
     assert result[0][:2] == ("MalformedInput", None)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cut_chunks=st.one_of(st.none(), st.integers(4, len(BLOB) // CHUNK)),
+    first_flip=st.one_of(st.none(), st.integers(0, len(BLOB) - 1)),
+    second_flip=st.one_of(st.none(), st.integers(0, len(BLOB) - 1)),
+)
+def test_held_batches_and_the_file_agree_on_any_download(
+    tmp_path: Path, cut_chunks: int | None, first_flip: int | None, second_flip: int | None
+) -> None:
+    """Property: whatever the first attempt sends (a flipped byte anywhere or not), wherever it is cut
+    (or not), and whatever a retry sends, both readers give one verdict and the same bytes."""
+    first = BLOB if first_flip is None else _flipped(BLOB, first_flip)
+    second = BLOB if second_flip is None else _flipped(BLOB, second_flip)
+    attempts: list[tuple[bytes, int | None]] = [
+        (first, None if cut_chunks is None else cut_chunks * CHUNK)
+    ]
+    if cut_chunks is not None:
+        attempts.append((second, None))
+    case = (
+        tmp_path / hashlib.sha256(repr((cut_chunks, first_flip, second_flip)).encode()).hexdigest()
+    )
+    held = _build_layer(case / "held", attempts, hold=MAX_HELD)
+    from_file = _build_layer(case / "file", attempts, hold=0)
+    assert held[:2] == from_file[:2]
+    final = attempts[-1][0]
+    assert (held[0] == "built") == (final == BLOB)
