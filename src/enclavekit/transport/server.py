@@ -16,13 +16,14 @@ a slow target never stalls relaying. Limits, all documented in docs/vsock.md:
   (outcome ``refused``, a rate-limited warning), never queued;
 * ``idle_timeout``: a connection with no byte either way for this long is closed (outcome ``idle``);
 * ``stall_timeout``: data that waits this long for a peer that does not read drops the connection;
-* memory: an idle connection holds its two sockets and a few hundred bytes of Python state; buffers
-  (splice pipes of ``buffer_size``) exist only while bytes move and are given back after
-  :data:`BUFFER_RELEASE_AFTER` seconds without traffic.
+* memory: an idle connection holds its two sockets and a few hundred bytes of Python state; reads go
+  to one scratch buffer per loop thread, and a connection keeps bytes (at most ``buffer_size`` per
+  direction) only while its peer is slow to read.
 
-Why a hand-written loop and not asyncio: the relay moves bytes with ``splice(2)`` between raw file
-descriptors, so it needs readiness of fds, not asyncio's transports (which copy every chunk through
-Python objects); a bare ``epoll`` loop over :class:`RelayPair` is the smallest thing that does that.
+Why a hand-written loop and not asyncio: the relay reads into one reused buffer per thread and writes
+from it with raw non-blocking ``recv_into``/``send`` (asyncio's transports allocate a ``bytes`` per
+chunk and queue them), so it needs readiness of fds; a bare ``epoll`` loop over :class:`RelayPair` is
+the smallest thing that does that.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_IDLE_TIMEOUT = 600.0
 #: Threads opening upstream connections (each connect blocks one for at most its connect timeout).
 DEFAULT_CONNECT_THREADS = 16
-#: File descriptors of a connection with both splice pipes open: 2 sockets + 2 pipes of 2 ends.
+#: File descriptors reserved per connection: 2 sockets, and room for 2 splice pipes of 2 ends (a relay
+#: with ``zero_copy``; the default copying relay opens none, so this is conservative).
 FDS_PER_CONNECTION = 6
 #: Descriptors kept free for listeners, logging, imports and whatever else the process opens.
 FD_RESERVE = 64
