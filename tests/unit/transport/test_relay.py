@@ -320,3 +320,37 @@ def test_any_write_pattern_arrives_intact(
     assert got_up == b"".join(up)
     assert got_down == b"".join(down)
     assert out[0] == RelayStats(len(got_up), len(got_down), "closed")
+
+
+def test_a_copying_direction_keeps_bytes_only_while_its_destination_is_slow() -> None:
+    """Reads go to the thread's scratch buffer: a direction holds at most ``buffer_size`` bytes, and
+    only those its destination has not taken; once the reader catches up it holds nothing."""
+    from enclavekit.transport.relay import RelayPair
+
+    client, a = socket.socketpair()
+    b, upstream = socket.socketpair()
+    payload = os.urandom(2 << 20)
+    writer = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+    writer.start()
+    pair = RelayPair(a, b, buffer_size=4096)
+    pair.forward.ready = True
+    for _ in range(200):  # upstream reads nothing: b's send buffer fills, the rest waits
+        pair.step()
+    assert pair.forward.holds_buffer
+    assert pair.forward.end - pair.forward.start <= 4096
+    upstream.setblocking(False)
+    received = bytearray()
+    deadline = time.monotonic() + 20
+    while len(received) < len(payload) and time.monotonic() < deadline:
+        pair.step()
+        try:
+            received += upstream.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert bytes(received) == payload
+    pair.step()
+    assert not pair.forward.holds_buffer and not pair.holds_buffers
+    writer.join(5)
+    pair.close("closed")
+    client.close()
+    upstream.close()
