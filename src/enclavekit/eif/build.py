@@ -405,7 +405,7 @@ def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) ->
     layer is unpacked once more from its verified file and hashed here, as any layer is."""
     mark = spool.mark()
     try:
-        return _unpacked_gzip(layer, spool, stream, hash_blob=not stream.source_checks_digest)
+        return _unpacked_gzip(layer, spool, stream)
     except SourceRestarted:
         pass
     spool.rewind(mark)
@@ -414,15 +414,14 @@ def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) ->
     return _unpacked_gzip(layer, spool, None)
 
 
-def _unpacked_gzip(
-    layer: LayerBlob, spool: Spool, stream: _Resumed | None, *, hash_blob: bool = True
-) -> ContentRef:
+def _unpacked_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed | None) -> ContentRef:
     """A gzip layer unpacked once into the spool (hashed on the way in and out) and checked; it is
-    then parsed in place like an uncompressed one. ``stream``: read it as it arrives; ``hash_blob``
-    False: its source checks the blob's digest (then ``stream.checked()`` must say so, or
-    :class:`SourceRestarted` is raised)."""
+    then parsed in place like an uncompressed one. ``stream``: read it as it arrives; when its source
+    checks the blob's digest, ``stream.checked()`` must say so, or :class:`SourceRestarted` is
+    raised."""
     location = layer.location
-    blob_hasher = _hasher(layer.digest) if hash_blob else None
+    source_checks = stream is not None and stream.source_checks_digest
+    blob_hasher = None if source_checks else _hasher(layer.digest)
     diff_hasher = _hasher(layer.diff_id)
     try:
         with contextlib.ExitStack() as files:
@@ -439,7 +438,7 @@ def _unpacked_gzip(
         raise
     if layer.wait is not None:
         layer.wait()  # the download's own verdict first (a registry's bad blob is named as such)
-    if not hash_blob:
+    if source_checks:
         assert stream is not None
         if not stream.checked():
             raise SourceRestarted(layer.label)

@@ -291,13 +291,13 @@ class PullInProgress:
         ``path`` (a new path: a new attempt, starting over)."""
         with self._arrived:
             previous = self._partial[index]
-            if previous is None or previous[0] != path:
+            if previous is None or previous[0] != path:  # an attempt begins
                 self._attempt[index] += 1
-            if previous is not None and previous[0] != path:  # a retry starts over
-                self._drop(index)
-                if self._served[index]:
-                    self._mixed[index] = True
-                    self._retained[index] = False
+                if previous is not None:  # a retry starts over
+                    self._drop(index)
+                    if self._served[index]:
+                        self._mixed[index] = True
+                        self._retained[index] = False
             if chunk and self._retained[index]:
                 if self._claimed[index]:
                     # Its reader frees memory as it goes: wait for it (never drop what it reads).
