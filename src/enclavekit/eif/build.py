@@ -352,10 +352,13 @@ def unpacked_layer(layer: LayerBlob, spool: Spool, checks: DigestChecks) -> Cont
     if layer.stream is not None:
         # Still downloading (registry pull): a gzip layer is unpacked while it arrives; nothing is
         # parsed before both digests are checked (by _unpacked_gzip).
-        with layer.stream() as arriving:
-            magic = arriving.read(4)
-            if magic.startswith(_GZIP_MAGIC):
-                return _unpacked_arriving_gzip(layer, spool, _Resumed(magic, arriving))
+        try:
+            with layer.stream() as arriving:
+                magic = arriving.read(4)
+                if magic.startswith(_GZIP_MAGIC):
+                    return _unpacked_arriving_gzip(layer, spool, _Resumed(magic, arriving))
+        except SourceRestarted:
+            pass  # nothing unpacked yet: read it from its verified file below
     if layer.wait is not None:
         layer.wait()  # the verified bytes of a layer still downloading, or why they never came
     with open(location.path, "rb") as handle:
@@ -401,8 +404,9 @@ class _Resumed:
 def _unpacked_arriving_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed) -> ContentRef:
     """A gzip layer unpacked from ``stream`` while it downloads. When the download itself checks the
     digest over exactly the bytes read (``source_checks_digest``), they are not hashed again here;
-    should that check not cover them in the end (a retried download, batches it dropped), the
-    layer is unpacked once more from its verified file and hashed here, as any layer is."""
+    should that check not cover them in the end (a retried download, batches it dropped, a layer
+    found in the cache), or should they fail to unpack before it did, the layer is unpacked once
+    more from its verified file and hashed here, as any layer is: the verdict is the file's."""
     mark = spool.mark()
     try:
         return _unpacked_gzip(layer, spool, stream)
@@ -435,6 +439,10 @@ def _unpacked_gzip(layer: LayerBlob, spool: Spool, stream: _Resumed | None) -> C
             stream.close()  # a download waiting for this reader to take held bytes goes on
         if layer.wait is not None:
             layer.wait()  # bytes that are not gzip may be a registry's bad blob: say that first
+        if stream is not None and not stream.checked():
+            # Bytes read while the layer arrived may be a failed attempt's: only the verified
+            # file may fail the build.
+            raise SourceRestarted(layer.label) from None
         raise
     if layer.wait is not None:
         layer.wait()  # the download's own verdict first (a registry's bad blob is named as such)

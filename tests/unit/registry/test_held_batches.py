@@ -313,3 +313,24 @@ def test_held_batches_and_the_file_agree_on_any_download(
     assert held[:2] == from_file[:2]
     final = attempts[-1][0]
     assert (held[0] == "built") == (final == BLOB)
+
+
+def test_a_layer_found_in_the_cache_after_the_build_asked_for_it_is_read_from_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build asks for the layer's bytes before the download looked in the cache (a rebuild, the
+    lookup re-hashing a big file): no batch ever arrives, the reader says so, and the build reads the
+    cached file instead of failing."""
+    import time
+
+    cache_dir = tmp_path / "cache"
+    BlobCache(cache_dir).store(sha(BLOB), len(BLOB), iter([BLOB]), "layer 0")
+    lookup = BlobCache.lookup
+
+    def slow_lookup(self: BlobCache, digest: str, size: int | None) -> Path | None:
+        time.sleep(0.2)  # the build claims the layer meanwhile
+        return lookup(self, digest, size)
+
+    monkeypatch.setattr(BlobCache, "lookup", slow_lookup)
+    outcome, unpacked, kinds = _build_layer(tmp_path, [], hold=MAX_HELD)
+    assert (outcome, unpacked, kinds) == ("built", TAR, [_HeldReader.__name__])
